@@ -1,0 +1,77 @@
+//! The HTTP client of the event bus, used by outbox relays (publish) and by
+//! consumers catching up on start (replay).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::events::Event;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("event bus unreachable: {0}")]
+    Unreachable(#[from] reqwest::Error),
+    #[error("event bus answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+impl BusError {
+    /// Whether retrying the same request can succeed (the bus refused the
+    /// request itself otherwise).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BusError::Unreachable(_) => true,
+            BusError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+        }
+    }
+}
+
+/// Builds the HTTP client every service uses: rustls with the ring provider,
+/// connection reuse, and timeouts so a hung peer cannot hold a task forever.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
+        .expect("the HTTP client configuration is valid")
+}
+
+#[derive(Debug, Clone)]
+pub struct BusClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl BusClient {
+    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
+        Self { http, base: base_url.trim_end_matches('/').to_owned() }
+    }
+
+    /// Publishes `events` in one request; the bus stores each id once, so a
+    /// retry after a lost answer does not duplicate anything.
+    pub async fn publish(&self, events: &[Event]) -> Result<(), BusError> {
+        let response = self.http.post(format!("{}/events", self.base)).json(events).send().await?;
+        check(response).await.map(drop)
+    }
+
+    /// Up to `limit` stored events with a sequence number above `after`.
+    pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, BusError> {
+        let url = format!("{}/events?after={after}&limit={limit}", self.base);
+        let response = check(self.http.get(url).send().await?).await?;
+        #[derive(Deserialize)]
+        struct Page(Vec<Event>);
+        Ok(response.json::<Page>().await?.0)
+    }
+}
+
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, BusError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(BusError::Status { status: status.as_u16(), body: body.chars().take(300).collect() })
+}

@@ -1,0 +1,159 @@
+//! The one error shape of the suite: a status and a JSON body `{"error": ...}`.
+//!
+//! Client mistakes get a 4xx that says what was wrong. Server faults are
+//! logged in full and answered generically, so internals never leak. [`Json`]
+//! wraps axum's extractor so a malformed body, a wrong content type or an
+//! oversized body gets this shape too instead of axum's plain text.
+
+use axum::{
+    extract::{FromRequest, Request, rejection::JsonRejection},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Rejected { status: StatusCode, message: String },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest(message.into())
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::NotFound(message.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Rejected { status, .. } => *status,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+/// A JSON error response with `status`.
+pub fn error_response(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(ErrorBody { error: message })).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+            let message = match &self {
+                ApiError::Unavailable(_) => "service unavailable, try again",
+                _ => "internal error",
+            };
+            return error_response(status, message);
+        }
+        error_response(status, &self.to_string())
+    }
+}
+
+/// `axum::Json` with rejections answered as [`ApiError`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let message = match &rejection {
+        JsonRejection::MissingJsonContentType(_) => "expected a request with `Content-Type: application/json`".to_owned(),
+        JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {}", rejection.body_text()),
+        JsonRejection::JsonDataError(_) => format!("invalid request body: {}", rejection.body_text()),
+        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            "request body is too large".to_owned()
+        }
+        _ => rejection.body_text(),
+    };
+    let status = match rejection.status() {
+        // axum answers 422 for well-formed JSON of the wrong shape; a plain 400
+        // is what clients of the original expect for any bad body.
+        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+        status => status,
+    };
+    ApiError::Rejected { status, message }
+}
+
+/// The fallback for paths no route matches.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    error_response(StatusCode::NOT_FOUND, &format!("no route for {}", uri.path()))
+}
+
+/// The answer for a known path with the wrong method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// `axum::extract::Query` with rejections answered as [`ApiError`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(rejection) => Err(ApiError::bad_request(format!("invalid query string: {}", rejection.body_text()))),
+        }
+    }
+}
+
+/// A required text field: trimmed, not empty, at most `max_chars` characters.
+pub fn required_text(field: &str, value: &str, max_chars: usize) -> Result<String, ApiError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ApiError::bad_request(format!("`{field}` must not be empty")));
+    }
+    if value.chars().count() > max_chars {
+        return Err(ApiError::bad_request(format!("`{field}` must be at most {max_chars} characters")));
+    }
+    Ok(value.to_owned())
+}

@@ -1,0 +1,298 @@
+//! The event envelope and the suite's event types, defined once.
+//!
+//! The envelope keeps the original app's `type` and `data` so its payloads stay
+//! valid, and adds what a real log needs: a unique `id` (the idempotency key
+//! end to end), the bus-assigned `seq`, a `timestamp` and the `requestId` of the
+//! HTTP request that caused it, so one post can be followed across services.
+//! An event without an id gets one derived from its content, so a client that
+//! retries an id-less event still publishes it once.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+pub const POST_CREATED: &str = "PostCreated";
+pub const COMMENT_CREATED: &str = "CommentCreated";
+pub const COMMENT_MODERATED: &str = "CommentModerated";
+pub const COMMENT_UPDATED: &str = "CommentUpdated";
+
+/// The four event types of the suite, in the order a comment's life shows them.
+pub const EVENT_TYPES: [&str; 4] = [POST_CREATED, COMMENT_CREATED, COMMENT_MODERATED, COMMENT_UPDATED];
+
+const MAX_ID_LEN: usize = 128;
+
+/// An event as stored by the bus and delivered to subscribers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(rename = "requestId", default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("an event must be a JSON object")]
+    NotAnObject,
+    #[error("event `type` must be a non-empty string")]
+    BadType,
+    #[error("event `data` must be a JSON object")]
+    BadData,
+    #[error("event `id` must be a non-empty string of at most 128 characters")]
+    BadId,
+    #[error("event `seq` must be a non-negative integer")]
+    BadSeq,
+    #[error("invalid {kind} data: {reason}")]
+    Invalid { kind: String, reason: String },
+}
+
+impl Event {
+    /// A new event for `domain`, with a fresh time-ordered id.
+    pub fn new(domain: &DomainEvent, request_id: Option<String>) -> Self {
+        Self {
+            id: Uuid::now_v7().to_string(),
+            seq: None,
+            kind: domain.kind().to_owned(),
+            data: domain.data(),
+            timestamp: None,
+            request_id,
+        }
+    }
+
+    /// Parses an untrusted JSON value into an envelope, checking the envelope
+    /// only; [`DomainEvent::parse`] checks the data of known types.
+    pub fn from_value(value: Value) -> Result<Self, EventError> {
+        let Value::Object(mut object) = value else {
+            return Err(EventError::NotAnObject);
+        };
+        let kind = match object.remove("type") {
+            Some(Value::String(kind)) if !kind.trim().is_empty() && kind.len() <= MAX_ID_LEN => kind,
+            _ => return Err(EventError::BadType),
+        };
+        let data = match object.remove("data") {
+            Some(Value::Object(data)) => data,
+            _ => return Err(EventError::BadData),
+        };
+        let seq = match object.remove("seq") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(n.as_u64().ok_or(EventError::BadSeq)?),
+            Some(_) => return Err(EventError::BadSeq),
+        };
+        let id = match object.remove("id") {
+            None | Some(Value::Null) => content_id(&kind, &data),
+            Some(Value::String(id)) if !id.trim().is_empty() && id.len() <= MAX_ID_LEN => id,
+            Some(_) => return Err(EventError::BadId),
+        };
+        let text = |v: Option<Value>| match v {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        Ok(Self {
+            id,
+            seq,
+            kind,
+            data,
+            timestamp: text(object.remove("timestamp")),
+            request_id: text(object.remove("requestId")),
+        })
+    }
+
+    /// The typed form of this event ([`DomainEvent::Other`] for types this
+    /// version does not know).
+    pub fn domain(&self) -> Result<DomainEvent, EventError> {
+        DomainEvent::parse(&self.kind, &self.data)
+    }
+}
+
+/// The id of an event that came without one: a UUIDv5 of its type and data,
+/// so the same id-less event published twice is stored once.
+fn content_id(kind: &str, data: &Map<String, Value>) -> String {
+    // serde_json's map is ordered by key, so this rendering is canonical.
+    let canonical = format!("{kind}\n{}", Value::Object(data.clone()));
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, canonical.as_bytes()).to_string()
+}
+
+/// A comment's moderation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommentStatus {
+    Pending,
+    Approved,
+    Rejected,
+}
+
+impl CommentStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CommentStatus::Pending => "pending",
+            CommentStatus::Approved => "approved",
+            CommentStatus::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(CommentStatus::Pending),
+            "approved" => Some(CommentStatus::Approved),
+            "rejected" => Some(CommentStatus::Rejected),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostCreated {
+    pub id: String,
+    pub title: String,
+}
+
+/// The data of `CommentCreated`, `CommentModerated` and `CommentUpdated`,
+/// which carry the same fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommentData {
+    pub id: String,
+    pub content: String,
+    pub post_id: String,
+    pub status: CommentStatus,
+}
+
+/// The typed events of the suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainEvent {
+    PostCreated(PostCreated),
+    CommentCreated(CommentData),
+    CommentModerated(CommentData),
+    CommentUpdated(CommentData),
+    /// A type this version does not know: acknowledged and ignored, so new
+    /// event types can be introduced without older consumers refusing them.
+    Other,
+}
+
+impl DomainEvent {
+    /// Checks the data of a known type; unknown types are [`DomainEvent::Other`].
+    pub fn parse(kind: &str, data: &Map<String, Value>) -> Result<Self, EventError> {
+        fn typed<T: serde::de::DeserializeOwned>(kind: &str, data: &Map<String, Value>) -> Result<T, EventError> {
+            serde_json::from_value(Value::Object(data.clone())).map_err(|e| EventError::Invalid {
+                kind: kind.to_owned(),
+                reason: e.to_string(),
+            })
+        }
+        let event = match kind {
+            POST_CREATED => DomainEvent::PostCreated(typed(kind, data)?),
+            COMMENT_CREATED => DomainEvent::CommentCreated(typed(kind, data)?),
+            COMMENT_MODERATED => DomainEvent::CommentModerated(typed(kind, data)?),
+            COMMENT_UPDATED => DomainEvent::CommentUpdated(typed(kind, data)?),
+            _ => return Ok(DomainEvent::Other),
+        };
+        let ids_present = match &event {
+            DomainEvent::PostCreated(p) => !p.id.is_empty(),
+            DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => {
+                !c.id.is_empty() && !c.post_id.is_empty()
+            }
+            DomainEvent::Other => true,
+        };
+        if ids_present {
+            Ok(event)
+        } else {
+            Err(EventError::Invalid { kind: kind.to_owned(), reason: "ids must not be empty".to_owned() })
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DomainEvent::PostCreated(_) => POST_CREATED,
+            DomainEvent::CommentCreated(_) => COMMENT_CREATED,
+            DomainEvent::CommentModerated(_) => COMMENT_MODERATED,
+            DomainEvent::CommentUpdated(_) => COMMENT_UPDATED,
+            DomainEvent::Other => "Other",
+        }
+    }
+
+    fn data(&self) -> Map<String, Value> {
+        let value = match self {
+            DomainEvent::PostCreated(p) => serde_json::to_value(p),
+            DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => {
+                serde_json::to_value(c)
+            }
+            DomainEvent::Other => Ok(Value::Object(Map::new())),
+        };
+        match value {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn original_payloads_are_valid_events() {
+        let event = Event::from_value(json!({"type":"CommentCreated","data":{"id":"653ac657","content":"hello world","postId":"96d08084","status":"pending"}})).unwrap();
+        assert_eq!(event.kind, COMMENT_CREATED);
+        assert_eq!(
+            event.domain().unwrap(),
+            DomainEvent::CommentCreated(CommentData {
+                id: "653ac657".into(),
+                content: "hello world".into(),
+                post_id: "96d08084".into(),
+                status: CommentStatus::Pending,
+            })
+        );
+    }
+
+    #[test]
+    fn id_less_events_get_a_content_derived_id() {
+        let a = Event::from_value(json!({"type":"X","data":{"b":1,"a":2}})).unwrap();
+        let b = Event::from_value(json!({"type":"X","data":{"a":2,"b":1}})).unwrap();
+        let c = Event::from_value(json!({"type":"X","data":{"a":3,"b":1}})).unwrap();
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused() {
+        assert_eq!(Event::from_value(json!([])), Err(EventError::NotAnObject));
+        assert_eq!(Event::from_value(json!({"data":{}})), Err(EventError::BadType));
+        assert_eq!(Event::from_value(json!({"type":"","data":{}})), Err(EventError::BadType));
+        assert_eq!(Event::from_value(json!({"type":"X","data":[]})), Err(EventError::BadData));
+        assert_eq!(Event::from_value(json!({"type":"X"})), Err(EventError::BadData));
+        assert_eq!(Event::from_value(json!({"type":"X","data":{},"id":7})), Err(EventError::BadId));
+        assert_eq!(Event::from_value(json!({"type":"X","data":{},"seq":-1})), Err(EventError::BadSeq));
+    }
+
+    #[test]
+    fn known_types_with_bad_data_are_refused_and_unknown_types_pass() {
+        let bad = Event::from_value(json!({"type":"PostCreated","data":{"id":"1"}})).unwrap();
+        assert!(matches!(bad.domain(), Err(EventError::Invalid { .. })));
+        let status = Event::from_value(json!({"type":"CommentUpdated","data":{"id":"1","content":"x","postId":"p","status":"maybe"}})).unwrap();
+        assert!(status.domain().is_err());
+        let unknown = Event::from_value(json!({"type":"PostLiked","data":{"id":"1"}})).unwrap();
+        assert_eq!(unknown.domain(), Ok(DomainEvent::Other));
+    }
+
+    #[test]
+    fn new_events_round_trip() {
+        let domain = DomainEvent::PostCreated(PostCreated { id: "p1".into(), title: "Hi".into() });
+        let event = Event::new(&domain, Some("req-1".into()));
+        let value = serde_json::to_value(&event).unwrap();
+        assert_eq!(value["type"], "PostCreated");
+        assert_eq!(value["data"], json!({"id":"p1","title":"Hi"}));
+        assert_eq!(value["requestId"], "req-1");
+        let back = Event::from_value(value).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.domain().unwrap(), domain);
+    }
+}

@@ -1,0 +1,195 @@
+//! HTTP bootstrap shared by every service: the standard routes (`/healthz`,
+//! `/readyz`, `/metrics`), JSON errors for unknown routes and methods, body
+//! limits, request ids, tracing, a request timeout so draining cannot hang,
+//! and graceful shutdown on SIGTERM or Ctrl-C.
+
+use std::{future::Future, io, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request},
+    http::{HeaderName, StatusCode, header, request::Parts},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    timeout::TimeoutLayer,
+    trace::TraceLayer,
+};
+
+use crate::{error, metrics::Registry, store::Store};
+
+/// Body limit of the public routes: titles and comments are short.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest a request may take before it is answered 408 and dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested; draining");
+}
+
+/// A shutdown that many tasks can wait for. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Triggers when `signal` resolves.
+    pub fn new(signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            signal.await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Sleeps for `duration`; returns true if shutdown came first.
+    pub async fn sleep(&self, duration: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => false,
+            () = self.wait() => true,
+        }
+    }
+}
+
+/// The `x-request-id` of the current request (set by the standard layers if
+/// the caller sent none), to carry into published events.
+#[derive(Debug, Clone, Default)]
+pub struct RequestId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect());
+        Ok(RequestId(id))
+    }
+}
+
+/// Adds the standard routes and layers to a service's routes. Readiness is
+/// the database answering, when the service has one.
+pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router {
+    let ready = move || {
+        let store = store.clone();
+        async move {
+            let ok = match &store {
+                Some(store) => store.ping().await,
+                None => true,
+            };
+            if ok {
+                (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
+            } else {
+                error::error_response(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+            }
+        }
+    };
+    let metrics_text = move || {
+        let text = metrics.render();
+        async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text) }
+    };
+    app.route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(CatchPanicLayer::custom(|_| error::error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req.extensions().get::<MatchedPath>().map_or(req.uri().path(), MatchedPath::as_str);
+            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::debug_span!("request", method = %req.method(), path, request_id = id)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets in-flight requests
+/// finish (each is bounded by [`REQUEST_TIMEOUT`]).
+pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown) -> io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
+}
+
+/// Answers `POST /events` for a service that consumes nothing: the envelope is
+/// checked and the event acknowledged, as the original's services do.
+pub fn ack_events() -> Router {
+    async fn ack(error::Json(body): error::Json<serde_json::Value>) -> Result<Response, error::ApiError> {
+        crate::inbox::parse_events(body)?;
+        Ok(axum::Json(serde_json::json!({})).into_response())
+    }
+    Router::new().route("/events", axum::routing::post(ack))
+}
+
+/// Runs a service binary: telemetry, configuration, bind, serve. Returns the
+/// process exit code, so `main` stays a few lines.
+pub fn main<C, F, Fut>(service: crate::Service, config: impl FnOnce() -> Result<C, crate::config::ConfigError>, port: impl Fn(&C) -> u16, run: F) -> std::process::ExitCode
+where
+    F: FnOnce(TcpListener, C, Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
+    crate::telemetry::init();
+    let config = match config() {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid configuration");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port(&config)));
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(service = service.name(), version = env!("CARGO_PKG_VERSION"), "starting");
+        run(listener, config, Shutdown::new(shutdown_signal())).await
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => {
+            tracing::info!(service = service.name(), "stopped");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(service = service.name(), error = %e, "failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
