@@ -26,17 +26,17 @@ impl BusError {
     }
 }
 
-/// Builds the HTTP client every service uses: rustls with the ring provider,
-/// connection reuse, and timeouts so a hung peer cannot hold a task forever.
-pub fn http_client(timeout: Duration) -> reqwest::Client {
+/// A client builder with the suite's TLS (rustls with the ring provider, no
+/// OpenSSL) and connection settings.
+pub fn client_builder() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(2))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .build()
-        .expect("the HTTP client configuration is valid")
+    reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).pool_idle_timeout(Duration::from_secs(60)).tcp_nodelay(true)
+}
+
+/// The HTTP client every service uses to call peers, with a timeout so a hung
+/// peer cannot hold a task forever.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    client_builder().timeout(timeout).build().expect("the HTTP client configuration is valid")
 }
 
 #[derive(Debug, Clone)]

@@ -20,11 +20,9 @@ where
     T::Err: Display,
 {
     match env::var(name) {
-        Ok(value) if !value.trim().is_empty() => value.trim().parse().map_err(|e: T::Err| ConfigError {
-            name: name.to_owned(),
-            value,
-            reason: e.to_string(),
-        }),
+        Ok(value) if !value.trim().is_empty() => {
+            value.trim().parse().map_err(|e: T::Err| ConfigError { name: name.to_owned(), value, reason: e.to_string() })
+        }
         _ => Ok(default),
     }
 }

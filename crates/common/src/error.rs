@@ -103,9 +103,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => "expected a request with `Content-Type: application/json`".to_owned(),
         JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {}", rejection.body_text()),
         JsonRejection::JsonDataError(_) => format!("invalid request body: {}", rejection.body_text()),
-        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            "request body is too large".to_owned()
-        }
+        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_owned(),
         _ => rejection.body_text(),
     };
     let status = match rejection.status() {

@@ -56,14 +56,7 @@ pub enum EventError {
 impl Event {
     /// A new event for `domain`, with a fresh time-ordered id.
     pub fn new(domain: &DomainEvent, request_id: Option<String>) -> Self {
-        Self {
-            id: Uuid::now_v7().to_string(),
-            seq: None,
-            kind: domain.kind().to_owned(),
-            data: domain.data(),
-            timestamp: None,
-            request_id,
-        }
+        Self { id: Uuid::now_v7().to_string(), seq: None, kind: domain.kind().to_owned(), data: domain.data(), timestamp: None, request_id }
     }
 
     /// Parses an untrusted JSON value into an envelope, checking the envelope
@@ -94,14 +87,7 @@ impl Event {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
-        Ok(Self {
-            id,
-            seq,
-            kind,
-            data,
-            timestamp: text(object.remove("timestamp")),
-            request_id: text(object.remove("requestId")),
-        })
+        Ok(Self { id, seq, kind, data, timestamp: text(object.remove("timestamp")), request_id: text(object.remove("requestId")) })
     }
 
     /// The typed form of this event ([`DomainEvent::Other`] for types this
@@ -181,10 +167,8 @@ impl DomainEvent {
     /// Checks the data of a known type; unknown types are [`DomainEvent::Other`].
     pub fn parse(kind: &str, data: &Map<String, Value>) -> Result<Self, EventError> {
         fn typed<T: serde::de::DeserializeOwned>(kind: &str, data: &Map<String, Value>) -> Result<T, EventError> {
-            serde_json::from_value(Value::Object(data.clone())).map_err(|e| EventError::Invalid {
-                kind: kind.to_owned(),
-                reason: e.to_string(),
-            })
+            serde_json::from_value(Value::Object(data.clone()))
+                .map_err(|e| EventError::Invalid { kind: kind.to_owned(), reason: e.to_string() })
         }
         let event = match kind {
             POST_CREATED => DomainEvent::PostCreated(typed(kind, data)?),
@@ -200,11 +184,7 @@ impl DomainEvent {
             }
             DomainEvent::Other => true,
         };
-        if ids_present {
-            Ok(event)
-        } else {
-            Err(EventError::Invalid { kind: kind.to_owned(), reason: "ids must not be empty".to_owned() })
-        }
+        if ids_present { Ok(event) } else { Err(EventError::Invalid { kind: kind.to_owned(), reason: "ids must not be empty".to_owned() }) }
     }
 
     pub fn kind(&self) -> &'static str {
@@ -220,9 +200,7 @@ impl DomainEvent {
     fn data(&self) -> Map<String, Value> {
         let value = match self {
             DomainEvent::PostCreated(p) => serde_json::to_value(p),
-            DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => {
-                serde_json::to_value(c)
-            }
+            DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => serde_json::to_value(c),
             DomainEvent::Other => Ok(Value::Object(Map::new())),
         };
         match value {
@@ -240,7 +218,10 @@ mod tests {
 
     #[test]
     fn original_payloads_are_valid_events() {
-        let event = Event::from_value(json!({"type":"CommentCreated","data":{"id":"653ac657","content":"hello world","postId":"96d08084","status":"pending"}})).unwrap();
+        let event = Event::from_value(
+            json!({"type":"CommentCreated","data":{"id":"653ac657","content":"hello world","postId":"96d08084","status":"pending"}}),
+        )
+        .unwrap();
         assert_eq!(event.kind, COMMENT_CREATED);
         assert_eq!(
             event.domain().unwrap(),
@@ -277,7 +258,8 @@ mod tests {
     fn known_types_with_bad_data_are_refused_and_unknown_types_pass() {
         let bad = Event::from_value(json!({"type":"PostCreated","data":{"id":"1"}})).unwrap();
         assert!(matches!(bad.domain(), Err(EventError::Invalid { .. })));
-        let status = Event::from_value(json!({"type":"CommentUpdated","data":{"id":"1","content":"x","postId":"p","status":"maybe"}})).unwrap();
+        let status =
+            Event::from_value(json!({"type":"CommentUpdated","data":{"id":"1","content":"x","postId":"p","status":"maybe"}})).unwrap();
         assert!(status.domain().is_err());
         let unknown = Event::from_value(json!({"type":"PostLiked","data":{"id":"1"}})).unwrap();
         assert_eq!(unknown.domain(), Ok(DomainEvent::Other));

@@ -194,10 +194,7 @@ impl Inbox {
 
     /// `POST /events`.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/events", post(receive))
-            .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY))
-            .with_state(self.clone())
+        Router::new().route("/events", post(receive)).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)).with_state(self.clone())
     }
 }
 

@@ -119,9 +119,8 @@ impl Outbox {
             .store
             .read(|conn| {
                 let mut stmt = conn.prepare_cached("SELECT pos, event FROM outbox ORDER BY pos LIMIT ?1")?;
-                let rows = stmt
-                    .query_map([BATCH], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
+                let rows =
+                    stmt.query_map([BATCH], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))?.collect::<Result<Vec<_>, _>>()?;
                 let depth: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |row| row.get(0))?;
                 Ok::<_, StoreError>((rows, depth))
             })
@@ -168,10 +167,8 @@ impl Outbox {
     }
 
     async fn acknowledged(&self, last: i64, count: usize) {
-        let deleted = self
-            .store
-            .write(move |conn| conn.execute("DELETE FROM outbox WHERE pos <= ?1", [last]).map_err(StoreError::from))
-            .await;
+        let deleted =
+            self.store.write(move |conn| conn.execute("DELETE FROM outbox WHERE pos <= ?1", [last]).map_err(StoreError::from)).await;
         match deleted {
             Ok(_) => self.published.add(count as u64),
             // The rows stay and are sent again; the bus ignores the repeats.
@@ -183,7 +180,10 @@ impl Outbox {
         let error = error.to_owned();
         self.store
             .write(move |conn| {
-                conn.execute("INSERT OR REPLACE INTO outbox_refused (pos, event, error) VALUES (?1, ?2, ?3)", rusqlite::params![pos, json, error])?;
+                conn.execute(
+                    "INSERT OR REPLACE INTO outbox_refused (pos, event, error) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![pos, json, error],
+                )?;
                 conn.execute("DELETE FROM outbox WHERE pos = ?1", [pos])?;
                 Ok(())
             })

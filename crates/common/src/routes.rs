@@ -95,11 +95,8 @@ mod tests {
 
     #[test]
     fn ties_prefer_the_lexicographically_greater_path() {
-        let table = RouteTable::new(&[
-            Route { path: "/a.", service: Service::Posts },
-            Route { path: "/ab", service: Service::Query },
-        ])
-        .unwrap();
+        let table =
+            RouteTable::new(&[Route { path: "/a.", service: Service::Posts }, Route { path: "/ab", service: Service::Query }]).unwrap();
         assert_eq!(table.route("/ab").unwrap().service, Service::Query);
     }
 }

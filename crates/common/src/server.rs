@@ -154,7 +154,12 @@ pub fn ack_events() -> Router {
 
 /// Runs a service binary: telemetry, configuration, bind, serve. Returns the
 /// process exit code, so `main` stays a few lines.
-pub fn main<C, F, Fut>(service: crate::Service, config: impl FnOnce() -> Result<C, crate::config::ConfigError>, port: impl Fn(&C) -> u16, run: F) -> std::process::ExitCode
+pub fn main<C, F, Fut>(
+    service: crate::Service,
+    config: impl FnOnce() -> Result<C, crate::config::ConfigError>,
+    port: impl Fn(&C) -> u16,
+    run: F,
+) -> std::process::ExitCode
 where
     F: FnOnce(TcpListener, C, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
@@ -192,4 +197,3 @@ where
         }
     }
 }
-

@@ -138,9 +138,7 @@ impl Store {
 
     /// Whether the database answers a trivial query: the readiness check.
     pub async fn ping(&self) -> bool {
-        self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from))
-            .await
-            .is_ok()
+        self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
     }
 }
 
@@ -244,12 +242,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
-            let writes: Vec<_> = (0..100).map(|i| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [format!("n{i}")]).map_err(StoreError::from)).await
+            let writes: Vec<_> = (0..100)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [format!("n{i}")]).map_err(StoreError::from))
+                            .await
+                    })
                 })
-            }).collect();
+                .collect();
             for w in writes {
                 w.await.unwrap().unwrap();
             }

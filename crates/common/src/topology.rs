@@ -20,14 +20,8 @@ pub enum Service {
 
 impl Service {
     /// Every service, in start-up order: the bus first so publishers find it.
-    pub const ALL: [Service; 6] = [
-        Service::EventBus,
-        Service::Posts,
-        Service::Comments,
-        Service::Moderation,
-        Service::Query,
-        Service::Client,
-    ];
+    pub const ALL: [Service; 6] =
+        [Service::EventBus, Service::Posts, Service::Comments, Service::Moderation, Service::Query, Service::Client];
 
     /// The services the bus pushes events to by default.
     pub const SUBSCRIBERS: [Service; 3] = [Service::Comments, Service::Moderation, Service::Query];

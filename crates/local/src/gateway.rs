@@ -1,0 +1,102 @@
+//! The local stand-in for ingress-nginx: every request goes to the service
+//! the shared route table names for its path, with the Ingress's matching
+//! rules (see [`blog_common::routes`]). It answers whatever `Host` a request
+//! carries, so a browser at `http://127.0.0.1:8080` and
+//! `curl -H 'Host: posts.com'` both work. Bodies stream both ways, so the
+//! live update stream passes through like any other response.
+
+use std::{collections::BTreeMap, io, sync::Arc};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderName, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use blog_common::{Service, error::error_response, routes::RouteTable, server::Shutdown};
+use tokio::net::TcpListener;
+
+#[derive(Debug)]
+pub struct Gateway {
+    table: RouteTable,
+    upstreams: BTreeMap<Service, String>,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// `upstreams` maps each service to its base URL.
+    pub fn new(upstreams: BTreeMap<Service, String>) -> Arc<Self> {
+        let http = blog_common::bus_client::client_builder()
+            .pool_max_idle_per_host(512)
+            .build()
+            .expect("the gateway's HTTP client configuration is valid");
+        Arc::new(Self { table: RouteTable::standard(), upstreams, http })
+    }
+
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new().fallback(proxy).with_state(self)
+    }
+}
+
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) -> io::Result<()> {
+    axum::serve(listener, gateway.router()).with_graceful_shutdown(async move { shutdown.wait().await }).await
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+fn forwardable(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &axum::http::HeaderValue)> {
+    headers.iter().filter(|(name, _)| !hop_by_hop(name))
+}
+
+async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let path = request.uri().path();
+    let Some(route) = gateway.table.route(path) else {
+        return error_response(StatusCode::NOT_FOUND, &format!("no route for {path}"));
+    };
+    let service = route.service;
+    let Some(base) = gateway.upstreams.get(&service) else {
+        return error_response(StatusCode::BAD_GATEWAY, &format!("no upstream for {service}"));
+    };
+    let target = format!("{base}{}", request.uri().path_and_query().map_or(path, |pq| pq.as_str()));
+    let (parts, body) = request.into_parts();
+    let mut upstream = gateway.http.request(parts.method, target);
+    for (name, value) in forwardable(&parts.headers) {
+        if name != header::HOST {
+            upstream = upstream.header(name, value);
+        }
+    }
+    if let Some(host) = parts.headers.get(header::HOST) {
+        upstream = upstream.header("x-forwarded-host", host);
+    }
+    let upstream = upstream.header("x-forwarded-proto", "http").body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    match upstream.send().await {
+        Ok(answer) => {
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in forwardable(answer.headers()) {
+                response = response.header(name, value);
+            }
+            response
+                .body(Body::from_stream(answer.bytes_stream()))
+                .unwrap_or_else(|_| error_response(StatusCode::BAD_GATEWAY, "unreadable upstream response"))
+        }
+        Err(e) => {
+            tracing::warn!(%service, error = %e, "upstream unavailable");
+            (StatusCode::BAD_GATEWAY, error_response(StatusCode::BAD_GATEWAY, &format!("{service} is unavailable"))).into_response()
+        }
+    }
+}

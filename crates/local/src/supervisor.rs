@@ -1,0 +1,277 @@
+//! A small process supervisor, doing locally what a Deployment does in a
+//! cluster: it starts each service, writes `<dir>/<name>.pid`, prefixes the
+//! service's log lines with its name, restarts a process that dies (with
+//! exponential backoff, reset once it has stayed up a while), and stops
+//! everything with SIGTERM, escalating to SIGKILL after a grace period.
+//! Tests use the same controls to stop, start and `kill -9` services.
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
+    process::{Child, Command},
+    sync::watch,
+};
+
+/// How long a process gets to exit after SIGTERM.
+pub const GRACE: Duration = Duration::from_secs(10);
+/// A process that stayed up this long is considered healthy again.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// Where the services' output goes.
+#[derive(Debug, Clone)]
+pub enum LogSink {
+    /// This process's stdout, each line prefixed with the service name.
+    Stdout,
+    /// `<dir>/<name>.log`, appended.
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub name: String,
+    pub program: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+struct Managed {
+    /// Whether the process should be running.
+    wanted: watch::Sender<bool>,
+    /// Whether it is running now.
+    running: watch::Sender<bool>,
+    pid: Mutex<Option<u32>>,
+    starts: Mutex<u64>,
+}
+
+pub struct Supervisor {
+    dir: PathBuf,
+    log: LogSink,
+    processes: BTreeMap<String, Arc<Managed>>,
+    order: Vec<String>,
+}
+
+impl Supervisor {
+    /// Pid files go to `dir`.
+    pub fn new(dir: PathBuf, log: LogSink) -> Self {
+        Self { dir, log, processes: BTreeMap::new(), order: Vec::new() }
+    }
+
+    /// Starts supervising (and running) `spec`.
+    pub fn add(&mut self, spec: ProcessSpec) {
+        let managed = Arc::new(Managed {
+            wanted: watch::Sender::new(true),
+            running: watch::Sender::new(false),
+            pid: Mutex::new(None),
+            starts: Mutex::new(0),
+        });
+        self.order.push(spec.name.clone());
+        self.processes.insert(spec.name.clone(), managed.clone());
+        tokio::spawn(supervise(spec, managed, self.dir.clone(), self.log.clone()));
+    }
+
+    fn get(&self, name: &str) -> &Arc<Managed> {
+        self.processes.get(name).unwrap_or_else(|| panic!("no process named {name}"))
+    }
+
+    pub fn is_wanted(&self, name: &str) -> bool {
+        self.processes.get(name).is_some_and(|m| *m.wanted.borrow())
+    }
+
+    /// The pid of the running process, if any.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        *self.get(name).pid.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many times the process has been started.
+    pub fn starts(&self, name: &str) -> u64 {
+        *self.get(name).starts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the process (SIGTERM, SIGKILL after [`GRACE`]) and keeps it stopped.
+    pub async fn stop(&self, name: &str) {
+        let managed = self.get(name);
+        managed.wanted.send_replace(false);
+        let mut running = managed.running.subscribe();
+        let _ = running.wait_for(|r| !*r).await;
+    }
+
+    /// Starts a stopped process again.
+    pub fn start(&self, name: &str) {
+        self.get(name).wanted.send_replace(true);
+    }
+
+    /// Sends `signal` to the running process; a process that dies of it is
+    /// restarted like any crash. Returns whether there was a process.
+    pub fn signal(&self, name: &str, signal: Signal) -> bool {
+        match self.pid(name) {
+            Some(pid) => send(pid, signal),
+            None => false,
+        }
+    }
+
+    /// Waits until the process is running again with a pid other than `old`.
+    pub async fn wait_restarted(&self, name: &str, old: Option<u32>, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(pid) = self.pid(name)
+                && Some(pid) != old
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Stops every process, last started first.
+    pub async fn shutdown(&self) {
+        for name in self.order.iter().rev() {
+            self.get(name).wanted.send_replace(false);
+        }
+        for name in self.order.iter().rev() {
+            self.stop(name).await;
+        }
+    }
+}
+
+async fn supervise(spec: ProcessSpec, managed: Arc<Managed>, dir: PathBuf, log: LogSink) {
+    let mut wanted = managed.wanted.subscribe();
+    let pid_file = dir.join(format!("{}.pid", spec.name));
+    let mut failures: u32 = 0;
+    loop {
+        if wanted.wait_for(|w| *w).await.is_err() {
+            return;
+        }
+        let mut child = match spawn(&spec, &log) {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!("[{}] cannot start {}: {e}", spec.name, spec.program.display());
+                failures += 1;
+                tokio::time::sleep(restart_delay(failures)).await;
+                continue;
+            }
+        };
+        let pid = child.id();
+        *managed.pid.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+        *managed.starts.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        managed.running.send_replace(true);
+        if let Some(pid) = pid {
+            let _ = tokio::fs::write(&pid_file, format!("{pid}\n")).await;
+        }
+        let started = Instant::now();
+        let exited = tokio::select! {
+            status = child.wait() => Some(status),
+            _ = wanted.wait_for(|w| !*w) => None,
+        };
+        match exited {
+            Some(status) if *wanted.borrow() => {
+                failures = if started.elapsed() > STABLE { 1 } else { failures + 1 };
+                let delay = restart_delay(failures);
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                notice(&log, &spec.name, &format!("exited ({status}); restarting in {} ms", delay.as_millis())).await;
+                finish(&managed, &pid_file).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = wanted.wait_for(|w| !*w) => {}
+                }
+                continue;
+            }
+            Some(_) => {}
+            None => terminate(&mut child, pid).await,
+        }
+        finish(&managed, &pid_file).await;
+    }
+}
+
+async fn finish(managed: &Managed, pid_file: &PathBuf) {
+    *managed.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    let _ = tokio::fs::remove_file(pid_file).await;
+    managed.running.send_replace(false);
+}
+
+/// SIGTERM, then SIGKILL if the process outlives [`GRACE`].
+async fn terminate(child: &mut Child, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        send(pid, Signal::TERM);
+    }
+    if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+fn send(pid: u32, signal: Signal) -> bool {
+    i32::try_from(pid).ok().and_then(Pid::from_raw).is_some_and(|pid| kill_process(pid, signal).is_ok())
+}
+
+/// 100 ms, doubling, at most 10 s.
+fn restart_delay(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.saturating_sub(1).min(7)).min(10_000))
+}
+
+fn spawn(spec: &ProcessSpec, log: &LogSink) -> std::io::Result<Child> {
+    let mut child = Command::new(&spec.program)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward(out, spec.name.clone(), log.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward(err, spec.name.clone(), log.clone()));
+    }
+    Ok(child)
+}
+
+async fn forward(stream: impl AsyncRead + Unpin, name: String, log: LogSink) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        write_line(&log, &name, &line).await;
+    }
+}
+
+async fn notice(log: &LogSink, name: &str, message: &str) {
+    write_line(log, name, &format!("supervisor: {message}")).await;
+}
+
+async fn write_line(log: &LogSink, name: &str, line: &str) {
+    match log {
+        LogSink::Stdout => {
+            let prefix =
+                if std::io::stdout().is_terminal() { format!("\x1b[{}m{name:>10}\x1b[0m |", color(name)) } else { format!("{name:>10} |") };
+            println!("{prefix} {line}");
+        }
+        LogSink::Dir(dir) => {
+            let path = dir.join(format!("{name}.log"));
+            if let Ok(mut file) = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await {
+                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+            }
+        }
+    }
+}
+
+fn color(name: &str) -> u8 {
+    31 + (name.bytes().map(u32::from).sum::<u32>() % 6) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_backs_off_to_ten_seconds() {
+        assert_eq!(restart_delay(1), Duration::from_millis(100));
+        assert_eq!(restart_delay(2), Duration::from_millis(200));
+        assert_eq!(restart_delay(30), Duration::from_secs(10));
+    }
+}

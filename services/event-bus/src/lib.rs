@@ -1,0 +1,218 @@
+//! event-bus: the suite's durable event log and its fan-out.
+//!
+//! `POST /events` stores each event once (by id) and answers only when it is
+//! on disk; one [`delivery::Deliverer`] per subscriber pushes the log to that
+//! subscriber's `POST /events` from its own persisted cursor; `GET /events`
+//! pages through the log for consumers catching up; `GET /status` and
+//! `GET /metrics` show each subscriber's cursor, lag, retries and last error.
+
+pub mod delivery;
+pub mod log;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, State},
+    routing::get,
+};
+use blog_common::{
+    ApiError, Json, Service,
+    bus_client::http_client,
+    config::{self, ConfigError},
+    error::Query,
+    inbox::{MAX_EVENTS_BODY, parse_events},
+    metrics::{self, Registry},
+    node::BoxError,
+    server::{self, RequestId, Shutdown},
+    store::Store,
+};
+use delivery::{Deliverer, SharedStatus, Subscriber, SubscriberStatus};
+use log::{EventLog, Stored};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+/// Events returned by `GET /events` when no `limit` is given, and the most allowed.
+pub const DEFAULT_PAGE: u32 = 1_000;
+pub const MAX_PAGE: u32 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub subscribers: Vec<Subscriber>,
+    pub delivery_timeout: Duration,
+    pub batch: u32,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let default_subscribers =
+            Service::SUBSCRIBERS.iter().map(|s| format!("{}={}/events", s.name(), config::peer_url(*s))).collect::<Vec<_>>().join(",");
+        Ok(Self {
+            port: config::var("PORT", Service::EventBus.default_port())?,
+            data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
+            subscribers: parse_subscribers(&config::list("SUBSCRIBERS", &default_subscribers))?,
+            delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
+            batch: config::var("DELIVERY_BATCH", 256)?,
+        })
+    }
+}
+
+/// `name=url` pairs; the url is the subscriber's `POST /events`.
+pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigError> {
+    items
+        .iter()
+        .map(|item| match item.split_once('=') {
+            Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("http") => {
+                Ok(Subscriber { name: name.trim().to_owned(), url: url.trim().to_owned() })
+            }
+            _ => {
+                Err(ConfigError { name: "SUBSCRIBERS".into(), value: item.clone(), reason: "expected name=http://host:port/events".into() })
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    log: EventLog,
+    subscribers: Arc<Vec<SharedStatus>>,
+}
+
+pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
+    let store = Store::open(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS)?;
+    let log = EventLog::open(store.clone()).await?;
+    let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
+    let http = http_client(config.delivery_timeout);
+    let head = log.head_now();
+    let mut statuses = Vec::new();
+    for subscriber in config.subscribers {
+        let cursor = saved.get(&subscriber.name).copied().unwrap_or(0);
+        let status = SharedStatus::new(std::sync::Mutex::new(SubscriberStatus {
+            name: subscriber.name.clone(),
+            url: subscriber.url.clone(),
+            cursor,
+            lag: head.saturating_sub(cursor),
+            ..SubscriberStatus::default()
+        }));
+        statuses.push(status.clone());
+        let deliverer = Deliverer { subscriber, log: log.clone(), http: http.clone(), status, batch: config.batch.max(1), cursor };
+        tokio::spawn(deliverer.run(shutdown.clone()));
+    }
+    let state = AppState { log, subscribers: Arc::new(statuses) };
+    let metrics = registry(&state);
+    let app = server::standard(app(state), Some(store), metrics);
+    server::serve(listener, app, shutdown).await?;
+    Ok(())
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/events", get(events).post(publish).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+async fn publish(State(state): State<AppState>, request_id: RequestId, Json(body): Json<Value>) -> Result<Json<Value>, ApiError> {
+    let (mut events, batch) = parse_events(body)?;
+    for (i, event) in events.iter_mut().enumerate() {
+        if let Err(e) = event.domain() {
+            return Err(ApiError::bad_request(if batch { format!("event {i}: {e}") } else { e.to_string() }));
+        }
+        if event.request_id.is_none() {
+            event.request_id.clone_from(&request_id.0);
+        }
+    }
+    let stored = state.log.append(events).await?;
+    Ok(Json(match (batch, stored.as_slice()) {
+        (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
+        _ => json!({"status": "OK", "events": stored}),
+    }))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    after: u64,
+    limit: Option<u32>,
+}
+
+async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Result<Json<Vec<blog_common::Event>>, ApiError> {
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}")));
+    }
+    Ok(Json(state.log.after(page.after, limit).await?))
+}
+
+#[derive(Serialize)]
+struct Status {
+    head: u64,
+    subscribers: Vec<SubscriberStatus>,
+}
+
+impl AppState {
+    fn snapshot(&self) -> Status {
+        let head = self.log.head_now();
+        let subscribers = self
+            .subscribers
+            .iter()
+            .map(|s| {
+                let mut status = s.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                status.lag = head.saturating_sub(status.cursor);
+                status
+            })
+            .collect();
+        Status { head, subscribers }
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Json<Status> {
+    Json(state.snapshot())
+}
+
+fn registry(state: &AppState) -> Registry {
+    let registry = Registry::default();
+    let head = state.clone();
+    registry.gauge("blog_bus_head_seq", "Highest sequence number in the log.", move |out| {
+        out.push((String::new(), head.log.head_now() as f64))
+    });
+    type Field = fn(&SubscriberStatus) -> f64;
+    let families: [(&str, &str, Field); 5] = [
+        ("blog_bus_subscriber_cursor", "Last sequence number the subscriber acknowledged.", |s| s.cursor as f64),
+        ("blog_bus_subscriber_lag", "Events stored but not yet acknowledged by the subscriber.", |s| s.lag as f64),
+        ("blog_bus_subscriber_delivered_total", "Events the subscriber acknowledged.", |s| s.delivered as f64),
+        ("blog_bus_subscriber_retries_total", "Failed delivery attempts.", |s| s.retries as f64),
+        ("blog_bus_subscriber_rejected_total", "Events the subscriber refused and the bus skipped.", |s| s.rejected as f64),
+    ];
+    for (name, help, field) in families {
+        let state = state.clone();
+        registry.gauge(name, help, move |out| {
+            for s in state.snapshot().subscribers {
+                out.push((format!("subscriber=\"{}\"", metrics::label(&s.name)), field(&s)));
+            }
+        });
+    }
+    let state = state.clone();
+    registry.gauge("blog_bus_subscriber_failing", "1 while the last delivery attempt failed.", move |out| {
+        for s in state.snapshot().subscribers {
+            out.push((format!("subscriber=\"{}\"", metrics::label(&s.name)), f64::from(u8::from(s.last_error.is_some()))));
+        }
+    });
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_are_name_url_pairs() {
+        let parsed = parse_subscribers(&["query=http://q:4002/events".into()]).unwrap();
+        assert_eq!(parsed, [Subscriber { name: "query".into(), url: "http://q:4002/events".into() }]);
+        assert!(parse_subscribers(&["query".into()]).is_err());
+        assert!(parse_subscribers(&["=http://x/events".into()]).is_err());
+    }
+}

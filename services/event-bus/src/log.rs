@@ -1,0 +1,154 @@
+//! The append-only event log and the subscribers' delivery cursors, in the
+//! bus's own SQLite database.
+//!
+//! An event is acknowledged to its publisher only after the group commit that
+//! stored it is on disk. Its id is unique, so a publisher retrying after a
+//! lost answer gets the original sequence number back instead of a copy.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blog_common::{
+    Event,
+    store::{Store, StoreError},
+};
+use rusqlite::Connection;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+pub const MIGRATIONS: &[&str] = &["
+    CREATE TABLE event (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        timestamp INTEGER NOT NULL,
+        request_id TEXT
+    );
+    CREATE TABLE subscriber_cursor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+"];
+
+/// Where one stored event landed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stored {
+    pub id: String,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    store: Store,
+    head: watch::Sender<u64>,
+}
+
+impl EventLog {
+    pub async fn open(store: Store) -> Result<Self, StoreError> {
+        let head = store
+            .read(|conn| Ok::<_, StoreError>(conn.query_row("SELECT coalesce(max(seq), 0) FROM event", [], |r| r.get::<_, i64>(0))? as u64))
+            .await?;
+        Ok(Self { store, head: watch::Sender::new(head) })
+    }
+
+    /// The highest sequence number stored; changes wake the deliverers.
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    pub fn head_now(&self) -> u64 {
+        *self.head.borrow()
+    }
+
+    /// Stores `events` durably, each id once.
+    pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Stored>, StoreError> {
+        let now = now_millis();
+        let stored = self
+            .store
+            .write(move |conn| {
+                let mut stored = Vec::with_capacity(events.len());
+                for event in events {
+                    let data = Value::Object(event.data).to_string();
+                    let inserted = conn
+                        .prepare_cached(
+                            "INSERT INTO event (id, type, data, timestamp, request_id) VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT (id) DO NOTHING",
+                        )?
+                        .execute(rusqlite::params![event.id, event.kind, data, now, event.request_id])?;
+                    let seq = if inserted == 1 {
+                        conn.last_insert_rowid()
+                    } else {
+                        conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0))?
+                    };
+                    stored.push(Stored { id: event.id, seq: seq as u64 });
+                }
+                Ok::<_, StoreError>(stored)
+            })
+            .await?;
+        if let Some(max) = stored.iter().map(|s| s.seq).max() {
+            self.head.send_if_modified(|head| {
+                let moved = max > *head;
+                *head = (*head).max(max);
+                moved
+            });
+        }
+        Ok(stored)
+    }
+
+    /// Up to `limit` events after `after`, in order.
+    pub async fn after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        self.store.read(move |conn| read_after(conn, after, limit)).await
+    }
+
+    pub async fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.store
+            .read(|conn| {
+                let mut stmt = conn.prepare("SELECT name, seq FROM subscriber_cursor")?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+                Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+    }
+
+    pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.store
+            .write(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO subscriber_cursor (name, seq) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq)",
+                )?
+                .execute(rusqlite::params![name, seq as i64])?;
+                Ok(())
+            })
+            .await
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.store.ping().await
+    }
+}
+
+fn read_after(conn: &Connection, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, id, type, data, timestamp, request_id FROM event WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+    let rows = stmt.query_map(rusqlite::params![after as i64, limit], |row| {
+        let data: String = row.get(3)?;
+        let millis: i64 = row.get(4)?;
+        Ok(Event {
+            seq: Some(row.get::<_, i64>(0)? as u64),
+            id: row.get(1)?,
+            kind: row.get(2)?,
+            data: serde_json::from_str::<Map<String, Value>>(&data).unwrap_or_default(),
+            timestamp: Some(format_millis(millis)),
+            request_id: row.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn format_millis(millis: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}

@@ -1,0 +1,260 @@
+//! The end-to-end test harness: [`TestSuite`] starts the real service
+//! binaries as OS processes on 127.0.0.1 with ephemeral ports and a temporary
+//! data directory, behind the same gateway `cargo xtask up` runs, and offers
+//! typed steps (`create_post`, `comment`, `wait_for_status`) so each test
+//! reads as arrange, act, assert. Waiting is always polling with a deadline.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::TcpListener,
+    path::PathBuf,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use blog_common::Service;
+use blog_local::{Options, Suite, supervisor::LogSink};
+pub use rustix::process::Signal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// How long any eventual condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Post {
+    pub id: String,
+    pub title: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Comment {
+    pub id: String,
+    pub content: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PostView {
+    pub id: String,
+    pub title: String,
+    pub comments: Vec<Comment>,
+}
+
+/// A raw answer: status and JSON body (`Value::Null` if the body is not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub content_type: String,
+}
+
+pub struct TestSuite {
+    suite: Option<Suite>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:<port>` of the gateway.
+    pub gateway: String,
+}
+
+/// Builds the service binaries once per test process; returns their directory.
+pub fn binaries() -> PathBuf {
+    static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+    BIN_DIR
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            // target/<profile>/deps/<test> -> target/<profile>
+            let bin_dir = exe.parent().and_then(|deps| deps.parent()).expect("test binary lives in target/<profile>/deps").to_owned();
+            let mut build = blog_local::cargo_command();
+            // The same selection as `cargo test --workspace`, so this build and
+            // the test build share every artifact instead of rebuilding.
+            build.args(["build", "--workspace", "--all-targets", "--manifest-path", concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml")]);
+            if bin_dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs");
+            assert!(status.success(), "building the service binaries failed");
+            bin_dir
+        })
+        .clone()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port").port()
+}
+
+impl TestSuite {
+    pub async fn launch() -> Self {
+        Self::launch_with(|_| {}).await
+    }
+
+    /// Starts the suite after `configure` adjusted the launch options.
+    pub async fn launch_with(configure: impl FnOnce(&mut Options)) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut options = Options::standard(binaries(), dir.path().join("data"), 0, LogSink::Dir(dir.path().to_owned()));
+        options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
+        options.env.push((Service::Comments, "POST_WAIT_MS".into(), "2000".into()));
+        configure(&mut options);
+        let suite = Suite::launch(options).await.expect("the suite launches");
+        let gateway = format!("http://{}", suite.gateway_addr);
+        let this = Self { suite: Some(suite), dir, http: blog_common::bus_client::http_client(Duration::from_secs(15)), gateway };
+        if let Err(e) = this.suite().wait_ready(DEADLINE).await {
+            panic!("suite not ready: {e}\n{}", this.logs());
+        }
+        this
+    }
+
+    pub fn suite(&self) -> &Suite {
+        self.suite.as_ref().expect("suite running")
+    }
+
+    /// Base URL of one service, bypassing the gateway.
+    pub fn url(&self, service: Service) -> String {
+        self.suite().options.url(service)
+    }
+
+    /// Every service's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for service in Service::ALL {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", service.name()))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {service} ---\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    // ---- requests ----
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let bytes = response.bytes().await.expect("body read");
+        Answer { status, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null), content_type }
+    }
+
+    /// POST with a JSON body through the gateway.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Answer {
+        self.send(self.http.post(format!("{}{path}", self.gateway)).json(body)).await
+    }
+
+    /// GET through the gateway.
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(self.http.get(format!("{}{path}", self.gateway))).await
+    }
+
+    pub async fn create_post(&self, title: &str) -> Post {
+        let answer = self.post_json("/posts/create", &json!({ "title": title })).await;
+        assert_eq!(answer.status, 201, "create post: {:?}", answer.body);
+        serde_json::from_value(answer.body).expect("a post")
+    }
+
+    /// Adds a comment; returns the post's comment list as answered.
+    pub async fn comment(&self, post_id: &str, content: &str) -> Vec<Comment> {
+        let answer = self.post_json(&format!("/posts/{post_id}/comments"), &json!({ "content": content })).await;
+        assert_eq!(answer.status, 201, "comment: {:?}", answer.body);
+        serde_json::from_value(answer.body).expect("a comment list")
+    }
+
+    /// The query service's view, through the gateway.
+    pub async fn view(&self) -> BTreeMap<String, PostView> {
+        let answer = self.get("/posts").await;
+        assert_eq!(answer.status, 200, "GET /posts: {:?}", answer.body);
+        serde_json::from_value(answer.body).expect("the posts view")
+    }
+
+    /// The comments service's list for a post, through the gateway.
+    pub async fn comments(&self, post_id: &str) -> Vec<Comment> {
+        let answer = self.get(&format!("/posts/{post_id}/comments")).await;
+        assert_eq!(answer.status, 200, "GET comments: {:?}", answer.body);
+        serde_json::from_value(answer.body).expect("a comment list")
+    }
+
+    /// Waits until query shows the comment with `status`.
+    pub async fn wait_for_status(&self, post_id: &str, comment_id: &str, status: &str) {
+        self.eventually(&format!("comment {comment_id} {status} in query"), || async {
+            let view = self.view().await;
+            let found = view.get(post_id)?.comments.iter().find(|c| c.id == comment_id)?.status == status;
+            found.then_some(())
+        })
+        .await;
+    }
+
+    /// The bus's whole log.
+    pub async fn bus_events(&self) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let answer = self.send(self.http.get(format!("{}/events?after={after}&limit=10000", self.url(Service::EventBus)))).await;
+            let page = answer.body.as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                return all;
+            }
+            after = page.last().and_then(|e| e["seq"].as_u64()).unwrap_or(after);
+            all.extend(page);
+        }
+    }
+
+    /// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // ---- process control ----
+
+    /// Stops a service (SIGTERM) and keeps it stopped.
+    pub async fn stop(&self, service: Service) {
+        self.suite().supervisor.stop(service.name()).await;
+    }
+
+    /// Starts a stopped service again and waits until it is ready.
+    pub async fn restart(&self, service: Service) {
+        self.suite().supervisor.start(service.name());
+        self.wait_ready(service).await;
+    }
+
+    /// Sends `signal` to a service; the supervisor restarts it if it dies.
+    pub async fn kill(&self, service: Service, signal: Signal) {
+        let name = service.name();
+        let old = self.suite().supervisor.pid(name);
+        assert!(self.suite().supervisor.signal(name, signal), "{name} was not running");
+        if signal == Signal::KILL {
+            assert!(self.suite().supervisor.wait_restarted(name, old, DEADLINE).await, "{name} was not restarted");
+            self.wait_ready(service).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, service: Service) {
+        let deadline = Instant::now() + DEADLINE;
+        if let Err(e) = blog_local::wait_ready(&self.http, &self.url(service), deadline).await {
+            panic!("{service}: {e}\n{}", self.logs());
+        }
+    }
+
+    /// Stops every service gracefully.
+    pub async fn shutdown(mut self) {
+        if let Some(suite) = self.suite.take() {
+            suite.stop().await;
+        }
+    }
+}

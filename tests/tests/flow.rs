@@ -1,0 +1,110 @@
+//! The whole flow through the gateway: post -> comment -> moderation -> query,
+//! with the statuses reaching both the comments service and query.
+
+use blog_common::Service;
+use blog_tests::TestSuite;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_is_moderated_and_its_status_reaches_query_and_comments() {
+    let suite = TestSuite::launch().await;
+
+    let post = suite.create_post("First post").await;
+    assert_eq!(post.title, "First post");
+
+    let after_first = suite.comment(&post.id, "hello world").await;
+    assert_eq!(after_first.len(), 1);
+    assert_eq!((after_first[0].content.as_str(), after_first[0].status.as_str()), ("hello world", "pending"));
+
+    let after_second = suite.comment(&post.id, "I love an ORANGE").await;
+    assert_eq!(after_second.len(), 2);
+    assert_eq!(after_second[1].status, "pending");
+
+    suite.wait_for_status(&post.id, &after_first[0].id, "approved").await;
+    suite.wait_for_status(&post.id, &after_second[1].id, "rejected").await;
+
+    let view = suite.view().await;
+    assert_eq!(view.len(), 1);
+    let shown = &view[&post.id];
+    assert_eq!(shown.title, "First post");
+    let statuses: Vec<_> = shown.comments.iter().map(|c| (c.content.as_str(), c.status.as_str())).collect();
+    assert_eq!(statuses, [("hello world", "approved"), ("I love an ORANGE", "rejected")]);
+
+    let comments = suite.comments(&post.id).await;
+    let statuses: Vec<_> = comments.iter().map(|c| c.status.as_str()).collect();
+    assert_eq!(statuses, ["approved", "rejected"]);
+
+    // Every event of the flow is in the bus's log once, in causal order per comment.
+    let log = suite.bus_events().await;
+    let kinds: Vec<_> = log.iter().map(|e| e["type"].as_str().unwrap_or_default()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "PostCreated").count(), 1);
+    assert_eq!(kinds.iter().filter(|k| **k == "CommentCreated").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == "CommentModerated").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == "CommentUpdated").count(), 2);
+    let seqs: Vec<_> = log.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_words_come_from_the_environment() {
+    let suite = TestSuite::launch_with(|options| {
+        options.env.push((Service::Moderation, "BLOCKED_WORDS".into(), "Kiwi, plum".into()));
+    })
+    .await;
+    let post = suite.create_post("Fruit").await;
+    let kiwi = suite.comment(&post.id, "a KIWI a day").await.remove(0);
+    let orange = suite.comment(&post.id, "orange is fine here").await.remove(1);
+    suite.wait_for_status(&post.id, &kiwi.id, "rejected").await;
+    suite.wait_for_status(&post.id, &orange.id, "approved").await;
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_routes_like_the_ingress_whatever_the_host() {
+    let suite = TestSuite::launch().await;
+    let created = suite
+        .send(suite.http.post(format!("{}/posts/create", suite.gateway)).header("host", "posts.com").json(&json!({"title": "Via host"})))
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+
+    // Matching is case-insensitive: /POSTS reaches query (a JSON answer), not
+    // the client (which would serve its HTML page).
+    let upper = suite.get("/POSTS").await;
+    assert!(upper.content_type.starts_with("application/json"), "{upper:?}");
+
+    // /posts/<anything> and /postsXYZ belong to query, which has no such route.
+    let deep = suite.get("/posts/123").await;
+    assert_eq!((deep.status, deep.body["error"].is_string()), (404, true));
+    let xyz = suite.get("/postsXYZ").await;
+    assert_eq!(xyz.status, 404);
+
+    // Everything else is the client, which serves the UI.
+    let page = suite.send(suite.http.get(format!("{}/", suite.gateway)).header("host", "posts.com")).await;
+    assert_eq!(page.status, 200);
+    assert!(page.content_type.starts_with("text/html"), "{}", page.content_type);
+    let deep_link = suite.get("/some/deep/link").await;
+    assert!(deep_link.content_type.starts_with("text/html"));
+
+    // Health endpoints of every service answer.
+    for service in Service::ALL {
+        for path in ["/healthz", "/readyz"] {
+            let answer = suite.send(suite.http.get(format!("{}{path}", suite.url(service)))).await;
+            assert_eq!(answer.status, 200, "{service}{path}");
+        }
+    }
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_on_a_post_created_a_moment_ago_is_accepted() {
+    let suite = TestSuite::launch().await;
+    // No wait between the two: comments learns of the post by event.
+    for i in 0..20 {
+        let post = suite.create_post(&format!("post {i}")).await;
+        let comments = suite.comment(&post.id, "first!").await;
+        assert_eq!(comments.len(), 1);
+    }
+    suite.shutdown().await;
+}

@@ -1,0 +1,101 @@
+//! Developer commands, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`), so a fresh clone needs nothing but cargo.
+//!
+//! - `up`: build and run the whole suite locally behind the gateway.
+//! - `test`: build the service binaries, then run every test.
+
+mod up;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use blog_common::Service;
+
+const HELP: &str = "\
+cargo xtask <command> [options]
+
+commands:
+  up     build and run all six services and the gateway
+           --data-dir DIR      where services keep their data (default ./.data)
+           --gateway-port N    gateway port on 127.0.0.1 (default 8080)
+           --release           build and run release binaries
+  test   build the service binaries, then run the whole test suite
+           (extra arguments are passed to cargo test)
+";
+
+fn main() -> ExitCode {
+    let mut args = pico_args::Arguments::from_env();
+    let command = args.subcommand().ok().flatten();
+    let result = match command.as_deref() {
+        Some("up") => up::run(args),
+        Some("test") => test(args),
+        _ => {
+            print!("{HELP}");
+            return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut command = blog_local::cargo_command();
+    command.current_dir(root());
+    command
+}
+
+/// Builds every target of the workspace (the service binaries among them)
+/// with the same feature set `cargo test --workspace` uses, so the two never
+/// rebuild each other's dependencies; returns the directory of the binaries.
+pub fn build_all(release: bool) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--locked", "--workspace", "--all-targets"]);
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+/// Builds the service binaries only (what `up` runs).
+pub fn build_services(release: bool) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--locked", "--bins"]);
+    for service in Service::ALL {
+        build.args(["-p", service.name()]);
+    }
+    if release {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    Ok(target.join(if release { "release" } else { "debug" }))
+}
+
+pub fn run(command: &mut Command) -> Result {
+    let status = command.status().map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{command:?} failed: {status}").into()) }
+}
+
+fn test(args: pico_args::Arguments) -> Result {
+    build_all(false)?;
+    let mut test = cargo();
+    test.args(["test", "--locked", "--workspace"]);
+    test.args(args.finish());
+    run(&mut test)
+}
