@@ -21,9 +21,12 @@ pub struct Route {
     pub service: Service,
 }
 
-/// The routes as the original app's ingress declares them.
+/// The original app's four routes, plus the read side's live update stream
+/// (server-sent events), which the `/posts` prefix would reach anyway but is
+/// named here so the Ingress documents it.
 pub const ROUTES: &[Route] = &[
     Route { path: "/posts/create", service: Service::Posts },
+    Route { path: "/posts/stream", service: Service::Query },
     Route { path: "/posts/?(.*)/comments", service: Service::Comments },
     Route { path: "/posts", service: Service::Query },
     Route { path: "/?(.*)", service: Service::Client },
@@ -79,6 +82,7 @@ mod tests {
         assert_eq!(target("/POSTS/Create"), Service::Posts);
         assert_eq!(target("/posts/abc/comments"), Service::Comments);
         assert_eq!(target("/posts/create/comments"), Service::Comments);
+        assert_eq!(target("/posts/stream"), Service::Query);
         assert_eq!(target("/posts"), Service::Query);
         assert_eq!(target("/posts/123"), Service::Query);
         assert_eq!(target("/postsXYZ"), Service::Query);
@@ -90,7 +94,7 @@ mod tests {
     #[test]
     fn evaluation_order_is_longest_first() {
         let order: Vec<_> = RouteTable::standard().ordered().map(|r| r.path).collect();
-        assert_eq!(order, ["/posts/?(.*)/comments", "/posts/create", "/posts", "/?(.*)"]);
+        assert_eq!(order, ["/posts/?(.*)/comments", "/posts/stream", "/posts/create", "/posts", "/?(.*)"]);
     }
 
     #[test]
