@@ -108,3 +108,59 @@ async fn a_comment_on_a_post_created_a_moment_ago_is_accepted() {
     }
     suite.shutdown().await;
 }
+
+/// Reads server-sent events from `response` until `done` says the collected
+/// `(event, data)` pairs are enough.
+async fn read_events(mut response: reqwest::Response, done: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while !done(&events) {
+        let chunk = response.chunk().await.expect("stream readable").expect("stream still open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned);
+            if let (Some(event), Some(data)) = (field("event:"), field("data:")) {
+                events.push((event.trim().to_owned(), data.trim().to_owned()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_show_the_view_changing_and_the_events_flowing() {
+    let suite = TestSuite::launch().await;
+    let live = suite.http.get(format!("{}/posts/stream", suite.gateway)).send().await.expect("stream opens");
+    assert_eq!(live.headers()["content-type"], "text/event-stream");
+    let flow = suite.http.get(format!("{}/flow", suite.url(Service::EventBus))).send().await.expect("flow opens");
+
+    let post = suite.create_post("live").await;
+    suite.comment(&post.id, "an orange").await;
+
+    let kinds = |events: &[(String, String)]| events.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>();
+    let changes = tokio::time::timeout(
+        blog_tests::DEADLINE,
+        read_events(live, |events| events.iter().any(|(e, d)| e == "CommentUpdated" && d.contains("rejected"))),
+    )
+    .await
+    .expect("view changes streamed in time");
+    assert_eq!(kinds(&changes), ["PostCreated", "CommentCreated", "CommentUpdated"]);
+    assert!(changes[0].1.contains(&post.id));
+
+    // Each event is published once and acknowledged by each of its subscribers.
+    let flowed = tokio::time::timeout(
+        blog_tests::DEADLINE,
+        read_events(flow, |events| events.iter().filter(|(e, d)| e == "delivered" && d.contains("CommentUpdated")).count() == 3),
+    )
+    .await
+    .expect("flow streamed in time");
+    let published: Vec<_> =
+        flowed.iter().filter(|(e, _)| e == "published").map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).unwrap()).collect();
+    let types: Vec<_> = published.iter().map(|p| p["type"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(types, ["PostCreated", "CommentCreated", "CommentModerated", "CommentUpdated"]);
+    assert!(published.iter().all(|p| p.get("requestId").is_none()), "the flow reveals only the events' own fields");
+    let delivered = flowed.iter().filter(|(e, _)| e == "delivered").count();
+    assert_eq!(delivered, 4 * 3, "four events, three subscribers each: {flowed:?}");
+    suite.shutdown().await;
+}

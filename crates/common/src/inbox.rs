@@ -54,7 +54,15 @@ pub trait Handler: Send + Sync + 'static {
     fn apply(&self, conn: &Connection, envelope: &Event, event: &DomainEvent) -> rusqlite::Result<()>;
 
     /// Runs after the transaction that applied `events` committed.
-    fn committed(&self, _events: &[DomainEvent]) {}
+    fn committed(&self, _events: &[Applied]) {}
+}
+
+/// An event that a delivery applied, as [`Handler::committed`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The bus's sequence number, when the event came from the bus.
+    pub seq: Option<u64>,
+    pub event: DomainEvent,
 }
 
 /// What one delivery did.
@@ -144,7 +152,7 @@ impl Inbox {
                     }
                     handler.apply(conn, event, &domain)?;
                     report.applied += 1;
-                    applied.push(domain);
+                    applied.push(Applied { seq: event.seq, event: domain });
                 }
                 if max_seq > 0 {
                     conn.prepare_cached("UPDATE consumer_cursor SET seq = max(seq, ?1) WHERE id = 0")?.execute([max_seq as i64])?;
@@ -238,7 +246,7 @@ mod tests {
 
     /// Counts applied posts in a table, and remembers what committed.
     #[derive(Default)]
-    struct Posts(Mutex<Vec<DomainEvent>>);
+    struct Posts(Mutex<Vec<Applied>>);
 
     impl Handler for Arc<Posts> {
         fn handles(&self, event: &DomainEvent) -> bool {
@@ -252,7 +260,7 @@ mod tests {
             Ok(())
         }
 
-        fn committed(&self, events: &[DomainEvent]) {
+        fn committed(&self, events: &[Applied]) {
             self.0.lock().unwrap().extend_from_slice(events);
         }
     }

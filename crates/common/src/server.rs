@@ -197,3 +197,40 @@ where
         }
     }
 }
+
+/// A server-sent event stream of what `updates` broadcasts, rendered by
+/// `render`, with keep-alive comments, ending at shutdown (an endless stream
+/// would otherwise hold graceful shutdown open). A subscriber too slow to keep
+/// up gets one `resync` event, telling it to reload rather than miss changes.
+pub fn live_stream<T, F>(
+    updates: tokio::sync::broadcast::Receiver<T>,
+    shutdown: Shutdown,
+    render: F,
+) -> axum::response::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
+where
+    T: Clone + Send + 'static,
+    F: Fn(T) -> axum::response::sse::Event + Send + 'static,
+{
+    use axum::response::sse::{Event, KeepAlive};
+    use tokio::sync::broadcast::error::RecvError;
+
+    let stream = futures_util::stream::unfold((updates, shutdown, render), |(mut updates, shutdown, render)| async move {
+        let next = tokio::select! {
+            next = updates.recv() => next,
+            () = shutdown.wait() => return None,
+        };
+        let event = match next {
+            Ok(update) => render(update),
+            Err(RecvError::Lagged(_)) => Event::default().event("resync").data("{}"),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), (updates, shutdown, render)))
+    });
+    axum::response::Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+}
+
+/// Headers that keep proxies (ingress-nginx honours `X-Accel-Buffering`)
+/// from buffering a live stream.
+pub fn streaming_headers() -> [(HeaderName, &'static str); 2] {
+    [(header::CACHE_CONTROL, "no-cache"), (HeaderName::from_static("x-accel-buffering"), "no")]
+}

@@ -19,7 +19,7 @@ use blog_common::{
     config::{self, CommonConfig, ConfigError},
     error::required_text,
     events::CommentData,
-    inbox::Handler,
+    inbox::{Applied, Handler},
     node::BoxError,
     outbox::{self, Outbox},
     server::{RequestId, Shutdown},
@@ -193,8 +193,8 @@ impl Handler for Consumer {
         Ok(())
     }
 
-    fn committed(&self, events: &[DomainEvent]) {
-        if events.iter().any(|e| matches!(e, DomainEvent::PostCreated(_))) {
+    fn committed(&self, events: &[Applied]) {
+        if events.iter().any(|e| matches!(e.event, DomainEvent::PostCreated(_))) {
             self.posts_seen.send_modify(|n| *n += 1);
         }
     }

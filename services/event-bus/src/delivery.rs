@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use blog_common::{Event, outbox::backoff, server::Shutdown};
 use serde::Serialize;
 
-use crate::log::{EventLog, now_millis};
+use crate::{
+    flow::{Delivered, Flow, millis_since},
+    log::{EventLog, now_millis},
+};
 
 /// A subscriber from configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,7 @@ pub struct Deliverer {
     pub log: EventLog,
     pub http: reqwest::Client,
     pub status: SharedStatus,
+    pub flow: tokio::sync::broadcast::Sender<Flow>,
     pub batch: u32,
     pub cursor: u64,
 }
@@ -141,6 +145,18 @@ impl Deliverer {
         // will recognise, so it does not stop delivery.
         if let Err(e) = self.log.save_cursor(&self.subscriber.name, last).await {
             tracing::error!(error = %e, "cannot persist the delivery cursor");
+        }
+        if self.flow.receiver_count() > 0 {
+            for event in events {
+                let record = Delivered {
+                    seq: event.seq.unwrap_or(0),
+                    id: event.id.clone(),
+                    kind: event.kind.clone(),
+                    subscriber: self.subscriber.name.clone(),
+                    lag_ms: millis_since(event.timestamp.as_deref()),
+                };
+                let _ = self.flow.send(Flow::Delivered(record));
+            }
         }
         let head = self.log.head_now();
         let delivered = events.len() as u64 - rejected;

@@ -4,9 +4,11 @@
 //! on disk; one [`delivery::Deliverer`] per subscriber pushes the log to that
 //! subscriber's `POST /events` from its own persisted cursor; `GET /events`
 //! pages through the log for consumers catching up; `GET /status` and
-//! `GET /metrics` show each subscriber's cursor, lag, retries and last error.
+//! `GET /metrics` show each subscriber's cursor, lag, retries and last error;
+//! `GET /flow` streams events as they are stored and acknowledged.
 
 pub mod delivery;
+pub mod flow;
 pub mod log;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -28,6 +30,7 @@ use blog_common::{
     store::Store,
 };
 use delivery::{Deliverer, SharedStatus, Subscriber, SubscriberStatus};
+use flow::{Flow, Published};
 use log::{EventLog, Stored};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -79,6 +82,8 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
 pub struct AppState {
     log: EventLog,
     subscribers: Arc<Vec<SharedStatus>>,
+    flow: tokio::sync::broadcast::Sender<Flow>,
+    shutdown: Shutdown,
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
@@ -86,6 +91,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let log = EventLog::open(store.clone()).await?;
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
+    let flow = tokio::sync::broadcast::Sender::new(flow::BUFFER);
     let head = log.head_now();
     let mut statuses = Vec::new();
     for subscriber in config.subscribers {
@@ -98,10 +104,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             ..SubscriberStatus::default()
         }));
         statuses.push(status.clone());
-        let deliverer = Deliverer { subscriber, log: log.clone(), http: http.clone(), status, batch: config.batch.max(1), cursor };
+        let deliverer =
+            Deliverer { subscriber, log: log.clone(), http: http.clone(), status, flow: flow.clone(), batch: config.batch.max(1), cursor };
         tokio::spawn(deliverer.run(shutdown.clone()));
     }
-    let state = AppState { log, subscribers: Arc::new(statuses) };
+    let state = AppState { log, subscribers: Arc::new(statuses), flow, shutdown: shutdown.clone() };
     let metrics = registry(&state);
     let app = server::standard(app(state), Some(store), metrics);
     server::serve(listener, app, shutdown).await?;
@@ -112,7 +119,14 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/events", get(events).post(publish).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)))
         .route("/status", get(status))
+        .route("/flow", get(flow_stream))
         .with_state(state)
+}
+
+async fn flow_stream(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let stream = server::live_stream(state.flow.subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
+    (server::streaming_headers(), stream).into_response()
 }
 
 async fn publish(State(state): State<AppState>, request_id: RequestId, Json(body): Json<Value>) -> Result<Json<Value>, ApiError> {
@@ -125,9 +139,17 @@ async fn publish(State(state): State<AppState>, request_id: RequestId, Json(body
             event.request_id.clone_from(&request_id.0);
         }
     }
+    let watched = (state.flow.receiver_count() > 0).then(|| events.clone());
     let stored = state.log.append(events).await?;
+    if let Some(events) = watched {
+        for (event, stored) in events.into_iter().zip(&stored).filter(|(_, s)| s.fresh) {
+            let record =
+                Published { seq: stored.seq, id: event.id, kind: event.kind, data: event.data, timestamp: stored.timestamp.clone() };
+            let _ = state.flow.send(Flow::Published(record));
+        }
+    }
     Ok(Json(match (batch, stored.as_slice()) {
-        (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
+        (false, [Stored { id, seq, .. }]) => json!({"status": "OK", "id": id, "seq": seq}),
         _ => json!({"status": "OK", "events": stored}),
     }))
 }

@@ -32,6 +32,12 @@ pub const MIGRATIONS: &[&str] = &["
 pub struct Stored {
     pub id: String,
     pub seq: u64,
+    /// False when the id was already in the log (a retried publish).
+    #[serde(skip)]
+    pub fresh: bool,
+    /// When it was stored, RFC 3339.
+    #[serde(skip)]
+    pub timestamp: String,
 }
 
 #[derive(Debug, Clone)]
@@ -77,7 +83,7 @@ impl EventLog {
                     } else {
                         conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0))?
                     };
-                    stored.push(Stored { id: event.id, seq: seq as u64 });
+                    stored.push(Stored { id: event.id, seq: seq as u64, fresh: inserted == 1, timestamp: format_millis(now) });
                 }
                 Ok::<_, StoreError>(stored)
             })

@@ -8,20 +8,30 @@
 //! its final status, and the late `CommentCreated` leaves that status alone. A
 //! comment seen before its post is kept and shows up once the post does. The
 //! whole view can be rebuilt from the bus by replay.
+//!
+//! `GET /posts/stream` pushes every committed change of the view as a
+//! server-sent event, so a browser sees new posts, comments and moderation
+//! results without polling.
 
-use axum::{Router, extract::State, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    response::{IntoResponse, Response, sse},
+    routing::get,
+};
 use blog_common::{
     ApiError, CommentStatus, DomainEvent, Event, Json, Node, Service,
     config::{CommonConfig, ConfigError},
     events::CommentData,
-    inbox::Handler,
+    inbox::{Applied, Handler},
     node::BoxError,
-    server::Shutdown,
+    server::{self, Shutdown},
     store::{Store, StoreError},
 };
 use rusqlite::Connection;
 use serde::{Serialize, Serializer, ser::SerializeMap};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 
 pub const MIGRATIONS: &[&str] = &["
     CREATE TABLE post (pos INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, title TEXT NOT NULL);
@@ -46,20 +56,45 @@ impl Config {
     }
 }
 
+/// How many view changes a slow stream subscriber may fall behind before it
+/// is told to reload.
+const LIVE_BUFFER: usize = 1_024;
+
 #[derive(Debug, Clone)]
 pub struct AppState {
     store: Store,
+    live: broadcast::Sender<Applied>,
+    shutdown: Shutdown,
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let node = Node::open(Service::Query, &config.common, MIGRATIONS).await?;
-    let inbox = node.inbox(Projector);
-    let app = app(AppState { store: node.store.clone() });
+    let live = broadcast::Sender::new(LIVE_BUFFER);
+    let inbox = node.inbox(Projector { live: live.clone() });
+    let app = app(AppState { store: node.store.clone(), live, shutdown: shutdown.clone() });
     node.run(listener, app, Some(inbox), shutdown).await
 }
 
 pub fn app(state: AppState) -> Router {
-    Router::new().route("/posts", get(posts)).with_state(state)
+    Router::new().route("/posts", get(posts)).route("/posts/stream", get(stream)).with_state(state)
+}
+
+/// `GET /posts/stream`: each change as `event: <type>`, `id: <seq>`,
+/// `data: <the event's data>`.
+async fn stream(State(state): State<AppState>) -> Response {
+    let updates = server::live_stream(state.live.subscribe(), state.shutdown.clone(), |applied: Applied| {
+        let (kind, data) = match &applied.event {
+            DomainEvent::PostCreated(post) => (applied.event.kind(), serde_json::to_string(post)),
+            DomainEvent::CommentCreated(c) | DomainEvent::CommentUpdated(c) => (applied.event.kind(), serde_json::to_string(c)),
+            _ => ("resync", Ok("{}".to_owned())),
+        };
+        let event = sse::Event::default().event(kind).data(data.unwrap_or_else(|_| "{}".to_owned()));
+        match applied.seq {
+            Some(seq) => event.id(seq.to_string()),
+            None => event,
+        }
+    });
+    (server::streaming_headers(), updates).into_response()
 }
 
 #[derive(Debug, Serialize)]
@@ -115,8 +150,10 @@ fn read_view(conn: &Connection) -> Result<PostsView, StoreError> {
     Ok(PostsView(posts))
 }
 
-/// Projects events into the view.
-struct Projector;
+/// Projects events into the view and announces each change to live streams.
+struct Projector {
+    live: broadcast::Sender<Applied>,
+}
 
 impl Handler for Projector {
     fn handles(&self, event: &DomainEvent) -> bool {
@@ -133,6 +170,14 @@ impl Handler for Projector {
             _ => {}
         }
         Ok(())
+    }
+
+    fn committed(&self, events: &[Applied]) {
+        if self.live.receiver_count() > 0 {
+            for applied in events {
+                let _ = self.live.send(applied.clone());
+            }
+        }
     }
 }
 
@@ -162,7 +207,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "query", MIGRATIONS).unwrap();
         store.write(|c| c.execute_batch(blog_common::inbox::SCHEMA).map_err(StoreError::from)).await.unwrap();
-        let inbox = Inbox::new(store.clone(), Projector, None, &Registry::default());
+        let inbox = Inbox::new(store.clone(), Projector { live: broadcast::Sender::new(8) }, None, &Registry::default());
         for event in events {
             inbox.deliver(vec![Event::from_value(event).unwrap()]).await.unwrap();
         }
