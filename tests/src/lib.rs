@@ -4,6 +4,8 @@
 //! typed steps (`create_post`, `comment`, `wait_for_status`) so each test
 //! reads as arrange, act, assert. Waiting is always polling with a deadline.
 
+pub mod load;
+
 use std::{
     collections::BTreeMap,
     future::Future,

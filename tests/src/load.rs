@@ -1,0 +1,188 @@
+//! Load for fault tests: concurrent writers through the gateway, and a check
+//! that the suite converged to exactly what was accepted.
+//!
+//! A request cut off by a fault may or may not have been committed, so every
+//! title and comment text is unique: a post or comment may show up only if it
+//! was attempted, must show up if it was accepted (201), and never twice.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use serde_json::{Value, json};
+
+use crate::{Comment, Post, TestSuite};
+
+/// What a load run attempted and what was accepted.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub posts: Vec<Post>,
+    /// Accepted comments with their post id.
+    pub comments: Vec<(String, Comment)>,
+    pub attempted_titles: HashSet<String>,
+    pub attempted_contents: HashSet<String>,
+    /// Requests that failed (refused connections while a service was down, 502s).
+    pub failures: usize,
+}
+
+impl LoadReport {
+    pub fn merge(&mut self, other: LoadReport) {
+        self.posts.extend(other.posts);
+        self.comments.extend(other.comments);
+        self.attempted_titles.extend(other.attempted_titles);
+        self.attempted_contents.extend(other.attempted_contents);
+        self.failures += other.failures;
+    }
+}
+
+/// A running count of accepted writes, so a test can inject its fault mid-burst.
+pub type Progress = Arc<AtomicUsize>;
+
+/// The status a comment with this text must end with.
+pub fn expected_status(content: &str) -> &'static str {
+    if content.to_lowercase().contains("orange") { "rejected" } else { "approved" }
+}
+
+/// Runs `workers` concurrent writers, each creating `rounds` posts with two
+/// comments each (one of them rejected), through the gateway at `gateway`.
+pub async fn run(http: reqwest::Client, gateway: String, tag: String, workers: usize, rounds: usize, progress: Progress) -> LoadReport {
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (http, gateway, progress) = (http.clone(), gateway.clone(), progress.clone());
+            let tag = format!("{tag}-w{w}");
+            tokio::spawn(async move { writer(http, gateway, tag, rounds, progress).await })
+        })
+        .collect();
+    let mut report = LoadReport::default();
+    for task in tasks {
+        report.merge(task.await.expect("writer task"));
+    }
+    report
+}
+
+/// Creates `rounds` posts (each with its comments). A failed attempt (a
+/// service restarting) is retried after a short pause under a new title, since
+/// the failed one may still have been committed.
+async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usize, progress: Progress) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut attempt = 0;
+    while report.posts.len() < rounds && attempt < rounds * 50 {
+        attempt += 1;
+        let title = format!("{tag}-a{attempt}");
+        report.attempted_titles.insert(title.clone());
+        let Some(post) = post_json::<Post>(&http, &format!("{gateway}/posts/create"), json!({ "title": title })).await else {
+            report.failures += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            continue;
+        };
+        progress.fetch_add(1, Ordering::Relaxed);
+        for (i, text) in ["fine", "an orange"].iter().enumerate() {
+            let content = format!("{tag}-a{attempt}-c{i} {text}");
+            report.attempted_contents.insert(content.clone());
+            match post_json::<Vec<Comment>>(&http, &format!("{gateway}/posts/{}/comments", post.id), json!({ "content": content })).await {
+                Some(list) => match list.into_iter().find(|c| c.content == content) {
+                    Some(comment) => {
+                        progress.fetch_add(1, Ordering::Relaxed);
+                        report.comments.push((post.id.clone(), comment));
+                    }
+                    None => report.failures += 1,
+                },
+                None => report.failures += 1,
+            }
+        }
+        report.posts.push(post);
+    }
+    report
+}
+
+async fn post_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str, body: Value) -> Option<T> {
+    let response = http.post(url).json(&body).send().await.ok()?;
+    if response.status().as_u16() != 201 {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+impl TestSuite {
+    /// Waits until query, the comments service and the bus's log all hold
+    /// exactly what `report` says, and returns the counts checked:
+    /// (posts, comments, events in the log).
+    pub async fn assert_converged(&self, report: &LoadReport) -> (usize, usize, usize) {
+        let deadline = std::time::Instant::now() + crate::DEADLINE + crate::DEADLINE;
+        loop {
+            let problem = match self.check_converged(report).await {
+                Ok(counts) => return counts,
+                Err(problem) => problem,
+            };
+            if std::time::Instant::now() > deadline {
+                panic!("the suite did not converge: {problem}\n{}", self.logs());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn check_converged(&self, report: &LoadReport) -> Result<(usize, usize, usize), String> {
+        let view = self.view().await;
+        for post in &report.posts {
+            let shown = view.get(&post.id).ok_or_else(|| format!("accepted post {} missing from query", post.title))?;
+            if shown.title != post.title {
+                return Err(format!("post {} has title {}", post.id, shown.title));
+            }
+        }
+        let mut titles = HashSet::new();
+        let mut contents = HashSet::new();
+        let mut comment_count = 0;
+        for post in view.values() {
+            if !report.attempted_titles.contains(&post.title) || !titles.insert(post.title.clone()) {
+                return Err(format!("post {:?} in query was never attempted or shows twice", post.title));
+            }
+            for comment in &post.comments {
+                comment_count += 1;
+                if !report.attempted_contents.contains(&comment.content) || !contents.insert(comment.content.clone()) {
+                    return Err(format!("comment {:?} was never attempted or shows twice", comment.content));
+                }
+                if comment.status != expected_status(&comment.content) {
+                    return Err(format!("comment {:?} is {} in query", comment.content, comment.status));
+                }
+            }
+            let listed = self.comments(&post.id).await;
+            let by_comments: Vec<_> = listed.iter().map(|c| (&c.id, &c.status)).collect();
+            let by_query: Vec<_> = post.comments.iter().map(|c| (&c.id, &c.status)).collect();
+            if by_comments != by_query {
+                return Err(format!("comments and query disagree on post {}: {by_comments:?} vs {by_query:?}", post.title));
+            }
+        }
+        for (post_id, comment) in &report.comments {
+            let found = view.get(post_id).map_or(0, |p| p.comments.iter().filter(|c| c.id == comment.id).count());
+            if found != 1 {
+                return Err(format!("accepted comment {:?} shows {found} times", comment.content));
+            }
+        }
+
+        let log = self.bus_events().await;
+        let ids: HashSet<_> = log.iter().map(|e| e["id"].as_str().unwrap_or_default()).collect();
+        if ids.len() != log.len() {
+            return Err(format!("the bus log has duplicate event ids: {} events, {} ids", log.len(), ids.len()));
+        }
+        let mut by_type: HashMap<&str, usize> = HashMap::new();
+        for event in &log {
+            *by_type.entry(event["type"].as_str().unwrap_or_default()).or_default() += 1;
+        }
+        let expected: BTreeMap<&str, usize> = [
+            ("PostCreated", view.len()),
+            ("CommentCreated", comment_count),
+            ("CommentModerated", comment_count),
+            ("CommentUpdated", comment_count),
+        ]
+        .into();
+        let actual: BTreeMap<&str, usize> = expected.keys().map(|k| (*k, by_type.get(k).copied().unwrap_or(0))).collect();
+        if actual != expected {
+            return Err(format!("bus log counts {actual:?}, expected {expected:?}"));
+        }
+        Ok((view.len(), comment_count, log.len()))
+    }
+}
