@@ -1,0 +1,198 @@
+//! The UI's two read-only windows into the back end: `GET /api/status` (each
+//! service's health and each subscriber's progress) and `GET /api/flow` (the
+//! bus's live event flow).
+//!
+//! They exist so the browser never talks to internal services: the client
+//! asks them and passes on an allow-listed copy. Fields are copied by name,
+//! never forwarded wholesale, so internal addresses, raw error texts and
+//! request ids cannot leak even if the bus starts sending more. Only `GET`
+//! is routed, so nothing can be published through here. A peer that is down
+//! or slow gets a JSON 502/503 within a few seconds, never a hang.
+
+use std::{collections::BTreeMap, convert::Infallible, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use blog_common::{Service, error::error_response, server::Shutdown};
+use futures_util::{Stream, StreamExt, stream};
+use serde_json::{Map, Value, json};
+
+/// How long a status probe or the start of the flow stream may take.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest SSE block accepted from the bus before the stream is dropped.
+const MAX_BLOCK: usize = 256 * 1024;
+
+/// What the API handlers need.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    /// Base URL of every service but the client.
+    pub urls: BTreeMap<Service, String>,
+    /// For short requests: every call is bounded by [`PEER_TIMEOUT`].
+    pub http: reqwest::Client,
+    /// For the flow stream, which has no end: only connecting is bounded.
+    pub streaming: reqwest::Client,
+    pub shutdown: Shutdown,
+}
+
+impl Peers {
+    pub fn new(urls: BTreeMap<Service, String>, shutdown: Shutdown) -> Self {
+        let http = blog_common::bus_client::http_client(PEER_TIMEOUT);
+        let streaming = blog_common::bus_client::client_builder().build().expect("the HTTP client configuration is valid");
+        Self { urls, http, streaming, shutdown }
+    }
+
+    fn bus(&self) -> String {
+        self.urls.get(&Service::EventBus).cloned().unwrap_or_else(|| Service::EventBus.local_url())
+    }
+}
+
+pub fn router(peers: Peers) -> Router {
+    Router::new().route("/api/status", get(status)).route("/api/flow", get(flow)).with_state(peers)
+}
+
+/// `{"services":[{"name","healthy"}],"bus":{"head","subscribers":[...]}}`;
+/// 503 with the services' health and an `error` when the bus cannot answer.
+async fn status(State(peers): State<Peers>) -> Response {
+    let probes = peers.urls.iter().map(|(service, base)| {
+        let http = peers.http.clone();
+        let url = format!("{base}/healthz");
+        async move {
+            let healthy = matches!(http.get(url).send().await, Ok(r) if r.status().is_success());
+            json!({ "name": service.name(), "healthy": healthy })
+        }
+    });
+    let bus = async {
+        let answer = peers.http.get(format!("{}/status", peers.bus())).send().await.map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        if !answer.status().is_success() {
+            return Err(StatusCode::BAD_GATEWAY);
+        }
+        answer.json::<Value>().await.map_err(|_| StatusCode::BAD_GATEWAY)
+    };
+    let (mut services, bus) = tokio::join!(futures_util::future::join_all(probes), bus);
+    // The client answers this request, so it is up.
+    services.push(json!({ "name": Service::Client.name(), "healthy": true }));
+    match bus {
+        Ok(bus) => Json(json!({ "services": services, "bus": public_bus_status(&bus) })).into_response(),
+        Err(code) => {
+            let message =
+                if code == StatusCode::SERVICE_UNAVAILABLE { "the event bus is unavailable" } else { "the event bus answered badly" };
+            (code, Json(json!({ "error": message, "services": services }))).into_response()
+        }
+    }
+}
+
+/// The bus's `/status` without URLs or error texts: a subscriber is only
+/// `failing` or not.
+pub fn public_bus_status(bus: &Value) -> Value {
+    let subscribers: Vec<Value> = bus["subscribers"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|s| {
+                    let mut out = pick(s, &["name", "cursor", "lag", "delivered", "retries", "rejected", "lastDeliveryAt"]);
+                    out.insert("failing".into(), Value::Bool(!s["lastError"].is_null()));
+                    Value::Object(out)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({ "head": bus["head"], "subscribers": subscribers })
+}
+
+/// Copies the named fields of `value` that are present.
+fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
+    fields.iter().filter_map(|f| value.get(*f).map(|v| ((*f).to_owned(), v.clone()))).collect()
+}
+
+/// The bus's `/flow`, passed through event by event with only the public
+/// fields of each.
+async fn flow(State(peers): State<Peers>) -> Response {
+    let request = peers.streaming.get(format!("{}/flow", peers.bus())).header("accept", "text/event-stream").send();
+    let upstream = match tokio::time::timeout(PEER_TIMEOUT, request).await {
+        Ok(Ok(answer)) if answer.status().is_success() => answer,
+        Ok(Ok(_)) => return error_response(StatusCode::BAD_GATEWAY, "the event bus refused the flow stream"),
+        Ok(Err(_)) | Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable"),
+    };
+    let events = public_flow(upstream.bytes_stream(), peers.shutdown.clone());
+    Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Turns the bus's SSE bytes into public SSE events; ends with the upstream,
+/// on an unreadable or oversized block, or at shutdown.
+pub fn public_flow<S, B, E>(upstream: S, shutdown: Shutdown) -> impl Stream<Item = Event> + Send
+where
+    S: Stream<Item = Result<B, E>> + Send + Unpin + 'static,
+    B: AsRef<[u8]>,
+{
+    struct Reader<S> {
+        upstream: S,
+        buffer: Vec<u8>,
+        shutdown: Shutdown,
+    }
+    let reader = Reader { upstream, buffer: Vec::new(), shutdown };
+    stream::unfold(reader, |mut reader| async move {
+        loop {
+            while let Some(block) = take_block(&mut reader.buffer) {
+                if let Some(event) = public_event(&block) {
+                    return Some((event, reader));
+                }
+            }
+            if reader.buffer.len() > MAX_BLOCK {
+                return None;
+            }
+            let chunk = tokio::select! {
+                chunk = reader.upstream.next() => chunk,
+                () = reader.shutdown.wait() => None,
+            };
+            match chunk {
+                Some(Ok(bytes)) => reader.buffer.extend(bytes.as_ref().iter().filter(|b| **b != b'\r')),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+}
+
+/// Removes the first complete SSE block (up to a blank line) from `buffer`,
+/// which holds no carriage returns.
+fn take_block(buffer: &mut Vec<u8>) -> Option<String> {
+    let end = buffer.windows(2).position(|w| w == b"\n\n")?;
+    let block: Vec<u8> = buffer.drain(..end + 2).collect();
+    Some(String::from_utf8_lossy(&block[..end]).into_owned())
+}
+
+/// One SSE block of the bus as a public event, or `None` for comments,
+/// keep-alives and anything not on the allow-list.
+pub fn public_event(block: &str) -> Option<Event> {
+    let mut name = "message";
+    let mut data = String::new();
+    for line in block.lines() {
+        if let Some(value) = line.strip_prefix("event:") {
+            name = value.trim();
+        } else if let Some(value) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    let fields: &[&str] = match name {
+        "published" => &["seq", "id", "type", "data", "timestamp"],
+        "delivered" => &["seq", "id", "type", "subscriber", "lagMs"],
+        _ => return None,
+    };
+    let value: Value = serde_json::from_str(&data).ok()?;
+    let public = pick(&value, fields);
+    let mut event = Event::default().event(name).json_data(&public).ok()?;
+    if let Some(seq) = public.get("seq").and_then(Value::as_u64) {
+        event = event.id(seq.to_string());
+    }
+    Some(event)
+}

@@ -1,0 +1,280 @@
+//! The client server in-process: content types, caching, security headers,
+//! compression, deep links, path traversal attempts, and the read-only API
+//! against a fake bus (a real socket on 127.0.0.1, since the API proxies over
+//! HTTP).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, to_bytes},
+    http::{Request, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing,
+};
+use blog_common::{Service, server::Shutdown};
+use client::{api::Peers, assets};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+/// Peers whose every URL is `base` (a fake), or a closed port.
+fn peers(base: &str) -> Peers {
+    let urls: BTreeMap<Service, String> =
+        Service::ALL.into_iter().filter(|s| *s != Service::Client).map(|s| (s, base.to_owned())).collect();
+    Peers::new(urls, Shutdown::new(std::future::pending()))
+}
+
+/// A port nothing listens on.
+fn closed() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+async fn get(path: &str) -> Response {
+    get_with(path, &[]).await
+}
+
+async fn get_with(path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut request = Request::get(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    client::app(peers(&closed())).oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
+}
+
+async fn text(response: Response) -> String {
+    String::from_utf8(to_bytes(response.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap()
+}
+
+fn header<'a>(response: &'a Response, name: &str) -> &'a str {
+    response.headers().get(name).map_or("", |v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn the_page_is_html_revalidated_and_links_hashed_assets() {
+    let response = get("/").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "content-type"), "text/html; charset=utf-8");
+    assert_eq!(header(&response, "cache-control"), "no-cache");
+    let etag = header(&response, "etag").to_owned();
+    assert!(etag.starts_with('"'), "{etag}");
+    let html = text(response).await;
+    for plain in ["/app.js", "/style.css", "/favicon.svg"] {
+        let hashed = assets::url_of(plain).unwrap();
+        assert_ne!(hashed, plain);
+        assert!(html.contains(&format!("\"{hashed}\"")), "{hashed} not linked");
+    }
+    assert!(!html.contains("{{"), "a placeholder was left in the HTML");
+
+    let revalidated = get_with("/", &[("if-none-match", &etag)]).await;
+    assert_eq!(revalidated.status(), StatusCode::NOT_MODIFIED);
+    assert!(text(revalidated).await.is_empty());
+}
+
+#[tokio::test]
+async fn hashed_assets_are_immutable_and_plain_names_revalidate() {
+    for (plain, content_type) in
+        [("/app.js", "text/javascript; charset=utf-8"), ("/style.css", "text/css; charset=utf-8"), ("/favicon.svg", "image/svg+xml")]
+    {
+        let hashed = get(&assets::url_of(plain).unwrap()).await;
+        assert_eq!(hashed.status(), StatusCode::OK, "{plain}");
+        assert_eq!(header(&hashed, "content-type"), content_type);
+        assert_eq!(header(&hashed, "cache-control"), "public, max-age=31536000, immutable");
+        let body = text(hashed).await;
+        let plain_answer = get(plain).await;
+        assert_eq!(header(&plain_answer, "cache-control"), "no-cache");
+        assert_eq!(text(plain_answer).await, body, "{plain} and its hashed name differ");
+    }
+    // A stale hash is a missing file, not the HTML under a script's name.
+    let stale = get("/app.000000000000.js").await;
+    assert_eq!(stale.status(), StatusCode::NOT_FOUND);
+    assert!(header(&stale, "content-type").starts_with("application/json"));
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    for path in ["/", "/app.js", "/some/deep/link", "/missing.png", "/api/status"] {
+        let response = get(path).await;
+        let csp = header(&response, "content-security-policy");
+        assert!(csp.contains("default-src 'none'"), "{path}: {csp}");
+        assert!(csp.contains("script-src 'self'"), "{path}: {csp}");
+        assert!(csp.contains("style-src 'self'"), "{path}: {csp}");
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval") && !csp.contains("http"), "{path}: {csp}");
+        assert_eq!(header(&response, "x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header(&response, "referrer-policy"), "no-referrer", "{path}");
+        assert_eq!(header(&response, "x-frame-options"), "DENY", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn the_html_and_scripts_use_no_inline_code() {
+    let html = assets::index_html();
+    assert!(!html.contains("<script>"), "inline script");
+    assert!(!html.contains(" style="), "inline style");
+    let handler = html.split(" on").skip(1).any(|rest| {
+        let name = rest.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+        name.len() < rest.len() && name.starts_with('=')
+    });
+    assert!(!handler, "inline event handler");
+    assert!(!include_str!("../assets/app.js").contains("innerHTML"), "text must go in through textContent");
+}
+
+#[tokio::test]
+async fn answers_are_gzipped_when_the_browser_accepts_it() {
+    let response = get_with(&assets::url_of("/app.js").unwrap(), &[("accept-encoding", "gzip")]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "content-encoding"), "gzip");
+    assert_eq!(header(&response, "content-type"), "text/javascript; charset=utf-8");
+    let compressed = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    assert!(compressed.len() < include_str!("../assets/app.js").len() / 2, "{} bytes", compressed.len());
+
+    let identity = get(&assets::url_of("/app.js").unwrap()).await;
+    assert_eq!(header(&identity, "content-encoding"), "");
+}
+
+#[tokio::test]
+async fn deep_links_serve_the_app() {
+    for path in ["/post/abc", "/some/deep/link", "/index.html", "/p?x=1"] {
+        let response = get(path).await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(header(&response, "content-type"), "text/html; charset=utf-8", "{path}");
+        assert_eq!(text(response).await, assets::index_html(), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn path_traversal_reaches_nothing_but_the_embedded_assets() {
+    let embedded: Vec<&str> = assets::ASSETS.iter().map(|a| a.body).chain([assets::index_html()]).collect();
+    for path in [
+        "/../../../../etc/passwd",
+        "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/..%2f..%2f..%2fetc%2fpasswd",
+        "/assets/../src/lib.rs",
+        "/%2e%2e%2fCargo.toml",
+        "/..\\..\\Cargo.toml",
+        "//etc/passwd",
+        "/client/assets/app.js/../../src/lib.rs",
+        "/.git/config",
+        "/Cargo.toml",
+    ] {
+        let response = get(path).await;
+        let status = response.status();
+        let body = text(response).await;
+        assert!(status == StatusCode::OK || status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST, "{path}: {status}");
+        if status == StatusCode::OK {
+            assert!(embedded.contains(&body.as_str()), "{path} answered something that is not an embedded asset");
+        }
+        assert!(!body.contains("root:") && !body.contains("[package]") && !body.contains("pub fn"), "{path} leaked a file");
+    }
+}
+
+#[tokio::test]
+async fn the_api_is_read_only() {
+    for (method, path) in [("POST", "/api/flow"), ("POST", "/api/status"), ("PUT", "/api/status"), ("POST", "/events"), ("DELETE", "/")] {
+        let request =
+            Request::builder().method(method).uri(path).header("content-type", "application/json").body(Body::from("{}")).unwrap();
+        let response = client::app(peers(&closed())).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+    }
+    let unknown = get("/api/events").await;
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert!(header(&unknown, "content-type").starts_with("application/json"));
+}
+
+#[tokio::test]
+async fn with_the_bus_down_the_api_answers_json_errors_quickly() {
+    let started = std::time::Instant::now();
+    let status = get("/api/status").await;
+    assert_eq!(status.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = serde_json::from_str(&text(status).await).unwrap();
+    assert_eq!(body["error"], "the event bus is unavailable");
+    let services = body["services"].as_array().unwrap();
+    assert_eq!(services.len(), 6);
+    assert!(services.iter().filter(|s| s["name"] != "client").all(|s| s["healthy"] == false), "{body}");
+
+    let flow = get("/api/flow").await;
+    assert_eq!(flow.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(header(&flow, "content-type").starts_with("application/json"));
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+/// A bus that says more than the UI may show.
+async fn fake_bus() -> String {
+    let status = json!({
+        "head": 7,
+        "subscribers": [
+            {"name": "query", "url": "http://10.0.0.7:4002/events", "cursor": 7, "lag": 0, "delivered": 7, "retries": 0,
+             "rejected": 0, "lastError": null, "lastDeliveryAt": "2026-01-01T00:00:00Z"},
+            {"name": "moderation", "url": "http://10.0.0.9:4003/events", "cursor": 5, "lag": 2, "delivered": 5, "retries": 3,
+             "rejected": 0, "lastError": "connection refused (os error 111) to 10.0.0.9:4003", "lastDeliveryAt": null}
+        ]
+    });
+    let flow = concat!(
+        ": keep-alive\n\n",
+        "event: published\r\nid: 1\r\ndata: {\"seq\":1,\"id\":\"e1\",\"type\":\"PostCreated\",\"data\":{\"id\":\"p1\",\"title\":\"Hi\"},",
+        "\"timestamp\":\"2026-01-01T00:00:00Z\",\"requestId\":\"secret-request\",\"host\":\"10.0.0.5\"}\r\n\r\n",
+        "event: delivered\ndata: {\"seq\":1,\"id\":\"e1\",\"type\":\"PostCreated\",\"subscriber\":\"query\",\"lagMs\":3,",
+        "\"url\":\"http://10.0.0.7:4002/events\"}\n\n",
+        "event: internal\ndata: {\"seq\":2}\n\n",
+    );
+    let app = Router::new()
+        .route("/status", routing::get(move || async move { axum::Json(status) }))
+        .route("/healthz", routing::get(|| async { axum::Json(json!({"status": "ok"})) }))
+        .route("/flow", routing::get(move || async move { ([(header::CONTENT_TYPE, "text/event-stream")], flow).into_response() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn status_shows_health_and_progress_but_no_addresses_or_error_texts() {
+    let bus = fake_bus().await;
+    let response = client::app(peers(&bus)).oneshot(Request::get("/api/status").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let raw = text(response).await;
+    for secret in ["10.0.0", "url", "lastError", "refused", "os error"] {
+        assert!(!raw.contains(secret), "{secret} leaked: {raw}");
+    }
+    let body: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(body["bus"]["head"], 7);
+    let subscribers = body["bus"]["subscribers"].as_array().unwrap();
+    assert_eq!(subscribers.len(), 2);
+    assert_eq!(subscribers[0]["name"], "query");
+    assert_eq!(subscribers[0]["failing"], false);
+    assert_eq!(subscribers[1]["name"], "moderation");
+    assert_eq!((subscribers[1]["lag"].as_u64(), subscribers[1]["retries"].as_u64()), (Some(2), Some(3)));
+    assert_eq!(subscribers[1]["failing"], true);
+    assert!(body["services"].as_array().unwrap().iter().all(|s| s["healthy"] == true), "{body}");
+}
+
+#[tokio::test]
+async fn the_flow_passes_only_the_events_public_fields() {
+    let bus = fake_bus().await;
+    let response = client::app(peers(&bus)).oneshot(Request::get("/api/flow").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(header(&response, "content-type"), "text/event-stream");
+    // The fake bus ends its stream, so ours ends too.
+    let raw = tokio::time::timeout(Duration::from_secs(5), text(response)).await.expect("the flow ends with the upstream");
+    for secret in ["secret-request", "requestId", "10.0.0", "url", "internal", "host"] {
+        assert!(!raw.contains(secret), "{secret} leaked: {raw}");
+    }
+    let events: Vec<(&str, Value)> = raw
+        .split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name, serde_json::from_str(data).unwrap()))
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "{raw}");
+    assert_eq!(events[0].0, "published");
+    assert_eq!(
+        events[0].1,
+        json!({"seq":1,"id":"e1","type":"PostCreated","data":{"id":"p1","title":"Hi"},"timestamp":"2026-01-01T00:00:00Z"})
+    );
+    assert_eq!(events[1].0, "delivered");
+    assert_eq!(events[1].1, json!({"seq":1,"id":"e1","type":"PostCreated","subscriber":"query","lagMs":3}));
+}
