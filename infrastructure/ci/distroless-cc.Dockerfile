@@ -1,0 +1,13 @@
+# CI stand-in for gcr.io/distroless/cc-debian12:nonroot (no registry can be
+# reached here): the same contents that matter to our binaries, namely
+# Debian 12's glibc and libgcc, /etc/passwd with nonroot (65532), a
+# world-writable /tmp, no shell and no package manager, default user 65532.
+FROM debian:bookworm-slim AS rootfs
+COPY make-runtime-rootfs.sh /make-runtime-rootfs.sh
+RUN sh /make-runtime-rootfs.sh /out
+
+FROM scratch
+COPY --from=rootfs /out /
+ENV PATH=/usr/local/bin:/usr/bin:/bin SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+USER 65532:65532
+WORKDIR /home/nonroot
