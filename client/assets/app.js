@@ -335,7 +335,10 @@ function flowSummary(type, data) {
   if (!data || typeof data !== "object") return "";
   if (type === "PostCreated") return `“${truncate(data.title, 48)}”`;
   const content = `“${truncate(data.content, 36)}”`;
-  if (type === "CommentCreated") return `${content} on post ${truncate(data.postId, 10)}`;
+  if (type === "CommentCreated") {
+    const entry = posts.get(data.postId);
+    return entry ? `${content} on “${truncate(entry.post.title, 28)}”` : `${content}, a new comment`;
+  }
   if (type === "CommentModerated") return `${content} judged ${data.status}`;
   if (type === "CommentUpdated") return `${content} is now ${data.status}`;
   return "";
@@ -373,7 +376,7 @@ function addDelivery(row, record) {
   row.subscribers.add(name);
   const lag = Number.isFinite(record.lagMs) ? `${Math.max(0, Math.round(record.lagMs))} ms` : "";
   const item = el("li", { class: "delivery", "data-subscriber": name, "data-lag-ms": record.lagMs ?? "" },
-    el("span", { class: "tick", "aria-hidden": "true" }, "✓"), name, el("span", { class: "lag" }, lag));
+    name, el("span", { class: "lag" }, lag));
   // Alphabetical, so every row lists the subscribers in the same place.
   const next = [...row.deliveries.children].find((child) => child.dataset.subscriber > name);
   row.deliveries.insertBefore(item, next || null);
