@@ -3,7 +3,13 @@
 //!
 //! - `up`: build and run the whole suite locally behind the gateway.
 //! - `test`: build the service binaries, then run every test.
+//! - `validate`, `ingress`, `images`, `e2e-containers`: the container and
+//!   Kubernetes files, checked offline, built and run (deployment.rs,
+//!   containers.rs, e2e_containers.rs).
 
+mod containers;
+mod deployment;
+mod e2e_containers;
 mod up;
 
 use std::{
@@ -23,6 +29,18 @@ commands:
            --release           build and run release binaries
   test   build the service binaries, then run the whole test suite
            (extra arguments are passed to cargo test)
+  validate        check the Kubernetes manifests (kubernetes-validate --strict),
+                    skaffold.yaml (JSON schema), the Dockerfiles (hadolint) and
+                    that the Ingress file matches the route table
+  ingress         write infrastructure/k8s/ingress.yaml from the route table
+                    --check             only say whether it is current
+  images          build every image with Docker, base first, as skaffold does
+                    (no registry needed: the base images are made locally)
+                    --fresh             remake the local base images too
+  e2e-containers  run the suite as containers wired as the manifests say,
+                    behind nginx configured from the Ingress, and test it
+                    --keep              leave the containers running
+                    --stop-engine       stop the dockerd that `images` started
 ";
 
 fn main() -> ExitCode {
@@ -31,6 +49,10 @@ fn main() -> ExitCode {
     let result = match command.as_deref() {
         Some("up") => up::run(args),
         Some("test") => test(args),
+        Some("validate") => deployment::validate(args),
+        Some("ingress") => deployment::ingress(args),
+        Some("images") => containers::images(args),
+        Some("e2e-containers") => e2e_containers::run(args),
         _ => {
             print!("{HELP}");
             return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };

@@ -7,6 +7,7 @@
 //! and the integration tests both use it, so the tests run what users run.
 
 pub mod gateway;
+pub mod k8s;
 pub mod supervisor;
 
 use std::{

@@ -1,0 +1,252 @@
+//! The deployment files agree with the code: the Ingress with the route
+//! table the gateway uses, every manifest with the service table, skaffold's
+//! artifacts with each other and with the Dockerfiles, and every workload
+//! with the conventions a careful cluster operator expects (probes, limits,
+//! non-root, no token, a drain that fits its grace period).
+//!
+//! These run offline and fast, so a hand edit that breaks a name, a port or
+//! the route order fails `cargo xtask test`, not a deploy. The validators and
+//! the real container run are `cargo xtask validate` and
+//! `cargo xtask e2e-containers`.
+
+use std::path::{Path, PathBuf};
+
+use blog_common::{
+    Service,
+    routes::{HOST, RouteTable},
+    server::REQUEST_TIMEOUT,
+};
+use blog_local::k8s::{self, Manifests, Mount};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_owned()
+}
+
+fn manifests() -> Manifests {
+    Manifests::load(&root().join(k8s::MANIFEST_DIR)).expect("the manifests parse")
+}
+
+fn skaffold() -> Value {
+    let text = std::fs::read_to_string(root().join("skaffold.yaml")).expect("skaffold.yaml exists");
+    k8s::parse_documents(&text).expect("skaffold.yaml parses").remove(0)
+}
+
+#[test]
+fn committed_ingress_is_the_one_the_route_table_generates() {
+    let committed = std::fs::read_to_string(root().join(k8s::INGRESS_FILE)).expect("the Ingress file exists");
+    let generated = k8s::ingress_yaml().expect("the route table makes an Ingress");
+    assert!(committed == generated, "{} is out of date: run `cargo xtask ingress`", k8s::INGRESS_FILE);
+}
+
+#[test]
+fn ingress_routes_exactly_as_the_gateway_does() {
+    let paths = k8s::ingress_paths(&manifests()).expect("the Ingress translates");
+    let table = RouteTable::standard();
+    let order: Vec<&str> = paths.iter().map(|p| p.path.as_str()).collect();
+    let expected: Vec<&str> = table.ordered().map(|r| r.path).collect();
+    assert_eq!(order, expected, "ingress-nginx's evaluation order differs from the gateway's");
+    for path in &paths {
+        let route = table.ordered().find(|r| r.path == path.path).expect("every Ingress path is a route");
+        assert_eq!(path.host, HOST);
+        assert_eq!(path.service, route.service.k8s_service(), "{}", path.path);
+        assert_eq!(path.port, u64::from(route.service.default_port()), "{}", path.path);
+    }
+    // /events is internal: nothing routes it to a service's event endpoint.
+    assert_eq!(table.route("/events").map(|r| r.service), Some(Service::Client));
+    for ingress in manifests().of_kind("Ingress") {
+        assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+        assert_eq!(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/use-regex"], "true");
+    }
+}
+
+#[test]
+fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
+    let paths = k8s::ingress_paths(&manifests()).unwrap();
+    for stream in k8s::STREAMING_PATHS {
+        let path = paths.iter().find(|p| p.path == *stream).expect("the stream is routed");
+        assert!(path.directives.iter().any(|d| d == "proxy_buffering off;"), "{:?}", path.directives);
+        assert!(path.directives.iter().any(|d| d.starts_with("proxy_read_timeout 3600")), "{:?}", path.directives);
+    }
+    let plain = paths.iter().find(|p| p.path == "/posts").unwrap();
+    assert!(plain.directives.is_empty(), "ordinary routes keep ingress-nginx's defaults");
+}
+
+#[test]
+fn every_service_has_a_cluster_ip_service_named_and_numbered_as_the_topology_says() {
+    let manifests = manifests();
+    let services: Vec<&Value> = manifests.of_kind("Service").collect();
+    assert_eq!(services.len(), Service::ALL.len(), "one Service per service, no strays");
+    for service in Service::ALL {
+        let found = manifests.named("Service", service.k8s_service()).unwrap_or_else(|| panic!("no Service {}", service.k8s_service()));
+        assert_eq!(found["spec"]["type"], "ClusterIP");
+        assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": service.name() }));
+        assert_eq!(found["metadata"]["labels"]["app"], service.name());
+        let ports = found["spec"]["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0]["port"], u64::from(service.default_port()), "{service}");
+        assert_eq!(ports[0]["targetPort"], "http");
+        let workload = manifests.workload(service).unwrap();
+        assert_eq!(workload.port(), Some(u64::from(service.default_port())), "{service}: containerPort");
+        assert_eq!(workload.doc["spec"]["template"]["metadata"]["labels"]["app"], service.name());
+        assert_eq!(workload.doc["spec"]["selector"]["matchLabels"]["app"], service.name());
+    }
+}
+
+#[test]
+fn configuration_points_every_peer_at_its_cluster_address() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let env = manifests.workload(service).unwrap().env().unwrap();
+        let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(get("PORT"), Some(service.default_port().to_string().as_str()), "{service}");
+        for peer in Service::ALL {
+            assert_eq!(get(peer.url_env()), Some(peer.cluster_url().as_str()), "{service}: {}", peer.url_env());
+        }
+        assert_eq!(get("LOG_FORMAT"), Some("json"));
+    }
+    let bus = manifests.workload(Service::EventBus).unwrap().env().unwrap();
+    let subscribers = bus.iter().find(|(k, _)| k == "SUBSCRIBERS").map(|(_, v)| v.clone()).expect("the bus names its subscribers");
+    let expected: Vec<String> = Service::SUBSCRIBERS.iter().map(|s| format!("{}={}/events", s.name(), s.cluster_url())).collect();
+    assert_eq!(subscribers, expected.join(","));
+    let moderation = manifests.workload(Service::Moderation).unwrap().env().unwrap();
+    assert!(moderation.iter().any(|(k, v)| k == "BLOCKED_WORDS" && !v.is_empty()));
+}
+
+#[test]
+fn data_services_keep_their_database_on_a_volume_with_one_writer() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let workload = manifests.workload(service).unwrap();
+        let mounts = workload.mounts().unwrap();
+        let env = workload.env().unwrap();
+        let data_dir = env.iter().find(|(k, _)| k == "DATA_DIR").map(|(_, v)| v.as_str());
+        if service.keeps_data() {
+            assert_eq!(workload.kind(), "StatefulSet", "{service}");
+            assert_eq!(workload.doc["spec"]["replicas"], 1, "{service}: SQLite has one writer");
+            let persistent: Vec<&str> =
+                mounts.iter().filter_map(|m| if let Mount::Persistent { path, .. } = m { Some(path.as_str()) } else { None }).collect();
+            assert_eq!(persistent.len(), 1, "{service}");
+            assert_eq!(data_dir, Some(persistent[0]), "{service}: DATA_DIR is the volume");
+            assert_eq!(workload.pod["securityContext"]["fsGroup"], 65532, "{service}: the volume is writable");
+            let claim = &workload.doc["spec"]["volumeClaimTemplates"][0]["spec"];
+            assert_eq!(claim["accessModes"], serde_json::json!(["ReadWriteOnce"]), "{service}: block storage, one node");
+        } else {
+            assert_eq!(workload.kind(), "Deployment", "{service}");
+            assert_eq!(data_dir, None);
+        }
+        assert!(mounts.iter().any(|m| matches!(m, Mount::Scratch { path, .. } if path == "/tmp")), "{service}: /tmp is scratch");
+    }
+}
+
+#[test]
+fn every_workload_is_locked_down_probed_sized_and_drains_in_time() {
+    let manifests = manifests();
+    let mut requested_millis = 0;
+    let mut requested_bytes = 0;
+    for service in Service::ALL {
+        let workload = manifests.workload(service).unwrap();
+        let (pod, container) = (workload.pod, workload.container);
+        assert_eq!(workload.doc["metadata"]["labels"]["app"], service.name());
+        let image = workload.image().unwrap();
+        assert_eq!(image, format!("blog/{}", service.name()), "{service}: the skaffold artifact's name");
+
+        let pod_security = &pod["securityContext"];
+        assert_eq!(pod_security["runAsNonRoot"], true, "{service}");
+        assert_eq!(workload.run_as(), Some((65532, 65532)), "{service}");
+        assert_eq!(pod_security["seccompProfile"]["type"], "RuntimeDefault", "{service}");
+        let security = &container["securityContext"];
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{service}");
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{service}");
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]), "{service}");
+
+        let account = manifests.named("ServiceAccount", service.name()).unwrap_or_else(|| panic!("{service}: no ServiceAccount"));
+        assert_eq!(account["automountServiceAccountToken"], false);
+        assert_eq!(pod["serviceAccountName"], service.name());
+        assert_eq!(pod["automountServiceAccountToken"], false);
+
+        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz", "{service}");
+        assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz", "{service}");
+        for probe in ["readinessProbe", "livenessProbe"] {
+            assert_eq!(container[probe]["httpGet"]["port"], "http", "{service}");
+        }
+
+        let resources = &container["resources"];
+        for kind in ["requests", "limits"] {
+            for resource in ["cpu", "memory"] {
+                assert!(resources[kind][resource].is_string(), "{service}: {kind}.{resource}");
+            }
+        }
+        assert!(workload.memory_limit().is_some_and(|b| b >= 32 << 20), "{service}");
+        requested_bytes += k8s::parse_quantity(resources["requests"]["memory"].as_str().unwrap()).unwrap();
+        requested_millis += resources["requests"]["cpu"].as_str().unwrap().trim_end_matches('m').parse::<u64>().unwrap();
+
+        let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().expect("a preStop sleep");
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("an explicit grace period");
+        assert!(grace > pre_stop + REQUEST_TIMEOUT.as_secs(), "{service}: grace {grace} s < preStop {pre_stop} s + drain");
+        assert!(pod.get("initContainers").is_none(), "{service}: services retry their peers instead");
+    }
+    // Leaves room on a default minikube (2 CPUs, 2 GB) for the system and the ingress controller.
+    assert!(requested_millis <= 600, "CPU requests add up to {requested_millis}m");
+    assert!(requested_bytes <= 512 << 20, "memory requests add up to {requested_bytes} bytes");
+}
+
+#[test]
+fn skaffold_builds_the_base_first_and_every_requirement_exists() {
+    let config = skaffold();
+    let api = config["apiVersion"].as_str().unwrap();
+    assert!(matches!(api, "skaffold/v4beta13" | "skaffold/v4beta14"), "{api}");
+    assert_eq!(config["build"]["local"]["push"], false);
+    assert!(config["build"]["artifacts"].as_array().unwrap().iter().all(|a| a.get("sync").is_none()), "no file sync for compiled code");
+    assert_eq!(config["manifests"]["rawYaml"], serde_json::json!(["infrastructure/k8s/*.yaml"]));
+
+    let artifacts = config["build"]["artifacts"].as_array().unwrap();
+    let names: Vec<&str> = artifacts.iter().map(|a| a["image"].as_str().unwrap()).collect();
+    assert_eq!(names[0], "blog/base");
+    for (index, artifact) in artifacts.iter().enumerate() {
+        let context = root().join(artifact["context"].as_str().unwrap_or("."));
+        let dockerfile = context.join(artifact["docker"]["dockerfile"].as_str().unwrap_or("Dockerfile"));
+        let text = std::fs::read_to_string(&dockerfile).unwrap_or_else(|e| panic!("{}: {e}", dockerfile.display()));
+        for required in artifact["requires"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let image = required["image"].as_str().unwrap();
+            let position = names.iter().position(|n| *n == image).unwrap_or_else(|| panic!("{} requires unknown {image}", names[index]));
+            assert!(position < index, "{} requires {image}, listed after it", names[index]);
+            let alias = required["alias"].as_str().unwrap();
+            assert!(text.contains(&format!("ARG {alias}\n")), "{}: no ARG {alias}", dockerfile.display());
+            assert!(text.contains(&format!("FROM ${{{alias}}} AS build")), "{}: not FROM ${{{alias}}}", dockerfile.display());
+        }
+    }
+    // One artifact per service, named as the manifests name their images.
+    for service in Service::ALL {
+        assert!(names.contains(&format!("blog/{}", service.name()).as_str()), "{service} has no artifact");
+    }
+    assert_eq!(names.len(), Service::ALL.len() + 1);
+}
+
+#[test]
+fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
+    let mut files = vec![root().join("Dockerfile.base")];
+    for service in Service::ALL {
+        let dir = if service == Service::Client { root().join("client") } else { root().join("services").join(service.name()) };
+        files.push(dir.join("Dockerfile"));
+    }
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for buildkit_only in ["# syntax=", "--mount", "<<", "--link", "--chmod"] {
+            assert!(!text.contains(buildkit_only), "{}: {buildkit_only} needs BuildKit", file.display());
+        }
+    }
+    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("cargo build --release --locked"));
+    for (service, file) in Service::ALL.iter().zip(&files[1..]) {
+        let text = std::fs::read_to_string(file).unwrap();
+        let name = service.name();
+        assert!(text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{name}\"]")), "{name}: vector ENTRYPOINT");
+        assert!(text.contains("USER 65532:65532"), "{name}: numeric non-root user");
+        assert!(text.contains("FROM gcr.io/distroless/cc-debian12:nonroot"), "{name}: minimal runtime");
+        assert!(text.contains(&format!("EXPOSE {}", service.default_port())), "{name}");
+    }
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore exists");
+    for kept_out in ["target/", ".git/"] {
+        assert!(ignore.lines().any(|l| l.trim() == kept_out), ".dockerignore must exclude {kept_out}");
+    }
+}
