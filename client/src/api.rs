@@ -122,7 +122,10 @@ async fn flow(State(peers): State<Peers>) -> Response {
         Ok(Err(_)) | Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable"),
     };
     let events = public_flow(upstream.bytes_stream(), peers.shutdown.clone());
-    Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    let sse = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+    // ingress-nginx buffers responses unless told not to; a buffered event
+    // stream would arrive in lumps.
+    ([("x-accel-buffering", "no")], sse).into_response()
 }
 
 /// Turns the bus's SSE bytes into public SSE events; ends with the upstream,

@@ -253,9 +253,12 @@ async fn status_shows_health_and_progress_but_no_addresses_or_error_texts() {
 #[tokio::test]
 async fn the_flow_passes_only_the_events_public_fields() {
     let bus = fake_bus().await;
-    let response = client::app(peers(&bus)).oneshot(Request::get("/api/flow").body(Body::empty()).unwrap()).await.unwrap();
+    let request = Request::get("/api/flow").header("accept-encoding", "gzip").body(Body::empty()).unwrap();
+    let response = client::app(peers(&bus)).oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(header(&response, "content-type"), "text/event-stream");
+    assert_eq!(header(&response, "x-accel-buffering"), "no");
+    assert_eq!(header(&response, "content-encoding"), "", "an event stream must not be compressed (buffered)");
     // The fake bus ends its stream, so ours ends too.
     let raw = tokio::time::timeout(Duration::from_secs(5), text(response)).await.expect("the flow ends with the upstream");
     for secret in ["secret-request", "requestId", "10.0.0", "url", "internal", "host"] {

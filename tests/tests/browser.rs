@@ -17,6 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use blog_common::Service;
 use blog_tests::{TestSuite, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -437,6 +438,30 @@ async fn validation_errors_show_inline_next_to_their_field() {
     )
     .await;
     assert_eq!(js(&browser, &comments_script(&post.id)).await, json!([]));
+    assert_not_reloaded(&browser).await;
+
+    stage.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_rides_out_a_query_restart_and_catches_up() {
+    let mut stage = Stage::start().await;
+    let browser = stage.browser().await;
+
+    // The read side goes away: the page says so and keeps trying.
+    stage.suite.stop(Service::Query).await;
+    until_js(&browser, "the page to notice", "return document.getElementById('live-status').dataset.mode !== 'live'", &json!(true)).await;
+
+    // Meanwhile a post is written; once query is back, the page catches up
+    // on its own and goes live again.
+    let post = stage.suite.create_post("Written while query was down").await;
+    stage.suite.restart(Service::Query).await;
+    let card = format!(
+        "const card = document.querySelector('article.post[data-post-id=' + CSS.escape({}) + ']');
+         return [card ? card.querySelector('h3').textContent : null, document.getElementById('live-status').dataset.mode]",
+        json!(post.id)
+    );
+    until_js(&browser, "the missed post, live again", &card, &json!(["Written while query was down", "live"])).await;
     assert_not_reloaded(&browser).await;
 
     stage.finish().await;
