@@ -1,8 +1,14 @@
 # CI stand-in for gcr.io/distroless/cc-debian12:nonroot (no registry can be
 # reached here): the same contents that matter to our binaries, namely
-# Debian 12's glibc and libgcc, /etc/passwd with nonroot (65532), a
+# Debian 12's glibc, libgcc and CA bundle, /etc/passwd with nonroot (65532), a
 # world-writable /tmp, no shell and no package manager, default user 65532.
 FROM debian:bookworm-slim AS rootfs
+# Distroless ships Debian's CA bundle, and the services' HTTP client loads it
+# at start (rustls with the platform verifier).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 COPY make-runtime-rootfs.sh /make-runtime-rootfs.sh
 RUN sh /make-runtime-rootfs.sh /out
 

@@ -18,7 +18,7 @@ for link in bin lib lib64 sbin; do
   if [ -L "/$link" ] && [ ! -e "$out/$link" ]; then cp -P "/$link" "$out/$link"; fi
 done
 mkdir -p "$out/etc/ssl/certs" "$out/home/nonroot" "$out/tmp" "$out/root"
-[ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$out/etc/ssl/certs/"
+cp /etc/ssl/certs/ca-certificates.crt "$out/etc/ssl/certs/"
 printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$out/etc/passwd"
 printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' > "$out/etc/group"
 printf 'passwd: files\ngroup: files\nhosts: files dns\n' > "$out/etc/nsswitch.conf"

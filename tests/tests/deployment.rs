@@ -250,3 +250,27 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
         assert!(ignore.lines().any(|l| l.trim() == kept_out), ".dockerignore must exclude {kept_out}");
     }
 }
+
+#[test]
+fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
+    let policies = Manifests::load(&root().join(k8s::NETWORK_POLICY_DIR)).expect("the policies parse");
+    for service in Service::ALL {
+        let name = format!("{}-ingress", service.name());
+        let policy = policies.named("NetworkPolicy", &name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
+        assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app"], service.name());
+        for rule in policy["spec"]["ingress"].as_array().unwrap() {
+            assert_eq!(rule["ports"], serde_json::json!([{ "protocol": "TCP", "port": service.default_port() }]), "{name}");
+            for peer in rule["from"].as_array().unwrap() {
+                if let Some(app) = peer["podSelector"]["matchLabels"]["app"].as_str() {
+                    assert!(Service::from_name(app).is_some(), "{name}: unknown peer {app}");
+                    assert_ne!(app, service.name());
+                } else {
+                    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "ingress-nginx", "{name}");
+                }
+            }
+        }
+    }
+    // Only the bus reaches moderation, which has no public route.
+    let moderation = policies.named("NetworkPolicy", "moderation-ingress").unwrap();
+    assert_eq!(moderation["spec"]["ingress"][0]["from"], serde_json::json!([{ "podSelector": { "matchLabels": { "app": "event-bus" } } }]));
+}

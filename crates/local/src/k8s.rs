@@ -27,6 +27,9 @@ use serde_json::Value;
 /// Where the manifests live, relative to the workspace root.
 pub const MANIFEST_DIR: &str = "infrastructure/k8s";
 
+/// The optional NetworkPolicies (skaffold profile `network-policy`).
+pub const NETWORK_POLICY_DIR: &str = "infrastructure/k8s/network-policy";
+
 /// The generated Ingress file, relative to the workspace root.
 pub const INGRESS_FILE: &str = "infrastructure/k8s/ingress.yaml";
 
