@@ -6,6 +6,7 @@
 //! - `validate`, `ingress`, `images`, `e2e-containers`: the container and
 //!   Kubernetes files, checked offline, built and run (deployment.rs,
 //!   containers.rs, e2e_containers.rs).
+//! - `bench`: the benchmark (`crates/bench`), in release mode.
 
 mod containers;
 mod deployment;
@@ -41,6 +42,8 @@ commands:
                     behind nginx configured from the Ingress, and test it
                     --keep              leave the containers running
                     --stop-engine       stop the dockerd that `images` started
+  bench  build in release mode and measure throughput, consistency lag and
+           memory against a bare axum handler on this machine (about a minute)
 ";
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Some("ingress") => deployment::ingress(args),
         Some("images") => containers::images(args),
         Some("e2e-containers") => e2e_containers::run(args),
+        Some("bench") => bench(),
         _ => {
             print!("{HELP}");
             return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };
@@ -120,4 +124,10 @@ fn test(args: pico_args::Arguments) -> Result {
     test.args(["test", "--locked", "--workspace"]);
     test.args(args.finish());
     run(&mut test)
+}
+
+fn bench() -> Result {
+    let bin_dir = build_services(true)?;
+    run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;
+    run(Command::new(bin_dir.join("blog-bench")).arg("run").arg(&bin_dir))
 }

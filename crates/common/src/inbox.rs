@@ -120,28 +120,32 @@ impl Inbox {
         }
     }
 
-    /// Applies `events` in one transaction.
+    /// Applies `events` in one transaction. A batch holding nothing this
+    /// consumer handles is acknowledged without touching the database (the
+    /// cursor then lags behind ignored events, which only means a replay may
+    /// fetch them again and ignore them again).
     pub async fn deliver(&self, events: Vec<Event>) -> Result<Report, StoreError> {
+        let mut report = Report::default();
+        let mut relevant = Vec::with_capacity(events.len());
+        for event in events {
+            match event.domain() {
+                Ok(domain) if self.handler.handles(&domain) => relevant.push((event, domain)),
+                Ok(_) => report.ignored += 1,
+                Err(e) => report.rejected.push(Rejection { id: event.id.clone(), error: e.to_string() }),
+            }
+        }
+        self.rejected.add(report.rejected.len() as u64);
+        if relevant.is_empty() {
+            return Ok(report);
+        }
         let handler = self.handler.clone();
         let (report, applied) = self
             .store
             .write(move |conn| {
-                let mut report = Report::default();
                 let mut applied = Vec::new();
                 let mut max_seq = 0;
-                for event in &events {
+                for (event, domain) in relevant {
                     max_seq = max_seq.max(event.seq.unwrap_or(0));
-                    let domain = match event.domain() {
-                        Ok(domain) => domain,
-                        Err(e) => {
-                            report.rejected.push(Rejection { id: event.id.clone(), error: e.to_string() });
-                            continue;
-                        }
-                    };
-                    if !handler.handles(&domain) {
-                        report.ignored += 1;
-                        continue;
-                    }
                     let fresh = conn
                         .prepare_cached("INSERT OR IGNORE INTO inbox (event_id, seq) VALUES (?1, ?2)")?
                         .execute(rusqlite::params![event.id, event.seq.map(|s| s as i64)])?
@@ -150,7 +154,7 @@ impl Inbox {
                         report.duplicates += 1;
                         continue;
                     }
-                    handler.apply(conn, event, &domain)?;
+                    handler.apply(conn, &event, &domain)?;
                     report.applied += 1;
                     applied.push(Applied { seq: event.seq, event: domain });
                 }
@@ -162,7 +166,6 @@ impl Inbox {
             .await?;
         self.applied.add(report.applied as u64);
         self.duplicates.add(report.duplicates as u64);
-        self.rejected.add(report.rejected.len() as u64);
         if !applied.is_empty() {
             self.handler.committed(&applied);
             if let Some(outbox) = &self.outbox {
@@ -187,8 +190,8 @@ impl Inbox {
     /// how many events were fetched.
     pub async fn catch_up(&self, bus: &BusClient) -> Result<usize, CatchUpError> {
         let mut fetched = 0;
+        let mut after = self.cursor().await?;
         loop {
-            let after = self.cursor().await?;
             let page = bus.events_after(after, REPLAY_PAGE).await?;
             let count = page.len();
             let last = page.last().and_then(|e| e.seq).unwrap_or(0);
@@ -197,6 +200,7 @@ impl Inbox {
             if count < REPLAY_PAGE as usize || last <= after {
                 return Ok(fetched);
             }
+            after = last;
         }
     }
 
@@ -281,7 +285,7 @@ mod tests {
         let liked = event(json!({"id":"e2","seq":2,"type":"PostLiked","data":{"id":"p1"}}));
         let bad = event(json!({"id":"e3","seq":3,"type":"PostCreated","data":{"id":"p2"}}));
 
-        let first = inbox.deliver(vec![post.clone(), liked, bad]).await.unwrap();
+        let first = inbox.deliver(vec![post.clone(), liked.clone(), bad]).await.unwrap();
         assert_eq!((first.applied, first.duplicates, first.ignored, first.rejected.len()), (1, 0, 1, 1));
         let again = inbox.deliver(vec![post.clone(), post]).await.unwrap();
         assert_eq!((again.applied, again.duplicates), (0, 2));
@@ -289,7 +293,9 @@ mod tests {
         let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
         assert_eq!(rows, 1);
         assert_eq!(seen.0.lock().unwrap().len(), 1);
-        assert_eq!(inbox.cursor().await.unwrap(), 3);
+        assert_eq!(inbox.cursor().await.unwrap(), 1, "the cursor follows applied events");
+        let ignored_only = inbox.deliver(vec![liked]).await.unwrap();
+        assert_eq!((ignored_only.ignored, ignored_only.applied), (1, 0));
     }
 
     #[test]

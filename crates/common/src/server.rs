@@ -172,7 +172,9 @@ where
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Reads run on the blocking pool; they are short, and every extra thread
+    // can keep a malloc arena of its own, so a few threads are plenty.
+    let runtime = match tokio::runtime::Builder::new_multi_thread().max_blocking_threads(8).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");

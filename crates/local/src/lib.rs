@@ -54,6 +54,8 @@ impl Options {
     /// and every peer's URL.
     pub fn env_for(&self, service: Service) -> Vec<(String, String)> {
         let mut env = vec![
+            // glibc gives threads malloc arenas of their own; two keep idle memory small.
+            ("MALLOC_ARENA_MAX".to_owned(), "2".to_owned()),
             ("PORT".to_owned(), self.ports[&service].to_string()),
             ("DATA_DIR".to_owned(), self.data_dir.join(service.name()).display().to_string()),
         ];

@@ -30,7 +30,7 @@ use blog_common::{
     store::Store,
 };
 use delivery::{Deliverer, SharedStatus, Subscriber, SubscriberStatus};
-use flow::{Flow, Published};
+use flow::Flow;
 use log::{EventLog, Stored};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -82,7 +82,6 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
 pub struct AppState {
     log: EventLog,
     subscribers: Arc<Vec<SharedStatus>>,
-    flow: tokio::sync::broadcast::Sender<Flow>,
     shutdown: Shutdown,
 }
 
@@ -91,7 +90,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let log = EventLog::open(store.clone()).await?;
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
-    let flow = tokio::sync::broadcast::Sender::new(flow::BUFFER);
+    let flow = log.flow().clone();
     let head = log.head_now();
     let mut statuses = Vec::new();
     for subscriber in config.subscribers {
@@ -108,7 +107,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             Deliverer { subscriber, log: log.clone(), http: http.clone(), status, flow: flow.clone(), batch: config.batch.max(1), cursor };
         tokio::spawn(deliverer.run(shutdown.clone()));
     }
-    let state = AppState { log, subscribers: Arc::new(statuses), flow, shutdown: shutdown.clone() };
+    let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone() };
     let metrics = registry(&state);
     let app = server::standard(app(state), Some(store), metrics);
     server::serve(listener, app, shutdown).await?;
@@ -125,7 +124,7 @@ pub fn app(state: AppState) -> Router {
 
 async fn flow_stream(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let stream = server::live_stream(state.flow.subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
+    let stream = server::live_stream(state.log.flow().subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
     (server::streaming_headers(), stream).into_response()
 }
 
@@ -139,17 +138,9 @@ async fn publish(State(state): State<AppState>, request_id: RequestId, Json(body
             event.request_id.clone_from(&request_id.0);
         }
     }
-    let watched = (state.flow.receiver_count() > 0).then(|| events.clone());
     let stored = state.log.append(events).await?;
-    if let Some(events) = watched {
-        for (event, stored) in events.into_iter().zip(&stored).filter(|(_, s)| s.fresh) {
-            let record =
-                Published { seq: stored.seq, id: event.id, kind: event.kind, data: event.data, timestamp: stored.timestamp.clone() };
-            let _ = state.flow.send(Flow::Published(record));
-        }
-    }
     Ok(Json(match (batch, stored.as_slice()) {
-        (false, [Stored { id, seq, .. }]) => json!({"status": "OK", "id": id, "seq": seq}),
+        (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
         _ => json!({"status": "OK", "events": stored}),
     }))
 }

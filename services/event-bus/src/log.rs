@@ -4,8 +4,17 @@
 //! An event is acknowledged to its publisher only after the group commit that
 //! stored it is on disk. Its id is unique, so a publisher retrying after a
 //! lost answer gets the original sequence number back instead of a copy.
+//!
+//! The most recent events are also kept in memory, so the deliverers (one per
+//! subscriber) do not each read and parse every event back from SQLite. Every
+//! sequence number up to the head is committed, so a deliverer that finds no
+//! cached run after its cursor reads the database instead and is never wrong.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use blog_common::{
     Event,
@@ -13,7 +22,12 @@ use blog_common::{
 };
 use rusqlite::Connection;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
+
+use crate::flow::{Flow, Published};
+
+/// Events kept in memory for delivery.
+const RECENT: usize = 8_192;
 
 pub const MIGRATIONS: &[&str] = &["
     CREATE TABLE event (
@@ -32,18 +46,14 @@ pub const MIGRATIONS: &[&str] = &["
 pub struct Stored {
     pub id: String,
     pub seq: u64,
-    /// False when the id was already in the log (a retried publish).
-    #[serde(skip)]
-    pub fresh: bool,
-    /// When it was stored, RFC 3339.
-    #[serde(skip)]
-    pub timestamp: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct EventLog {
     store: Store,
     head: watch::Sender<u64>,
+    recent: Arc<Mutex<BTreeMap<u64, Event>>>,
+    flow: broadcast::Sender<Flow>,
 }
 
 impl EventLog {
@@ -51,7 +61,12 @@ impl EventLog {
         let head = store
             .read(|conn| Ok::<_, StoreError>(conn.query_row("SELECT coalesce(max(seq), 0) FROM event", [], |r| r.get::<_, i64>(0))? as u64))
             .await?;
-        Ok(Self { store, head: watch::Sender::new(head) })
+        Ok(Self { store, head: watch::Sender::new(head), recent: Arc::default(), flow: broadcast::Sender::new(crate::flow::BUFFER) })
+    }
+
+    /// The live feed of stored and delivered events.
+    pub fn flow(&self) -> &broadcast::Sender<Flow> {
+        &self.flow
     }
 
     /// The highest sequence number stored; changes wake the deliverers.
@@ -66,12 +81,14 @@ impl EventLog {
     /// Stores `events` durably, each id once.
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Stored>, StoreError> {
         let now = now_millis();
-        let stored = self
+        let (stored, fresh) = self
             .store
             .write(move |conn| {
                 let mut stored = Vec::with_capacity(events.len());
-                for event in events {
-                    let data = Value::Object(event.data).to_string();
+                let mut fresh = Vec::with_capacity(events.len());
+                let timestamp = format_millis(now);
+                for mut event in events {
+                    let data = Value::Object(std::mem::take(&mut event.data)).to_string();
                     let inserted = conn
                         .prepare_cached(
                             "INSERT INTO event (id, type, data, timestamp, request_id) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -82,12 +99,19 @@ impl EventLog {
                         conn.last_insert_rowid()
                     } else {
                         conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0))?
-                    };
-                    stored.push(Stored { id: event.id, seq: seq as u64, fresh: inserted == 1, timestamp: format_millis(now) });
+                    } as u64;
+                    stored.push(Stored { id: event.id.clone(), seq });
+                    if inserted == 1 {
+                        event.data = serde_json::from_str(&data).unwrap_or_default();
+                        event.seq = Some(seq);
+                        event.timestamp = Some(timestamp.clone());
+                        fresh.push(event);
+                    }
                 }
-                Ok::<_, StoreError>(stored)
+                Ok::<_, StoreError>((stored, fresh))
             })
             .await?;
+        self.remember(fresh);
         if let Some(max) = stored.iter().map(|s| s.seq).max() {
             self.head.send_if_modified(|head| {
                 let moved = max > *head;
@@ -98,8 +122,44 @@ impl EventLog {
         Ok(stored)
     }
 
+    /// Caches freshly stored events and tells flow watchers about them.
+    fn remember(&self, fresh: Vec<Event>) {
+        if self.flow.receiver_count() > 0 {
+            for event in &fresh {
+                let record = Published {
+                    seq: event.seq.unwrap_or(0),
+                    id: event.id.clone(),
+                    kind: event.kind.clone(),
+                    data: event.data.clone(),
+                    timestamp: event.timestamp.clone().unwrap_or_default(),
+                };
+                let _ = self.flow.send(Flow::Published(record));
+            }
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for event in fresh {
+            recent.insert(event.seq.unwrap_or(0), event);
+        }
+        while recent.len() > RECENT {
+            recent.pop_first();
+        }
+    }
+
     /// Up to `limit` events after `after`, in order.
     pub async fn after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let cached: Vec<Event> = {
+            let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent
+                .range(after + 1..)
+                .take(limit as usize)
+                .enumerate()
+                .take_while(|(i, (seq, _))| **seq == after + 1 + *i as u64)
+                .map(|(_, (_, event))| event.clone())
+                .collect()
+        };
+        if !cached.is_empty() {
+            return Ok(cached);
+        }
         self.store.read(move |conn| read_after(conn, after, limit)).await
     }
 
