@@ -119,6 +119,7 @@ pub fn run(command: &mut Command) -> Result {
 }
 
 fn test(args: pico_args::Arguments) -> Result {
+    ensure_browser()?;
     build_all(false)?;
     let mut test = cargo();
     test.args(["test", "--locked", "--workspace"]);
@@ -130,4 +131,22 @@ fn bench() -> Result {
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;
     run(Command::new(bin_dir.join("blog-bench")).arg("run").arg(&bin_dir))
+}
+
+/// The browser tests drive Debian's Chromium through chromedriver. On a
+/// fresh Debian machine, as root, install them; elsewhere say how.
+fn ensure_browser() -> Result {
+    let found = |name: &str| Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    if (found("chromium") || std::env::var_os("CHROMIUM").is_some())
+        && (found("chromedriver") || std::env::var_os("CHROMEDRIVER").is_some())
+    {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !root || !found("apt-get") {
+        return Err("the browser tests need Chromium and chromedriver: apt-get install chromium chromium-driver".into());
+    }
+    println!("xtask: installing Debian's chromium and chromium-driver for the browser tests");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q", "chromium", "chromium-driver"]).env("DEBIAN_FRONTEND", "noninteractive"))
 }

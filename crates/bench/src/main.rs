@@ -48,7 +48,8 @@ fn baseline(port: u16) -> Result<(), Error> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }).post(|| async { "ok" }));
-        axum::serve(listener, app).await?;
+        let never = blog_common::server::Shutdown::new(std::future::pending());
+        blog_common::server::serve(listener, app, never).await?;
         Ok(())
     })
 }
@@ -121,7 +122,8 @@ fn rss_line(suite: &Suite) -> String {
 async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
     let baseline_port = free_port();
-    let mut baseline = Command::new(std::env::current_exe()?).args(["baseline", &baseline_port.to_string()]).stdout(Stdio::null()).spawn()?;
+    let mut baseline =
+        Command::new(std::env::current_exe()?).args(["baseline", &baseline_port.to_string()]).stdout(Stdio::null()).spawn()?;
 
     let mut options = Options::standard(bin_dir, dir.path().join("data"), free_port(), LogSink::Dir(dir.path().to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
@@ -132,7 +134,11 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_line(&suite);
 
-    println!("blog-bench: {CLIENTS} concurrent clients, {} s per throughput phase, {} cores", PHASE.as_secs(), std::thread::available_parallelism()?);
+    println!(
+        "blog-bench: {CLIENTS} concurrent clients, {} s per throughput phase, {} cores",
+        PHASE.as_secs(),
+        std::thread::available_parallelism()?
+    );
 
     // 1. The bare handler.
     let base_url = format!("http://127.0.0.1:{baseline_port}/");
@@ -179,7 +185,8 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     let (bus_batches, _, _) = saturate(move |http, i| {
         let url = batched.clone();
         async move {
-            let batch: Vec<Value> = (0..100).map(|j| json!({"id": format!("bench-{i}-{j}"), "type": "BenchEvent", "data": {"j": j}})).collect();
+            let batch: Vec<Value> =
+                (0..100).map(|j| json!({"id": format!("bench-{i}-{j}"), "type": "BenchEvent", "data": {"j": j}})).collect();
             http.post(url).json(&batch).send().await.is_ok_and(|r| r.status().is_success())
         }
     })
@@ -228,7 +235,9 @@ async fn wait_for_idle_bus(http: &reqwest::Client, bus: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         let idle = match http.get(format!("{bus}/status")).send().await {
-            Ok(r) => r.json::<Value>().await.is_ok_and(|s| s["subscribers"].as_array().is_some_and(|subs| subs.iter().all(|s| s["lag"] == 0))),
+            Ok(r) => {
+                r.json::<Value>().await.is_ok_and(|s| s["subscribers"].as_array().is_some_and(|subs| subs.iter().all(|s| s["lag"] == 0)))
+            }
             Err(_) => false,
         };
         if idle {

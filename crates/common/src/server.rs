@@ -134,11 +134,17 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets in-flight requests
-/// finish (each is bounded by [`REQUEST_TIMEOUT`]).
+/// finish (each is bounded by [`REQUEST_TIMEOUT`]). Nagle's algorithm is
+/// off: every hop of an event is a small write, and Nagle would hold each one
+/// back until the previous was acknowledged (up to a delayed-ACK 40 ms).
 pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown) -> io::Result<()> {
+    use axum::serve::ListenerExt;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 

@@ -40,7 +40,7 @@ impl Gateway {
 }
 
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) -> io::Result<()> {
-    axum::serve(listener, gateway.router()).with_graceful_shutdown(async move { shutdown.wait().await }).await
+    blog_common::server::serve(listener, gateway.router(), shutdown).await
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
