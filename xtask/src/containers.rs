@@ -283,12 +283,14 @@ fn debian_image() -> Result {
 /// bundle.
 fn rust_image(tag: &str) -> Result {
     let version = tag.trim_start_matches("rust:").split('-').next().unwrap_or_default().to_owned();
-    let sysroot = Command::new("rustc").env("RUSTUP_TOOLCHAIN", &version).args(["--print", "sysroot"]).output()?;
+    // The active toolchain, which must be the release the tag names (a
+    // toolchain cannot be downloaded here, so none is asked for by name).
+    let sysroot = Command::new("rustc").args(["--print", "sysroot"]).output()?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     let reported = Command::new(sysroot.join("bin/rustc")).arg("--version").output()?;
-    let reported = String::from_utf8_lossy(&reported.stdout).into_owned();
+    let reported = String::from_utf8_lossy(&reported.stdout).trim().to_owned();
     if !reported.starts_with(&format!("rustc {version} ")) {
-        return Err(format!("{tag} needs Rust {version} on this machine (rustup toolchain install {version}); found {reported}").into());
+        return Err(format!("{tag} is made from this machine's Rust, which must be {version}; found {reported}").into());
     }
     let toolchain = format!("{version}-x86_64-unknown-linux-gnu");
     let context = work_dir().join("rust-context");
