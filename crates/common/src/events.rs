@@ -59,6 +59,14 @@ impl Event {
         Self { id: Uuid::now_v7().to_string(), seq: None, kind: domain.kind().to_owned(), data: domain.data(), timestamp: None, request_id }
     }
 
+    /// An event caused by `cause` (a decision on a comment, a recorded
+    /// decision). Its id is derived from the cause's, so applying the cause
+    /// again, after a replay, stages the very same event and the bus keeps it once.
+    pub fn caused_by(cause: &Event, domain: &DomainEvent) -> Self {
+        let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{}", cause.id, domain.kind()).as_bytes());
+        Self { id: id.to_string(), ..Self::new(domain, cause.request_id.clone()) }
+    }
+
     /// Parses an untrusted JSON value into an envelope, checking the envelope
     /// only; [`DomainEvent::parse`] checks the data of known types.
     pub fn from_value(value: Value) -> Result<Self, EventError> {
@@ -263,6 +271,18 @@ mod tests {
         assert!(status.domain().is_err());
         let unknown = Event::from_value(json!({"type":"PostLiked","data":{"id":"1"}})).unwrap();
         assert_eq!(unknown.domain(), Ok(DomainEvent::Other));
+    }
+
+    #[test]
+    fn caused_events_have_ids_derived_from_their_cause() {
+        let created = DomainEvent::PostCreated(PostCreated { id: "p1".into(), title: "Hi".into() });
+        let cause = Event::new(&created, Some("req".into()));
+        let other = Event::new(&created, None);
+        let a = Event::caused_by(&cause, &created);
+        assert_eq!(a.id, Event::caused_by(&cause, &created).id);
+        assert_ne!(a.id, Event::caused_by(&other, &created).id);
+        assert_ne!(a.id, cause.id);
+        assert_eq!(a.request_id.as_deref(), Some("req"));
     }
 
     #[test]

@@ -139,9 +139,11 @@ impl Inbox {
             return Ok(report);
         }
         let handler = self.handler.clone();
+        // Relaxed: after a power loss the effects roll back with the cursor,
+        // and the catch-up on start replays them from the bus.
         let (report, applied) = self
             .store
-            .write(move |conn| {
+            .write_relaxed(move |conn| {
                 let mut applied = Vec::new();
                 let mut max_seq = 0;
                 for (event, domain) in relevant {

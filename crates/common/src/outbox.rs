@@ -167,8 +167,10 @@ impl Outbox {
     }
 
     async fn acknowledged(&self, last: i64, count: usize) {
-        let deleted =
-            self.store.write(move |conn| conn.execute("DELETE FROM outbox WHERE pos <= ?1", [last]).map_err(StoreError::from)).await;
+        let deleted = self
+            .store
+            .write_relaxed(move |conn| conn.execute("DELETE FROM outbox WHERE pos <= ?1", [last]).map_err(StoreError::from))
+            .await;
         match deleted {
             Ok(_) => self.published.add(count as u64),
             // The rows stay and are sent again; the bus ignores the repeats.

@@ -2,11 +2,20 @@
 //!
 //! Every write goes to a single writer thread that owns the write connection.
 //! It takes whatever jobs are queued, runs each inside its own savepoint (so a
-//! job that fails rolls back alone), commits them together with one fsync
-//! (`synchronous=FULL` in WAL mode: a write is acknowledged only once it is on
-//! disk), and only then answers each caller. Under load many requests share
-//! one commit; at idle a lone write commits at once. Reads run on a small pool
-//! of read-only connections, which WAL lets proceed alongside the writer.
+//! job that fails rolls back alone), commits them together, and only then
+//! answers each caller. Under load many requests share one commit; at idle a
+//! lone write commits at once. Reads run on a small pool of read-only
+//! connections, which WAL lets proceed alongside the writer.
+//!
+//! Two kinds of write: [`Store::write`] is durable (`synchronous=FULL`: the
+//! commit is fsynced before anyone is answered), for what a caller is told is
+//! kept: a user's 201, the bus's acknowledgement to a publisher.
+//! [`Store::write_relaxed`] skips the fsync (`synchronous=NORMAL` in WAL mode:
+//! safe against a process crash, consistent after a power loss but possibly
+//! without the last commits), for what can be derived again: a consumer's
+//! effects roll back together with its cursor and are replayed from the bus,
+//! a lost cursor or outbox deletion only means a redelivery the receiver
+//! recognises. A batch with any durable job is committed durably.
 
 use std::{
     path::{Path, PathBuf},
@@ -37,7 +46,11 @@ pub enum StoreError {
 }
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+struct Job {
+    durable: bool,
+    run: Box<dyn FnOnce(&Connection) -> Completion + Send>,
+}
 
 /// A service's database. Cheap to clone.
 #[derive(Clone)]
@@ -87,7 +100,7 @@ impl Store {
     }
 
     /// Runs `f` in the next group commit and returns its result once the
-    /// commit is durable. If `f` fails, its changes are rolled back and the
+    /// commit is on disk. If `f` fails, its changes are rolled back and the
     /// rest of the batch commits without them.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
@@ -95,8 +108,28 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
     {
+        self.submit(true, f).await
+    }
+
+    /// Like [`Store::write`], answered once committed but without waiting for
+    /// the disk: for writes that can be derived again (see the module docs).
+    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+    {
+        self.submit(false, f).await
+    }
+
+    async fn submit<T, E, F>(&self, durable: bool, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |conn: &Connection| {
+        let run = Box::new(move |conn: &Connection| -> Completion {
             let outcome = run_in_savepoint(conn, f);
             Box::new(move |commit_error: Option<&str>| {
                 let result = match (outcome, commit_error) {
@@ -107,7 +140,7 @@ impl Store {
                 let _ = tx.send(result);
             })
         });
-        self.inner.writer.send(job).map_err(|_| E::from(StoreError::WriterGone))?;
+        self.inner.writer.send(Job { durable, run }).map_err(|_| E::from(StoreError::WriterGone))?;
         rx.await.map_err(|_| E::from(StoreError::WriterGone))?
     }
 
@@ -180,6 +213,7 @@ where
 fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
+    let mut synced = true;
     while let Ok(first) = jobs.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -188,9 +222,16 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let durable = batch.iter().any(|job| job.durable);
+        if durable != synced {
+            let mode = if durable { "PRAGMA synchronous = FULL" } else { "PRAGMA synchronous = NORMAL" };
+            if conn.execute_batch(mode).is_ok() {
+                synced = durable;
+            }
+        }
         let began = conn.execute_batch("BEGIN IMMEDIATE");
         for job in batch.drain(..) {
-            done.push(job(&conn));
+            done.push((job.run)(&conn));
         }
         // Without the outer transaction each job's savepoint committed on its
         // own when released, so there is nothing left to commit.
@@ -235,6 +276,26 @@ mod tests {
         let (a, b, c) = tokio::join!(insert(&store, "a"), insert(&store, "a"), insert(&store, "b"));
         assert_eq!([a.is_ok(), b.is_ok(), c.is_ok()].iter().filter(|ok| **ok).count(), 2);
         assert_eq!(count(&store).await, 2);
+    }
+
+    #[tokio::test]
+    async fn relaxed_and_durable_writes_share_batches_and_both_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
+            let relaxed = |name: &'static str| {
+                let store = store.clone();
+                async move {
+                    store.write_relaxed(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
+                }
+            };
+            let (a, b, c) = tokio::join!(relaxed("r1"), insert(&store, "d1"), relaxed("r2"));
+            assert!(a.is_ok() && b.is_ok() && c.is_ok());
+            let mode: i64 = store.write(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+            assert_eq!(mode, 2, "a batch with a durable job commits with synchronous=FULL");
+        }
+        let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
+        assert_eq!(count(&store).await, 3);
     }
 
     #[tokio::test]

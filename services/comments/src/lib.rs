@@ -216,7 +216,7 @@ fn record_decision(conn: &Connection, envelope: &Event, decision: &CommentData) 
         .execute([&decision.id, decision.status.as_str()])?;
     if changed == 1 {
         let updated = CommentData { id: decision.id.clone(), content, post_id, status: decision.status };
-        outbox::stage(conn, &Event::new(&DomainEvent::CommentUpdated(updated), envelope.request_id.clone()))?;
+        outbox::stage(conn, &Event::caused_by(envelope, &DomainEvent::CommentUpdated(updated)))?;
     }
     Ok(())
 }

@@ -173,10 +173,12 @@ impl EventLog {
             .await
     }
 
+    /// Relaxed: a cursor lost to a power loss only means redelivering events
+    /// the subscriber recognises.
     pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
         let name = name.to_owned();
         self.store
-            .write(move |conn| {
+            .write_relaxed(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO subscriber_cursor (name, seq) VALUES (?1, ?2)
                      ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq)",

@@ -73,7 +73,7 @@ impl Handler for Moderator {
             .execute([&comment.id, status.as_str()])?;
         if decided == 1 {
             let moderated = CommentData { status, ..comment.clone() };
-            outbox::stage(conn, &Event::new(&DomainEvent::CommentModerated(moderated), envelope.request_id.clone()))?;
+            outbox::stage(conn, &Event::caused_by(envelope, &DomainEvent::CommentModerated(moderated)))?;
         }
         Ok(())
     }
