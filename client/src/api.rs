@@ -45,7 +45,7 @@ pub struct Peers {
 impl Peers {
     pub fn new(urls: BTreeMap<Service, String>, shutdown: Shutdown) -> Self {
         let http = blog_common::bus_client::http_client(PEER_TIMEOUT);
-        let streaming = blog_common::bus_client::client_builder().build().expect("the HTTP client configuration is valid");
+        let streaming = blog_common::bus_client::build_client(|builder| builder);
         Self { urls, http, streaming, shutdown }
     }
 

@@ -27,10 +27,7 @@ pub struct Gateway {
 impl Gateway {
     /// `upstreams` maps each service to its base URL.
     pub fn new(upstreams: BTreeMap<Service, String>) -> Arc<Self> {
-        let http = blog_common::bus_client::client_builder()
-            .pool_max_idle_per_host(512)
-            .build()
-            .expect("the gateway's HTTP client configuration is valid");
+        let http = blog_common::bus_client::build_client(|builder| builder.pool_max_idle_per_host(512));
         Arc::new(Self { table: RouteTable::standard(), upstreams, http })
     }
 
