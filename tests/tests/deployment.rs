@@ -63,8 +63,8 @@ fn ingress_routes_exactly_as_the_gateway_does() {
 #[test]
 fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
     let paths = k8s::ingress_paths(&manifests()).unwrap();
-    for stream in k8s::STREAMING_PATHS {
-        let path = paths.iter().find(|p| p.path == *stream).expect("the stream is routed");
+    for stream in blog_common::routes::ROUTES.iter().filter(|r| r.streaming) {
+        let path = paths.iter().find(|p| p.path == stream.path).expect("the stream is routed");
         assert!(path.directives.iter().any(|d| d == "proxy_buffering off;"), "{:?}", path.directives);
         assert!(path.directives.iter().any(|d| d.starts_with("proxy_read_timeout 3600")), "{:?}", path.directives);
     }

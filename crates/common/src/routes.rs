@@ -19,17 +19,20 @@ pub struct Route {
     /// The path as written in the Ingress (a regex fragment).
     pub path: &'static str,
     pub service: Service,
+    /// A long-lived stream (server-sent events): proxies must not buffer it
+    /// and must keep it open well past its keep-alive interval.
+    pub streaming: bool,
 }
 
 /// The original app's four routes, plus the read side's live update stream
 /// (server-sent events), which the `/posts` prefix would reach anyway but is
 /// named here so the Ingress documents it.
 pub const ROUTES: &[Route] = &[
-    Route { path: "/posts/create", service: Service::Posts },
-    Route { path: "/posts/stream", service: Service::Query },
-    Route { path: "/posts/?(.*)/comments", service: Service::Comments },
-    Route { path: "/posts", service: Service::Query },
-    Route { path: "/?(.*)", service: Service::Client },
+    Route { path: "/posts/create", service: Service::Posts, streaming: false },
+    Route { path: "/posts/stream", service: Service::Query, streaming: true },
+    Route { path: "/posts/?(.*)/comments", service: Service::Comments, streaming: false },
+    Route { path: "/posts", service: Service::Query, streaming: false },
+    Route { path: "/?(.*)", service: Service::Client, streaming: false },
 ];
 
 /// The host the Ingress answers for.
@@ -99,8 +102,11 @@ mod tests {
 
     #[test]
     fn ties_prefer_the_lexicographically_greater_path() {
-        let table =
-            RouteTable::new(&[Route { path: "/a.", service: Service::Posts }, Route { path: "/ab", service: Service::Query }]).unwrap();
+        let table = RouteTable::new(&[
+            Route { path: "/a.", service: Service::Posts, streaming: false },
+            Route { path: "/ab", service: Service::Query, streaming: false },
+        ])
+        .unwrap();
         assert_eq!(table.route("/ab").unwrap().service, Service::Query);
     }
 }
