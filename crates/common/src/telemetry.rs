@@ -2,6 +2,8 @@
 //! object per line when `LOG_FORMAT=json` (what a cluster's log collector
 //! wants). The level comes from `RUST_LOG`, `info` by default.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 pub fn init() {
@@ -11,7 +13,9 @@ pub fn init() {
     let result = if json {
         registry.with(fmt::layer().json().flatten_event(true).with_current_span(false)).try_init()
     } else {
-        registry.with(fmt::layer().compact().with_target(false)).try_init()
+        // Colours only on a terminal: under the launcher or a log collector
+        // the output is a pipe, where escape codes are noise.
+        registry.with(fmt::layer().compact().with_target(false).with_ansi(std::io::stdout().is_terminal())).try_init()
     };
     // A second init (tests starting several apps in one process) keeps the first.
     drop(result);
