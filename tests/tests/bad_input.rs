@@ -118,3 +118,25 @@ async fn events_cannot_be_injected_through_the_gateway() {
     assert_eq!(log[0]["data"]["id"], Value::String(real.id.clone()));
     suite.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected() {
+    let suite = TestSuite::launch().await;
+    let post = suite.create_post("target").await;
+    let url = format!("{}/posts/{}/comments", suite.gateway, post.id);
+    let oversized = json!({ "content": "x".repeat(200_000) }).to_string();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        // The service answers 413 without reading the whole body and closes
+        // that connection; the next request through the gateway must not suffer.
+        let refused = suite.send(suite.http.post(&url).header("content-type", "application/json").body(oversized.clone())).await;
+        let next = suite.post_json(&format!("/posts/{}/comments", post.id), &json!({ "content": "" })).await;
+        *statuses.entry((refused.status, next.status)).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [((413, 400), 200)]);
+    // Over the gateway's own limit (ingress-nginx's default 1 MiB) it refuses by itself.
+    let huge = json!({ "content": "x".repeat(2 * 1024 * 1024) }).to_string();
+    let answer = suite.send(suite.http.post(&url).header("content-type", "application/json").body(huge)).await;
+    assert_client_error(&answer, 413, "over the gateway's limit");
+    suite.shutdown().await;
+}

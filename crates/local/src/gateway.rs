@@ -2,8 +2,12 @@
 //! the shared route table names for its path, with the Ingress's matching
 //! rules (see [`blog_common::routes`]). It answers whatever `Host` a request
 //! carries, so a browser at `http://127.0.0.1:8080` and
-//! `curl -H 'Host: posts.com'` both work. Bodies stream both ways, so the
-//! live update stream passes through like any other response.
+//! `curl -H 'Host: posts.com'` both work. Request bodies are read whole, up to
+//! 1 MiB like ingress-nginx's default `client_max_body_size` (413 beyond): a
+//! buffered request can be sent again when a pooled connection turns out to
+//! have been closed by the service (as it does after refusing an oversized
+//! body), where a streamed one would fail. Responses stream, so the live
+//! update stream passes through like any other response.
 
 use std::{collections::BTreeMap, io, sync::Arc};
 
@@ -16,6 +20,9 @@ use axum::{
 };
 use blog_common::{Service, error::error_response, routes::RouteTable, server::Shutdown};
 use tokio::net::TcpListener;
+
+/// Largest request body passed on (ingress-nginx's default `client_max_body_size`).
+pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct Gateway {
@@ -71,6 +78,9 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     };
     let target = format!("{base}{}", request.uri().path_and_query().map_or(path, |pq| pq.as_str()));
     let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BODY).await else {
+        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large");
+    };
     let mut upstream = gateway.http.request(parts.method, target);
     for (name, value) in forwardable(&parts.headers) {
         if name != header::HOST {
@@ -80,7 +90,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     if let Some(host) = parts.headers.get(header::HOST) {
         upstream = upstream.header("x-forwarded-host", host);
     }
-    let upstream = upstream.header("x-forwarded-proto", "http").body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    let upstream = upstream.header("x-forwarded-proto", "http").body(body);
     match upstream.send().await {
         Ok(answer) => {
             let mut response = Response::builder().status(answer.status());
