@@ -53,9 +53,16 @@ struct ErrorBody<'a> {
     error: &'a str,
 }
 
-/// A JSON error response with `status`.
+/// A JSON error response with `status`. A 413 leaves the rest of the request
+/// body unread, so it also says `Connection: close`: a client (or the
+/// gateway's connection pool) must not send its next request into a
+/// connection that is about to be reset.
 pub fn error_response(status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(ErrorBody { error: message })).into_response()
+    let mut response = (status, axum::Json(ErrorBody { error: message })).into_response();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 impl IntoResponse for ApiError {
@@ -73,26 +80,57 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `axum::Json` with rejections answered as [`ApiError`].
+/// `axum::Json` with rejections answered as [`ApiError`] and a body limit of
+/// `LIMIT` bytes ([`crate::server::MAX_BODY`] unless a route says otherwise).
+///
+/// The limit is applied to a body read whole (up to the server-wide read limit,
+/// [`crate::server::READ_LIMIT`]) rather than by stopping mid-body: a server
+/// that answers before reading what the client sent closes a connection with
+/// unread data, the kernel resets it, and the client (or the gateway in
+/// front) may lose even the 413.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Json<T>(pub T);
+pub struct Json<T, const LIMIT: usize = { crate::server::MAX_BODY }>(pub T);
 
-impl<S, T> FromRequest<S> for Json<T>
+impl<S, T, const LIMIT: usize> FromRequest<S> for Json<T, LIMIT>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| mime.trim().to_ascii_lowercase())
+            .is_some_and(|mime| mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")));
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|rejection| ApiError::Rejected {
+            status: rejection.status(),
+            message: if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "request body is too large".to_owned()
+            } else {
+                rejection.body_text()
+            },
+        })?;
+        if !json_type {
+            return Err(ApiError::Rejected {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: "expected a request with `Content-Type: application/json`".to_owned(),
+            });
+        }
+        if bytes.len() > LIMIT {
+            return Err(ApiError::Rejected { status: StatusCode::PAYLOAD_TOO_LARGE, message: "request body is too large".to_owned() });
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(value)) => Ok(Json(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
 }
 
-impl<T: Serialize> IntoResponse for Json<T> {
+impl<T: Serialize, const LIMIT: usize> IntoResponse for Json<T, LIMIT> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }

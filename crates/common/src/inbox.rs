@@ -233,7 +233,7 @@ pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), ApiError> {
     }
 }
 
-async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value>) -> Result<Json<Report>, ApiError> {
+async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, ApiError> {
     let (events, batch) = parse_events(body)?;
     let report = inbox.deliver(events).await?;
     if !batch && let Some(rejection) = report.rejected.first() {

@@ -24,6 +24,10 @@ use crate::{error, metrics::Registry, store::Store};
 
 /// Body limit of the public routes: titles and comments are short.
 pub const MAX_BODY: usize = 64 * 1024;
+/// How much of a body a service reads before refusing it (the gateway's and
+/// ingress-nginx's default limit); routes apply their own, smaller limits to
+/// what was read (see [`crate::error::Json`]).
+pub const READ_LIMIT: usize = 1024 * 1024;
 /// Longest a request may take before it is answered 408 and dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -121,7 +125,7 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
         .route("/metrics", get(metrics_text))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(READ_LIMIT))
         .layer(CatchPanicLayer::custom(|_| error::error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -151,11 +155,13 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown) -> io
 /// Answers `POST /events` for a service that consumes nothing: the envelope is
 /// checked and the event acknowledged, as the original's services do.
 pub fn ack_events() -> Router {
-    async fn ack(error::Json(body): error::Json<serde_json::Value>) -> Result<Response, error::ApiError> {
+    async fn ack(
+        error::Json(body): error::Json<serde_json::Value, { crate::inbox::MAX_EVENTS_BODY }>,
+    ) -> Result<Response, error::ApiError> {
         crate::inbox::parse_events(body)?;
         Ok(axum::Json(serde_json::json!({})).into_response())
     }
-    Router::new().route("/events", axum::routing::post(ack))
+    Router::new().route("/events", axum::routing::post(ack).layer(DefaultBodyLimit::max(crate::inbox::MAX_EVENTS_BODY)))
 }
 
 /// Runs a service binary: telemetry, configuration, bind, serve. Returns the

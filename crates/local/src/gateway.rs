@@ -47,6 +47,30 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutd
     blog_common::server::serve(listener, gateway.router(), shutdown).await
 }
 
+/// Most of an oversized body read and thrown away before answering 413.
+const DRAIN_LIMIT: usize = 8 * MAX_REQUEST_BODY;
+
+/// The whole body, or `None` past [`MAX_REQUEST_BODY`]. An oversized body is
+/// still read (up to [`DRAIN_LIMIT`]) before the 413, as nginx's lingering
+/// close does: answering with unread data in the connection gets it reset,
+/// and the client would see the reset instead of the answer.
+async fn read_body(body: Body) -> Option<axum::body::Bytes> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buffer = Vec::new();
+    let mut seen = 0;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= MAX_REQUEST_BODY {
+            buffer.extend_from_slice(&chunk);
+        }
+    }
+    (seen <= MAX_REQUEST_BODY).then(|| buffer.into())
+}
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -78,7 +102,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     };
     let target = format!("{base}{}", request.uri().path_and_query().map_or(path, |pq| pq.as_str()));
     let (parts, body) = request.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, MAX_REQUEST_BODY).await else {
+    let Some(body) = read_body(body).await else {
         return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large");
     };
     let mut upstream = gateway.http.request(parts.method, target);

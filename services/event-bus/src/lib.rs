@@ -128,7 +128,11 @@ async fn flow_stream(State(state): State<AppState>) -> axum::response::Response 
     (server::streaming_headers(), stream).into_response()
 }
 
-async fn publish(State(state): State<AppState>, request_id: RequestId, Json(body): Json<Value>) -> Result<Json<Value>, ApiError> {
+async fn publish(
+    State(state): State<AppState>,
+    request_id: RequestId,
+    Json(body): Json<Value, MAX_EVENTS_BODY>,
+) -> Result<Json<Value>, ApiError> {
     let (mut events, batch) = parse_events(body)?;
     for (i, event) in events.iter_mut().enumerate() {
         if let Err(e) = event.domain() {
