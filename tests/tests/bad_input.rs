@@ -1,8 +1,8 @@
 //! Every kind of bad input gets a clear 4xx with a JSON `{"error": ...}` body,
 //! never a panic or a 5xx, and nothing from outside can inject events.
 
-use blog_common::Service;
-use blog_tests::{Answer, TestSuite};
+use blog_common::{DomainEvent, Event, Service, inbox::MAX_BATCH, internal::REFUSAL_HEADER};
+use blog_tests::{Answer, Auth, Signal, TestSuite};
 use serde_json::{Value, json};
 
 fn assert_client_error(answer: &Answer, status: u16, what: &str) {
@@ -69,18 +69,28 @@ async fn malformed_events_are_refused_and_unknown_types_acknowledged() {
     for service in [Service::EventBus, Service::Query, Service::Comments, Service::Moderation, Service::Posts] {
         let events = format!("{}/events", suite.url(service));
         for (what, body) in &malformed {
-            let answer = suite.send(suite.http.post(&events).json(body)).await;
+            let answer = suite.post_events(service, body).await;
             if service == Service::Posts && (what.starts_with("known type") || *what == "bad status") {
                 // posts consumes nothing, so it checks only the envelope.
                 assert_eq!(answer.status, 200, "{service}: {what}");
                 continue;
             }
             assert_client_error(&answer, 400, &format!("{service}: {what}"));
+            // Marked as a refusal of the event, which a sender may set aside.
+            assert!(answer.headers.contains_key(REFUSAL_HEADER.as_str()), "{service}: {what}: not marked as a refusal");
         }
-        let bad_json = suite.send(suite.http.post(&events).header("content-type", "application/json").body("{")).await;
+        let too_many = Value::Array(vec![json!({"type": "PostLiked", "data": {}}); MAX_BATCH + 1]);
+        let answer = suite.post_events(service, &too_many).await;
+        assert_client_error(&answer, 400, &format!("{service}: too many events"));
+        assert!(!answer.headers.contains_key(REFUSAL_HEADER.as_str()), "{service}: a batch size is not the events' fault");
+        let unauthorised = suite.post_events_as(service, &malformed[0].1, Auth::Missing).await;
+        assert!(!unauthorised.headers.contains_key(REFUSAL_HEADER.as_str()), "{service}: a 401 is not the events' fault");
+        let bad_json = suite
+            .send(suite.internal(reqwest::Method::POST, &events, Auth::Secret).header("content-type", "application/json").body("{"))
+            .await;
         assert_client_error(&bad_json, 400, &format!("{service}: malformed JSON"));
 
-        let unknown = suite.send(suite.http.post(&events).json(&json!({"type": "PostLiked", "data": {"id": "p"}}))).await;
+        let unknown = suite.post_events(service, &json!({"type": "PostLiked", "data": {"id": "p"}})).await;
         assert_eq!(unknown.status, 200, "{service}: unknown type must be acknowledged: {:?}", unknown.body);
     }
 
@@ -138,5 +148,78 @@ async fn oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected
     let huge = json!({ "content": "x".repeat(2 * 1024 * 1024) }).to_string();
     let answer = suite.send(suite.http.post(&url).header("content-type", "application/json").body(huge)).await;
     assert_client_error(&answer, 413, "over the gateway's limit");
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_writes_without_the_secret_are_refused_and_change_nothing() {
+    let suite = TestSuite::launch().await;
+    let post = suite.create_post("before").await;
+    let mut comment = suite.comment(&post.id, "fine").await.remove(0);
+    suite.wait_for_status(&post.id, &comment.id, "approved").await;
+    comment.status = "approved".to_owned();
+    let log_before = suite.bus_events().await.len();
+
+    // Every service's `POST /events`, with events that would each change something.
+    let forged_post = json!({"id": "forged-post", "type": "PostCreated", "data": {"id": "forged", "title": "forged"}});
+    let forged_update = json!({"id": "forged-upd", "type": "CommentUpdated",
+        "data": {"id": comment.id, "postId": post.id, "content": "fine", "status": "rejected"}});
+    let forged_decision = json!({"id": "forged-dec", "type": "CommentModerated",
+        "data": {"id": comment.id, "postId": post.id, "content": "fine", "status": "rejected"}});
+    let forged_comment = json!({"id": "forged-new", "type": "CommentCreated",
+        "data": {"id": "c-forged", "postId": post.id, "content": "orange", "status": "pending"}});
+    let mut refused = 0;
+    for service in [Service::EventBus, Service::Posts, Service::Comments, Service::Moderation, Service::Query] {
+        for body in [&forged_post, &forged_update, &forged_decision, &forged_comment, &Value::Array(vec![forged_post.clone()])] {
+            for (auth, status) in [(Auth::Missing, 401), (Auth::Wrong, 403)] {
+                let answer = suite.post_events_as(service, body, auth).await;
+                assert_client_error(&answer, status, &format!("{service} {auth:?}"));
+                refused += 1;
+            }
+        }
+        // A body that is not even JSON is refused for the missing secret first.
+        let garbage = suite.send(suite.internal(reqwest::Method::POST, &format!("{}/events", suite.url(service)), Auth::Missing).body("{"));
+        assert_client_error(&garbage.await, 401, &format!("{service}: garbage without secret"));
+    }
+
+    // Nothing changed: a real post made afterwards is visible, so any forged
+    // event sent before it would be too.
+    let real = suite.create_post("after").await;
+    suite.eventually("the real post in query", || async { suite.view().await.contains_key(&real.id).then_some(()) }).await;
+    let view = suite.view().await;
+    assert_eq!(view.len(), 2, "{view:?}");
+    assert_eq!(view[&post.id].comments, [comment.clone()]);
+    assert_eq!(suite.comments(&post.id).await, [comment]);
+    assert_eq!(suite.bus_events().await.len(), log_before + 1);
+    println!("{refused} internal writes without or with a wrong secret refused (401/403 JSON) across 5 services; view and log unchanged");
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation() {
+    let suite = TestSuite::launch().await;
+    let post = suite.create_post("target").await;
+    // Moderation frozen, so the forgery arrives before the real decision.
+    suite.kill(Service::Moderation, Signal::STOP).await;
+    let comment = suite.comment(&post.id, "orange juice").await.remove(0);
+    let created = suite
+        .eventually("CommentCreated in the log", || async {
+            suite.bus_events().await.into_iter().find(|e| e["type"] == "CommentCreated" && e["data"]["id"] == comment.id.as_str())
+        })
+        .await;
+    let cause = Event::from_value(created).expect("an event");
+    let data = json!({"id": comment.id, "postId": post.id, "content": comment.content, "status": "approved"});
+    let decision = DomainEvent::parse("CommentModerated", data.as_object().unwrap()).unwrap();
+    // The very id moderation's real decision will carry.
+    let forged = serde_json::to_value(Event::caused_by(&cause, &decision)).unwrap();
+    for auth in [Auth::Missing, Auth::Wrong] {
+        let answer = suite.post_events_as(Service::Comments, &forged, auth).await;
+        assert!(matches!(answer.status, 401 | 403), "{auth:?}: {:?}", answer.body);
+    }
+
+    suite.kill(Service::Moderation, Signal::CONT).await;
+    suite.wait_for_status(&post.id, &comment.id, "rejected").await;
+    assert_eq!(suite.comments(&post.id).await[0].status, "rejected");
+    println!("forged CommentModerated {} (derived id) refused; the real decision applied: rejected", forged["id"]);
     suite.shutdown().await;
 }

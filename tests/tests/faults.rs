@@ -238,22 +238,20 @@ async fn duplicated_and_reordered_deliveries_apply_once() {
 
     // Every event again, three times, to every consumer, singly and as a batch.
     for consumer in [Service::Comments, Service::Moderation, Service::Query] {
-        let url = format!("{}/events", suite.url(consumer));
         for event in &log {
-            let answer = suite.send(suite.http.post(&url).json(event)).await;
+            let answer = suite.post_events(consumer, event).await;
             assert_eq!(answer.status, 200, "{consumer}: {:?}", answer.body);
             assert_eq!(answer.body["applied"], 0, "{consumer} applied a duplicate: {:?}", answer.body);
         }
-        let answer = suite.send(suite.http.post(&url).json(&Value::Array(log.iter().rev().cloned().collect()))).await;
+        let answer = suite.post_events(consumer, &Value::Array(log.iter().rev().cloned().collect())).await;
         assert_eq!(answer.body["applied"], 0, "{consumer}: {:?}", answer.body);
     }
 
     // A CommentUpdated that overtakes its CommentCreated is not lost.
     let data = |status: &str| json!({"id": "c-ooo", "postId": post.id, "content": "out of order", "status": status});
-    let query = format!("{}/events", suite.url(Service::Query));
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-upd", "type": "CommentUpdated", "data": data("approved")}))).await;
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")}))).await;
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")}))).await;
+    suite.post_events(Service::Query, &json!({"id": "e-upd", "type": "CommentUpdated", "data": data("approved")})).await;
+    suite.post_events(Service::Query, &json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")})).await;
+    suite.post_events(Service::Query, &json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")})).await;
     suite.wait_for_status(&post.id, "c-ooo", "approved").await;
 
     // Nothing was published twice as a result.

@@ -3,7 +3,7 @@
 
 use std::{env, fmt::Display, path::PathBuf, str::FromStr};
 
-use crate::topology::Service;
+use crate::{internal::InternalSecret, topology::Service};
 
 #[derive(Debug, thiserror::Error)]
 #[error("environment variable {name}={value:?} is invalid: {reason}")]
@@ -46,6 +46,9 @@ pub struct CommonConfig {
     pub port: u16,
     pub data_dir: PathBuf,
     pub bus_url: String,
+    /// `INTERNAL_SECRET`: every service here has a `POST /events` to guard
+    /// and publishes or consumes through the bus.
+    pub internal_secret: InternalSecret,
 }
 
 impl CommonConfig {
@@ -54,6 +57,7 @@ impl CommonConfig {
             port: var("PORT", service.default_port())?,
             data_dir: var("DATA_DIR", PathBuf::from(".data").join(service.name()))?,
             bus_url: peer_url(Service::EventBus),
+            internal_secret: InternalSecret::from_env()?,
         })
     }
 }

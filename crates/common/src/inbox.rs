@@ -8,13 +8,17 @@
 //! highest bus sequence seen is kept too, so on start the consumer asks the bus
 //! for everything after it. Events of types the consumer does not handle are
 //! acknowledged and ignored; events of known types with malformed data are
-//! refused (a 4xx, which the bus counts and skips rather than retrying forever).
+//! refused with a 400 marked as a refusal of the events (see
+//! [`crate::internal::REFUSAL_HEADER`]), which the bus counts and skips rather
+//! than retrying forever.
 
 use std::sync::Arc;
 
 use axum::{
     Router,
     extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
     routing::post,
 };
 use rusqlite::Connection;
@@ -23,8 +27,9 @@ use serde_json::Value;
 
 use crate::{
     bus_client::{BusClient, BusError},
-    error::{ApiError, Json},
+    error::{ApiError, Json, error_response},
     events::{DomainEvent, Event},
+    internal::{self, InternalSecret},
     metrics::{Counter, Registry},
     outbox::Outbox,
     store::{Store, StoreError},
@@ -206,38 +211,65 @@ impl Inbox {
         }
     }
 
-    /// `POST /events`.
-    pub fn router(&self) -> Router {
-        Router::new().route("/events", post(receive)).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)).with_state(self.clone())
+    /// `POST /events`, for callers holding `secret`.
+    pub fn router(&self, secret: &InternalSecret) -> Router {
+        Router::new()
+            .route("/events", post(receive))
+            .route_layer(axum::middleware::from_fn_with_state(secret.clone(), internal::require_secret))
+            .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY))
+            .with_state(self.clone())
+    }
+}
+
+/// Why a `POST /events` body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventsError {
+    /// More events than one request may carry: the sender's batch size is
+    /// wrong, not the events, so this is not marked as their refusal.
+    #[error("at most {MAX_BATCH} events per request")]
+    TooMany,
+    /// The events themselves are malformed: marked with
+    /// [`crate::internal::REFUSAL_HEADER`], so the sender sets them aside.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl IntoResponse for EventsError {
+    fn into_response(self) -> Response {
+        let response = error_response(StatusCode::BAD_REQUEST, &self.to_string());
+        match self {
+            EventsError::TooMany => response,
+            EventsError::Malformed(_) => internal::mark_refusal(response),
+        }
     }
 }
 
 /// Parses the body of `POST /events`: one event or an array of events.
-pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), ApiError> {
+pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), EventsError> {
     match body {
         Value::Array(items) => {
             if items.len() > MAX_BATCH {
-                return Err(ApiError::bad_request(format!("at most {MAX_BATCH} events per request")));
+                return Err(EventsError::TooMany);
             }
             let events = items
                 .into_iter()
                 .enumerate()
-                .map(|(i, item)| Event::from_value(item).map_err(|e| ApiError::bad_request(format!("event {i}: {e}"))))
+                .map(|(i, item)| Event::from_value(item).map_err(|e| EventsError::Malformed(format!("event {i}: {e}"))))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((events, true))
         }
         single => {
-            let event = Event::from_value(single).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let event = Event::from_value(single).map_err(|e| EventsError::Malformed(e.to_string()))?;
             Ok((vec![event], false))
         }
     }
 }
 
-async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, ApiError> {
-    let (events, batch) = parse_events(body)?;
-    let report = inbox.deliver(events).await?;
+async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, Response> {
+    let (events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
+    let report = inbox.deliver(events).await.map_err(|e| ApiError::from(e).into_response())?;
     if !batch && let Some(rejection) = report.rejected.first() {
-        return Err(ApiError::bad_request(rejection.error.clone()));
+        return Err(EventsError::Malformed(rejection.error.clone()).into_response());
     }
     Ok(Json(report))
 }

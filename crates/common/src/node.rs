@@ -9,6 +9,7 @@ use crate::{
     bus_client::{BusClient, http_client},
     config::CommonConfig,
     inbox::{self, Handler, Inbox},
+    internal::InternalSecret,
     metrics::Registry,
     outbox::{self, Outbox, backoff},
     server::{self, Shutdown},
@@ -27,6 +28,7 @@ pub struct Node {
     pub metrics: Registry,
     pub bus: BusClient,
     pub outbox: Outbox,
+    pub secret: InternalSecret,
 }
 
 impl Node {
@@ -42,9 +44,9 @@ impl Node {
             })
             .await?;
         let metrics = Registry::default();
-        let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url);
+        let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url, config.internal_secret.clone());
         let outbox = Outbox::new(store.clone(), &metrics);
-        Ok(Self { service, store, metrics, bus, outbox })
+        Ok(Self { service, store, metrics, bus, outbox, secret: config.internal_secret.clone() })
     }
 
     /// An inbox applying events with `handler`; effects it stages wake the relay.
@@ -59,9 +61,9 @@ impl Node {
         let events = match inbox {
             Some(inbox) => {
                 tokio::spawn(catch_up(inbox.clone(), self.bus.clone(), shutdown.clone()));
-                inbox.router()
+                inbox.router(&self.secret)
             }
-            None => server::ack_events(),
+            None => server::ack_events(&self.secret),
         };
         let app = server::standard(routes.merge(events), Some(self.store.clone()), self.metrics.clone());
         server::serve(listener, app, shutdown).await?;

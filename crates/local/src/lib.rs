@@ -35,6 +35,8 @@ pub struct Options {
     pub log: LogSink,
     /// Extra environment for one service, e.g. `POST_WAIT_MS` for comments.
     pub env: Vec<(Service, String, String)>,
+    /// `INTERNAL_SECRET` of this run, given to every service but the client.
+    pub internal_secret: String,
 }
 
 impl Options {
@@ -47,11 +49,13 @@ impl Options {
             gateway_addr: SocketAddr::from(([127, 0, 0, 1], gateway_port)),
             log,
             env: Vec::new(),
+            internal_secret: fresh_secret(),
         }
     }
 
-    /// The environment a service process gets: its port, its data directory
-    /// and every peer's URL.
+    /// The environment a service process gets: its port, its data directory,
+    /// every peer's URL and, for all but the client (which only reads the
+    /// bus), the run's internal secret.
     pub fn env_for(&self, service: Service) -> Vec<(String, String)> {
         let mut env = vec![
             // glibc gives threads malloc arenas of their own; two keep idle memory small.
@@ -62,6 +66,9 @@ impl Options {
         for peer in Service::ALL {
             env.push((peer.url_env().to_owned(), self.url(peer)));
         }
+        if service != Service::Client {
+            env.push((blog_common::internal::SECRET_ENV.to_owned(), self.internal_secret.clone()));
+        }
         env.extend(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k.clone(), v.clone())));
         env
     }
@@ -69,6 +76,11 @@ impl Options {
     pub fn url(&self, service: Service) -> String {
         format!("http://127.0.0.1:{}", self.ports[&service])
     }
+}
+
+/// A secret for one run, from the OS's random source (v4 UUIDs): 244 random bits.
+fn fresh_secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 /// The running suite.

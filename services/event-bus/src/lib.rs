@@ -16,14 +16,16 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, State},
-    routing::get,
+    response::{IntoResponse, Response},
+    routing::{get, post},
 };
 use blog_common::{
     ApiError, Json, Service,
     bus_client::http_client,
     config::{self, ConfigError},
     error::Query,
-    inbox::{MAX_EVENTS_BODY, parse_events},
+    inbox::{EventsError, MAX_EVENTS_BODY, parse_events},
+    internal::{self, InternalSecret},
     metrics::{self, Registry},
     node::BoxError,
     server::{self, RequestId, Shutdown},
@@ -47,6 +49,8 @@ pub struct Config {
     pub subscribers: Vec<Subscriber>,
     pub delivery_timeout: Duration,
     pub batch: u32,
+    /// `INTERNAL_SECRET`: required of publishers, sent to subscribers.
+    pub internal_secret: InternalSecret,
 }
 
 impl Config {
@@ -59,6 +63,7 @@ impl Config {
             subscribers: parse_subscribers(&config::list("SUBSCRIBERS", &default_subscribers))?,
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
             batch: config::var("DELIVERY_BATCH", 256)?,
+            internal_secret: InternalSecret::from_env()?,
         })
     }
 }
@@ -83,6 +88,7 @@ pub struct AppState {
     log: EventLog,
     subscribers: Arc<Vec<SharedStatus>>,
     shutdown: Shutdown,
+    secret: InternalSecret,
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
@@ -103,11 +109,19 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             ..SubscriberStatus::default()
         }));
         statuses.push(status.clone());
-        let deliverer =
-            Deliverer { subscriber, log: log.clone(), http: http.clone(), status, flow: flow.clone(), batch: config.batch.max(1), cursor };
+        let deliverer = Deliverer {
+            subscriber,
+            log: log.clone(),
+            http: http.clone(),
+            secret: config.internal_secret.clone(),
+            status,
+            flow: flow.clone(),
+            batch: config.batch.max(1),
+            cursor,
+        };
         tokio::spawn(deliverer.run(shutdown.clone()));
     }
-    let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone() };
+    let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
     let app = server::standard(app(state), Some(store), metrics);
     server::serve(listener, app, shutdown).await?;
@@ -116,7 +130,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/events", get(events).post(publish).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)))
+        .route(
+            "/events",
+            post(publish)
+                .route_layer(axum::middleware::from_fn_with_state(state.secret.clone(), internal::require_secret))
+                .get(events)
+                .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)),
+        )
         .route("/status", get(status))
         .route("/flow", get(flow_stream))
         .with_state(state)
@@ -132,17 +152,17 @@ async fn publish(
     State(state): State<AppState>,
     request_id: RequestId,
     Json(body): Json<Value, MAX_EVENTS_BODY>,
-) -> Result<Json<Value>, ApiError> {
-    let (mut events, batch) = parse_events(body)?;
+) -> Result<Json<Value>, Response> {
+    let (mut events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
     for (i, event) in events.iter_mut().enumerate() {
         if let Err(e) = event.domain() {
-            return Err(ApiError::bad_request(if batch { format!("event {i}: {e}") } else { e.to_string() }));
+            return Err(EventsError::Malformed(if batch { format!("event {i}: {e}") } else { e.to_string() }).into_response());
         }
         if event.request_id.is_none() {
             event.request_id.clone_from(&request_id.0);
         }
     }
-    let stored = state.log.append(events).await?;
+    let stored = state.log.append(events).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok(Json(match (batch, stored.as_slice()) {
         (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
         _ => json!({"status": "OK", "events": stored}),
@@ -197,12 +217,15 @@ fn registry(state: &AppState) -> Registry {
         out.push((String::new(), head.log.head_now() as f64))
     });
     type Field = fn(&SubscriberStatus) -> f64;
-    let families: [(&str, &str, Field); 5] = [
+    let families: [(&str, &str, Field); 6] = [
         ("blog_bus_subscriber_cursor", "Last sequence number the subscriber acknowledged.", |s| s.cursor as f64),
         ("blog_bus_subscriber_lag", "Events stored but not yet acknowledged by the subscriber.", |s| s.lag as f64),
         ("blog_bus_subscriber_delivered_total", "Events the subscriber acknowledged.", |s| s.delivered as f64),
         ("blog_bus_subscriber_retries_total", "Failed delivery attempts.", |s| s.retries as f64),
         ("blog_bus_subscriber_rejected_total", "Events the subscriber refused and the bus skipped.", |s| s.rejected as f64),
+        ("blog_bus_subscriber_misdirected_total", "4xx answers that did not refuse the events (wrong URL or secret); retried.", |s| {
+            s.misdirected as f64
+        }),
     ];
     for (name, help, field) in families {
         let state = state.clone();
