@@ -1,7 +1,30 @@
-//! Data survives restarts, and a consumer that was down catches up by replay.
+//! Data survives restarts, and a consumer that was down catches up by replay,
+//! even when pushes from the bus run ahead of its catch-up.
+
+use std::sync::atomic::Ordering;
 
 use blog_common::Service;
-use blog_tests::TestSuite;
+use blog_tests::{
+    Signal, TestSuite,
+    load::{self, Progress},
+};
+use serde_json::json;
+
+/// How many times `service`'s log says `text` so far.
+fn log_count(suite: &TestSuite, service: Service, text: &str) -> usize {
+    std::fs::read_to_string(suite.dir.path().join(format!("{}.log", service.name()))).unwrap_or_default().matches(text).count()
+}
+
+/// Removes `service`'s database files (the WAL and shared-memory files too).
+fn delete_database(suite: &TestSuite, service: Service) {
+    let dir = suite.dir.path().join("data").join(service.name());
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{}.db{suffix}", service.name()));
+        if path.exists() {
+            std::fs::remove_file(&path).expect("database file removed");
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_query_catches_up_when_it_starts_again() {
@@ -70,5 +93,91 @@ async fn the_query_view_can_be_rebuilt_from_the_bus_alone() {
 
     suite.wait_for_status(&post.id, &comment.id, "approved").await;
     assert_eq!(suite.view().await.len(), 1);
+    suite.shutdown().await;
+}
+
+/// The repro: a consumer restarted empty while the bus is paused gets
+/// a push ahead of its catch-up; once the bus answers it must still replay
+/// everything before that push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_ahead_of_a_stalled_catch_up_leaves_no_gap() {
+    let suite = TestSuite::launch().await;
+    let mut posts = Vec::new();
+    for i in 0..3 {
+        posts.push(suite.create_post(&format!("before {i}")).await.id);
+    }
+    suite.eventually("3 posts in query", || async { (suite.view().await.len() == 3).then_some(()) }).await;
+    let head = suite.bus_events().await.len() as u64;
+    assert_eq!(head, 3);
+
+    suite.kill(Service::EventBus, Signal::STOP).await;
+    suite.kill(Service::Query, Signal::STOP).await;
+    delete_database(&suite, Service::Query);
+    let stalled_before = log_count(&suite, Service::Query, "cannot catch up with the bus yet");
+    // The launcher restarts query with an empty database; its catch-up hangs on the frozen bus.
+    suite.kill(Service::Query, Signal::KILL).await;
+
+    let pushed = json!({"id": "pushed-ahead", "seq": head + 1, "type": "PostCreated", "data": {"id": "p-ahead", "title": "ahead"}});
+    let answer = suite.post_events(Service::Query, &pushed).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(answer.body["applied"], 1);
+    // At least one catch-up attempt fails after the push, so a retry that
+    // re-read the cursor would now start after the pushed seq.
+    suite
+        .eventually("a catch-up attempt to fail after the push", || async {
+            (log_count(&suite, Service::Query, "cannot catch up with the bus yet") > stalled_before).then_some(())
+        })
+        .await;
+    assert_eq!(suite.view().await.len(), 1, "only the pushed post so far");
+
+    suite.kill(Service::EventBus, Signal::CONT).await;
+    let view = suite.eventually("all 4 posts in query", || async { Some(suite.view().await).filter(|v| v.len() == 4) }).await;
+    for id in posts.iter().chain([&"p-ahead".to_owned()]) {
+        assert!(view.contains_key(id), "{id} missing from {view:?}");
+    }
+    // And the next event the bus pushes lands too.
+    let after = suite.create_post("after").await;
+    suite.eventually("5 posts in query", || async { suite.view().await.contains_key(&after.id).then_some(()) }).await;
+    assert_eq!(suite.view().await.len(), 5);
+    println!("pushed seq {} ahead of a stalled catch-up: query ended with all {} posts", head + 1, 5);
+    suite.shutdown().await;
+}
+
+/// Query rebuilt from nothing while posts and comments keep coming, with the
+/// bus frozen across the restart so the first catch-up attempt fails: when the
+/// bus resumes it pushes the newest events while the replay retries from the
+/// start of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_query_from_empty_under_live_traffic_applies_every_event() {
+    let suite = TestSuite::launch().await;
+    let progress = Progress::default();
+    let load = tokio::spawn(load::run(suite.http.clone(), suite.gateway.clone(), "rebuild".into(), 6, 20, progress.clone()));
+    suite.eventually("some writes accepted", || async { (progress.load(Ordering::Relaxed) >= 30).then_some(()) }).await;
+
+    suite.kill(Service::EventBus, Signal::STOP).await;
+    suite.kill(Service::Query, Signal::STOP).await;
+    delete_database(&suite, Service::Query);
+    let stalled_before = log_count(&suite, Service::Query, "cannot catch up with the bus yet");
+    suite.kill(Service::Query, Signal::KILL).await;
+    suite
+        .eventually("query's first catch-up attempt to fail", || async {
+            (log_count(&suite, Service::Query, "cannot catch up with the bus yet") > stalled_before).then_some(())
+        })
+        .await;
+    let at_rebuild = progress.load(Ordering::Relaxed);
+    // More traffic from the moment the bus resumes, racing the replay.
+    let more = tokio::spawn(load::run(suite.http.clone(), suite.gateway.clone(), "during".into(), 6, 10, progress.clone()));
+    suite.kill(Service::EventBus, Signal::CONT).await;
+
+    let mut report = load.await.expect("load");
+    report.merge(more.await.expect("load"));
+    // Comments on posts the frozen bus had not yet announced may time out
+    // (404); every write that was accepted must show up.
+    let (posts, comments, events) = suite.assert_converged(&report).await;
+    println!(
+        "query rebuilt from empty after {at_rebuild} writes, bus frozen across the restart, {} accepted ({} refused while frozen): {posts} posts, {comments} comments, {events} events, every one applied",
+        report.posts.len() + report.comments.len(),
+        report.failures
+    );
     suite.shutdown().await;
 }

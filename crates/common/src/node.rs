@@ -72,11 +72,25 @@ impl Node {
 }
 
 /// Replays what the service missed while it was down, retrying until the
-/// bus answers once; from then on the bus pushes.
+/// bus answers; from then on the bus pushes. The watermark is read once: a
+/// retry resumes from where the previous attempt got to, not from whatever
+/// pushes meanwhile did to the database.
 async fn catch_up(inbox: Inbox, bus: BusClient, shutdown: Shutdown) {
     let mut attempt = 0;
+    let mut after = None;
     loop {
-        match inbox.catch_up(&bus).await {
+        let result = match after.as_mut() {
+            Some(after) => inbox.catch_up(&bus, after).await,
+            None => match inbox.cursor().await {
+                Ok(watermark) => {
+                    tracing::info!(watermark, "catching up with the bus");
+                    after = Some(watermark);
+                    continue;
+                }
+                Err(e) => Err(e.into()),
+            },
+        };
+        match result {
             Ok(fetched) => {
                 tracing::info!(fetched, "caught up with the bus");
                 return;
