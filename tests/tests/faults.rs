@@ -393,3 +393,28 @@ async fn a_subscriber_answering_404_is_retried_not_skipped() {
     println!("subscriber answering 404/405: {} misdirected answers retried, then all {head} events in order", status["misdirected"]);
     suite.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_set_aside_are_re_driven_when_the_publisher_starts() {
+    let suite = TestSuite::launch().await;
+    suite.stop(Service::Posts).await;
+    // As an earlier bus that did not know the event would have left it: parked.
+    let parked = json!({"id": "parked-1", "type": "PostCreated", "data": {"id": "p-parked", "title": "parked"}});
+    let store = blog_common::Store::open(&suite.dir.path().join("data").join("posts"), "posts", &[]).unwrap();
+    store
+        .write(move |conn| {
+            conn.execute("INSERT INTO outbox_refused (pos, event, error) VALUES (1, ?1, 'refused')", [parked.to_string()])
+                .map_err(blog_common::store::StoreError::from)
+        })
+        .await
+        .unwrap();
+    drop(store);
+
+    suite.restart(Service::Posts).await;
+    suite.eventually("the re-driven post in query", || async { suite.view().await.contains_key("p-parked").then_some(()) }).await;
+    let log = suite.bus_events().await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["id"], "parked-1");
+    println!("1 parked event re-driven on start and published");
+    suite.shutdown().await;
+}
