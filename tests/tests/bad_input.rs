@@ -63,6 +63,8 @@ async fn malformed_events_are_refused_and_unknown_types_acknowledged() {
         ("no data", json!({"type": "PostCreated"})),
         ("not an object", json!("PostCreated")),
         ("bad id", json!({"type": "PostCreated", "id": 5, "data": {"id": "p", "title": "t"}})),
+        ("control characters in id", json!({"type": "PostCreated", "id": "e\n1 FAKE LOG LINE", "data": {"id": "p", "title": "t"}})),
+        ("escape sequence in type", json!({"type": "\u{1b}[2JPostCreated", "data": {"id": "p", "title": "t"}})),
         ("known type, bad data", json!({"type": "PostCreated", "data": {"id": "p"}})),
         ("bad status", json!({"type": "CommentUpdated", "data": {"id": "c", "postId": "p", "content": "x", "status": "maybe"}})),
     ];
@@ -98,6 +100,13 @@ async fn malformed_events_are_refused_and_unknown_types_acknowledged() {
     assert_client_error(&bad_page, 400, "bus: bad after");
     let bad_limit = suite.send(suite.http.get(format!("{}/events?limit=0", suite.url(Service::EventBus)))).await;
     assert_client_error(&bad_limit, 400, "bus: bad limit");
+    // Past i64::MAX (the log's integer), up to u64::MAX and beyond: a 400, never a 500 or the log from the start.
+    for after in ["9223372036854775808", "18446744073709551615", "18446744073709551616", "-1"] {
+        let answer = suite.send(suite.http.get(format!("{}/events?after={after}", suite.url(Service::EventBus)))).await;
+        assert_client_error(&answer, 400, &format!("bus: after={after}"));
+    }
+    let last = suite.send(suite.http.get(format!("{}/events?after=9223372036854775807", suite.url(Service::EventBus)))).await;
+    assert_eq!((last.status, last.body.clone()), (200, json!([])), "the largest position is past the end of the log");
 
     // The unknown event is in the log and was delivered without holding anything up.
     let post = suite.create_post("after the noise").await;
@@ -222,4 +231,47 @@ async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation() {
     assert_eq!(suite.comments(&post.id).await[0].status, "rejected");
     println!("forged CommentModerated {} (derived id) refused; the real decision applied: rejected", forged["id"]);
     suite.shutdown().await;
+}
+
+#[test]
+fn services_refuse_to_start_with_bad_configuration_and_name_the_variable() {
+    let bin_dir = blog_tests::binaries();
+    let secret = ("INTERNAL_SECRET", "0123456789abcdef0123");
+    let cases: Vec<(Service, Vec<(&str, &str)>, &str)> = vec![
+        (Service::EventBus, vec![], "INTERNAL_SECRET"),
+        (Service::Posts, vec![], "INTERNAL_SECRET"),
+        (Service::Comments, vec![], "INTERNAL_SECRET"),
+        (Service::Moderation, vec![], "INTERNAL_SECRET"),
+        (Service::Query, vec![], "INTERNAL_SECRET"),
+        (Service::Query, vec![("INTERNAL_SECRET", "too-short")], "INTERNAL_SECRET"),
+        (Service::EventBus, vec![secret, ("DELIVERY_BATCH", "0")], "DELIVERY_BATCH"),
+        (Service::EventBus, vec![secret, ("DELIVERY_BATCH", "1001")], "DELIVERY_BATCH"),
+        (Service::EventBus, vec![secret, ("SUBSCRIBERS", "q=http://127.0.0.1:1/events,q=http://127.0.0.1:2/events")], "SUBSCRIBERS"),
+    ];
+    for (service, env, variable) in cases {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(bin_dir.join(service.name()))
+            .env_remove("INTERNAL_SECRET")
+            .env("PORT", "0")
+            .env("DATA_DIR", data.path())
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary runs");
+        // A service that accepted the configuration would run forever.
+        let deadline = std::time::Instant::now() + blog_tests::DEADLINE;
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().expect("kill");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let output = child.wait_with_output().expect("output");
+        let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert_eq!(output.status.code(), Some(2), "{service} {env:?}: {text}");
+        assert!(text.contains(variable), "{service} {env:?}: the message must name {variable}: {text}");
+        assert!(!text.contains("too-short"), "a secret is never echoed: {text}");
+    }
 }

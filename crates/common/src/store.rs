@@ -19,7 +19,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
 };
 
@@ -61,6 +65,8 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     writer: mpsc::Sender<Job>,
+    /// Cleared when the writer thread ends for any reason (a panic included).
+    writer_alive: Arc<AtomicBool>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -87,12 +93,17 @@ impl Store {
         migrate(&mut conn, migrations)?;
 
         let (writer, jobs) = mpsc::channel::<Job>();
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = WriterAlive(writer_alive.clone());
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
-            .spawn(move || write_loop(conn, jobs))
+            .spawn(move || {
+                let _alive = alive;
+                write_loop(conn, jobs);
+            })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        Ok(Self { inner: Arc::new(Inner { path, writer, readers: Mutex::new(Vec::new()) }) })
+        Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, readers: Mutex::new(Vec::new()) }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -169,9 +180,21 @@ impl Store {
         .map_err(|e| E::from(StoreError::Join(e.to_string())))?
     }
 
-    /// Whether the database answers a trivial query: the readiness check.
+    /// Whether the store can take writes: the readiness check. False when
+    /// the writer thread has died or the database does not answer.
     pub async fn ping(&self) -> bool {
-        self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
+        self.inner.writer_alive.load(Ordering::SeqCst)
+            && self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
+    }
+}
+
+/// Clears the writer's liveness flag when the writer thread ends, unwinding included.
+struct WriterAlive(Arc<AtomicBool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        tracing::error!("the database writer thread stopped; the service is no longer ready");
     }
 }
 
@@ -320,5 +343,21 @@ mod tests {
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
         assert_eq!(count(&store).await, 100);
         assert!(store.ping().await);
+    }
+
+    #[tokio::test]
+    async fn readiness_notices_a_dead_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
+        assert!(store.ping().await);
+        let crashed = store.write(|_| -> Result<(), StoreError> { panic!("a bug in a write job") }).await;
+        assert!(matches!(crashed, Err(StoreError::WriterGone)), "{crashed:?}");
+        // The caller may hear of it while the thread is still unwinding.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.ping().await {
+            assert!(std::time::Instant::now() < deadline, "reads still work, but readiness must see that writes cannot");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(matches!(insert(&store, "x").await, Err(StoreError::WriterGone)));
     }
 }

@@ -24,7 +24,7 @@ use blog_common::{
     bus_client::http_client,
     config::{self, ConfigError},
     error::Query,
-    inbox::{EventsError, MAX_EVENTS_BODY, parse_events},
+    inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
     internal::{self, InternalSecret},
     metrics::{self, Registry},
     node::BoxError,
@@ -62,15 +62,29 @@ impl Config {
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
             subscribers: parse_subscribers(&config::list("SUBSCRIBERS", &default_subscribers))?,
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
-            batch: config::var("DELIVERY_BATCH", 256)?,
+            batch: delivery_batch(config::var("DELIVERY_BATCH", 256)?)?,
             internal_secret: InternalSecret::from_env()?,
         })
     }
 }
 
-/// `name=url` pairs; the url is the subscriber's `POST /events`.
+/// Events per push: at least one, at most what a consumer accepts in one request.
+fn delivery_batch(batch: u32) -> Result<u32, ConfigError> {
+    if batch == 0 || batch as usize > MAX_BATCH {
+        return Err(ConfigError {
+            name: "DELIVERY_BATCH".into(),
+            value: batch.to_string(),
+            reason: format!("must be between 1 and {MAX_BATCH} (the most events a consumer accepts per request)"),
+        });
+    }
+    Ok(batch)
+}
+
+/// `name=url` pairs; the url is the subscriber's `POST /events`. Names are
+/// unique: each names one persisted cursor, and two subscribers sharing one
+/// would each skip what the other acknowledged.
 pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigError> {
-    items
+    let subscribers = items
         .iter()
         .map(|item| match item.split_once('=') {
             Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("http") => {
@@ -80,7 +94,16 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
                 Err(ConfigError { name: "SUBSCRIBERS".into(), value: item.clone(), reason: "expected name=http://host:port/events".into() })
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = std::collections::HashSet::new();
+    if let Some(twice) = subscribers.iter().find(|s| !names.insert(s.name.as_str())) {
+        return Err(ConfigError {
+            name: "SUBSCRIBERS".into(),
+            value: items.join(","),
+            reason: format!("subscriber name `{}` appears twice; each name is one delivery cursor", twice.name),
+        });
+    }
+    Ok(subscribers)
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +139,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             secret: config.internal_secret.clone(),
             status,
             flow: flow.clone(),
-            batch: config.batch.max(1),
+            batch: config.batch,
             cursor,
         };
         tokio::spawn(deliverer.run(shutdown.clone()));
@@ -180,6 +203,11 @@ async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Resu
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}")));
+    }
+    // Sequence numbers are SQLite integers: anything above i64::MAX is no
+    // position in the log (and would wrap to the start of it).
+    if i64::try_from(page.after).is_err() {
+        return Err(ApiError::bad_request(format!("`after` must be at most {}", i64::MAX)));
     }
     Ok(Json(state.log.after(page.after, limit).await?))
 }
@@ -254,5 +282,17 @@ mod tests {
         assert_eq!(parsed, [Subscriber { name: "query".into(), url: "http://q:4002/events".into() }]);
         assert!(parse_subscribers(&["query".into()]).is_err());
         assert!(parse_subscribers(&["=http://x/events".into()]).is_err());
+        let twice = parse_subscribers(&["q=http://a/events".into(), "q=http://b/events".into()]).unwrap_err();
+        assert_eq!(twice.name, "SUBSCRIBERS");
+        assert!(twice.reason.contains("`q` appears twice"), "{twice}");
+    }
+
+    #[test]
+    fn the_delivery_batch_fits_what_consumers_accept() {
+        assert_eq!(delivery_batch(1).unwrap(), 1);
+        assert_eq!(delivery_batch(MAX_BATCH as u32).unwrap(), MAX_BATCH as u32);
+        for bad in [0, MAX_BATCH as u32 + 1] {
+            assert_eq!(delivery_batch(bad).unwrap_err().name, "DELIVERY_BATCH");
+        }
     }
 }
