@@ -237,7 +237,8 @@ async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation() {
 fn services_refuse_to_start_with_bad_configuration_and_name_the_variable() {
     let bin_dir = blog_tests::binaries();
     let secret = ("INTERNAL_SECRET", "0123456789abcdef0123");
-    let cases: Vec<(Service, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Service, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (Service::EventBus, vec![], "INTERNAL_SECRET"),
         (Service::Posts, vec![], "INTERNAL_SECRET"),
         (Service::Comments, vec![], "INTERNAL_SECRET"),
