@@ -181,3 +181,65 @@ async fn rebuilding_query_from_empty_under_live_traffic_applies_every_event() {
     );
     suite.shutdown().await;
 }
+
+/// The bus's database capped small (`DB_MAX_BYTES`, which fails exactly as a
+/// full disk does): publishing answers 503 JSON, the bus is not ready, users'
+/// writes still succeed (the outboxes hold the events), and once the bus runs
+/// with room again every event arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bus_refuses_loudly_and_loses_nothing_once_it_has_room() {
+    const CAP: &str = "98304";
+    let suite = TestSuite::launch_with(|options| options.env.push((Service::EventBus, "DB_MAX_BYTES".into(), CAP.into()))).await;
+    let bus = suite.url(Service::EventBus);
+    let mut posts = Vec::new();
+    let unready = loop {
+        posts.push(suite.create_post(&format!("filling the log {}", posts.len())).await.id);
+        let ready = suite.send(suite.http.get(format!("{bus}/readyz"))).await;
+        if ready.status != 200 {
+            break ready;
+        }
+        assert!(posts.len() < 2_000, "the bus never filled up");
+    };
+    assert_eq!(unready.status, 503, "{:?}", unready.body);
+    assert!(unready.body["error"].is_string(), "{:?}", unready.body);
+    let filled_at = posts.len();
+
+    // A publish straight to the full bus (larger than any room left in a
+    // page): a clear 503, never a 500.
+    let event = json!({"id": "direct-full", "type": "PostLiked", "data": {"id": "x", "note": "x".repeat(64 * 1024)}});
+    let refused = suite.post_events(Service::EventBus, &event).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert!(refused.body["error"].as_str().unwrap().contains("full"), "{:?}", refused.body);
+    // Users are still answered 201: their events wait in the outboxes.
+    for i in 0..5 {
+        posts.push(suite.create_post(&format!("while full {i}")).await.id);
+    }
+    let stored = suite.bus_events().await.len();
+    assert!(stored < posts.len(), "the cap held: {stored} stored of {}", posts.len());
+
+    // Restarted with room (the cap raised): everything is delivered, once.
+    suite.stop(Service::EventBus).await;
+    let env: Vec<(String, String)> =
+        suite.suite().options.env_for(Service::EventBus).into_iter().filter(|(name, _)| name != "DB_MAX_BYTES").collect();
+    let mut roomy = std::process::Command::new(blog_tests::binaries().join(Service::EventBus.name()))
+        .envs(env)
+        .env("DB_MAX_BYTES", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the bus starts");
+    suite.wait_ready(Service::EventBus).await;
+    let view =
+        suite.eventually("every post in query", || async { Some(suite.view().await).filter(|view| view.len() == posts.len()) }).await;
+    assert!(posts.iter().all(|id| view.contains_key(id)));
+    let log = suite.bus_events().await;
+    assert_eq!(log.len(), posts.len(), "each event once");
+    println!(
+        "bus capped at {CAP} bytes: not ready after {filled_at} posts ({stored} events stored), publish answered 503 JSON, 5 more posts answered 201; restarted with room: all {} posts delivered, log {} events",
+        posts.len(),
+        log.len()
+    );
+    roomy.kill().expect("the bus stops");
+    let _ = roomy.wait();
+    suite.shutdown().await;
+}

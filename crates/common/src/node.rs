@@ -35,7 +35,7 @@ impl Node {
     /// Opens `<DATA_DIR>/<service>.db` with the outbox and inbox tables and
     /// the service's own `migrations`.
     pub async fn open(service: Service, config: &CommonConfig, migrations: &[&str]) -> Result<Self, StoreError> {
-        let store = Store::open(&config.data_dir, service.name(), migrations)?;
+        let store = Store::open_capped(&config.data_dir, service.name(), migrations, config.db_max_bytes)?;
         store
             .write(|conn| {
                 conn.execute_batch(outbox::SCHEMA)?;
@@ -44,6 +44,7 @@ impl Node {
             })
             .await?;
         let metrics = Registry::default();
+        store.register_metrics(&metrics);
         let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url, config.internal_secret.clone());
         let outbox = Outbox::new(store.clone(), &metrics);
         Ok(Self { service, store, metrics, bus, outbox, secret: config.internal_secret.clone() })

@@ -51,6 +51,8 @@ pub struct Config {
     pub batch: u32,
     /// `INTERNAL_SECRET`: required of publishers, sent to subscribers.
     pub internal_secret: InternalSecret,
+    /// `DB_MAX_BYTES`: cap of the log's database (unset or 0: none).
+    pub db_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -64,6 +66,7 @@ impl Config {
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
             batch: delivery_batch(config::var("DELIVERY_BATCH", 256)?)?,
             internal_secret: InternalSecret::from_env()?,
+            db_max_bytes: config::db_max_bytes()?,
         })
     }
 }
@@ -115,7 +118,7 @@ pub struct AppState {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let store = Store::open(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS)?;
+    let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
     let log = EventLog::open(store.clone()).await?;
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
@@ -146,6 +149,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     }
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
+    store.register_metrics(&metrics);
     let app = server::standard(app(state), Some(store), metrics);
     server::serve(listener, app, shutdown).await?;
     Ok(())
