@@ -243,3 +243,68 @@ async fn a_full_bus_refuses_loudly_and_loses_nothing_once_it_has_room() {
     let _ = roomy.wait();
     suite.shutdown().await;
 }
+
+/// Bytes in use (pages minus free pages) of each service's database, read
+/// with the services stopped.
+async fn used_bytes(suite: &TestSuite) -> Vec<(Service, u64)> {
+    let mut sizes = Vec::new();
+    for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+        let store = blog_common::Store::open(&suite.dir.path().join("data").join(service.name()), service.name(), &[]).unwrap();
+        let used = store
+            .read(|c| {
+                let pragma = |name: &str| c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
+                Ok::<_, blog_common::store::StoreError>((pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?)
+            })
+            .await
+            .unwrap();
+        sizes.push((service, used as u64));
+    }
+    sizes
+}
+
+/// The figures behind the volume sizes: bytes per post and per comment in
+/// each database, the bus's log included (kept whole: a rebuild replays it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sizing_bytes_per_post_and_comment() {
+    const POSTS: usize = 200;
+    let suite = TestSuite::launch().await;
+    let measure = || async {
+        for service in Service::ALL {
+            suite.stop(service).await;
+        }
+        let sizes = used_bytes(&suite).await;
+        for service in Service::ALL {
+            suite.restart(service).await;
+        }
+        sizes
+    };
+    let empty = measure().await;
+    let mut posts = Vec::new();
+    for i in 0..POSTS {
+        posts.push(suite.create_post(&format!("A post title of ordinary length, number {i}")).await.id);
+    }
+    suite.eventually("every post in query", || async { (suite.view().await.len() == POSTS).then_some(()) }).await;
+    let with_posts = measure().await;
+    for (i, post) in posts.iter().enumerate() {
+        suite.comment(post, &format!("A comment of ordinary length, saying something about post {i}")).await;
+        suite.comment(post, &format!("Another comment, this one mentioning an orange, on post {i}")).await;
+    }
+    suite
+        .eventually("every comment moderated in query", || async {
+            let view = suite.view().await;
+            let done = view.values().flat_map(|p| &p.comments).filter(|c| c.status != "pending").count();
+            (done == 2 * POSTS).then_some(())
+        })
+        .await;
+    let with_comments = measure().await;
+    let log = suite.bus_events().await.len();
+    assert_eq!(log, POSTS * 7, "1 PostCreated + 3 events per comment");
+    println!("sizing: {POSTS} posts (~45-character titles), then {} comments (~60 characters), {log} events", 2 * POSTS);
+    for ((service, empty), ((_, posts), (_, comments))) in empty.iter().zip(with_posts.iter().zip(&with_comments)) {
+        let per_post = (posts - empty) as f64 / POSTS as f64;
+        let per_comment = (comments - posts) as f64 / (2 * POSTS) as f64;
+        println!("sizing: {service}: {per_post:.0} bytes per post, {per_comment:.0} bytes per comment");
+        assert!(per_post + per_comment < 8_192.0, "{service}: out of line");
+    }
+    suite.shutdown().await;
+}
