@@ -530,6 +530,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn on_a_full_database_every_answer_tells_the_truth() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(48 * 1024)).unwrap();
+        // Rounds of concurrent writes, small and large, so that batches mix
+        // jobs that fit with jobs that fill the database (which makes SQLite
+        // roll the whole transaction back, jobs that fitted included).
+        let mut told_kept = 0;
+        for round in 0..40 {
+            let writes: Vec<_> = (0..24)
+                .map(|i| {
+                    let store = store.clone();
+                    let name = format!("{round}-{i}-{}", "x".repeat(if i % 3 == 0 { 3_000 } else { 20 }));
+                    tokio::spawn(async move {
+                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
+                    })
+                })
+                .collect();
+            for write in writes {
+                match write.await.unwrap() {
+                    Ok(_) => told_kept += 1,
+                    Err(e) => assert!(e.is_storage_failure(), "{e}"),
+                }
+            }
+        }
+        assert!(!store.ping().await, "the database filled up");
+        assert_eq!(count(&store).await, told_kept, "exactly the writes answered Ok are in the database");
+    }
+
+    #[tokio::test]
     async fn a_failing_job_that_is_not_the_storage_keeps_the_store_ready() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(64 * 1024)).unwrap();
