@@ -171,3 +171,25 @@ pub fn cargo_command() -> std::process::Command {
     }
     command
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_but_the_client_gets_this_runs_secret() {
+        let options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        let secret_of = |service| {
+            options.env_for(service).into_iter().find(|(name, _)| name == blog_common::internal::SECRET_ENV).map(|(_, value)| value)
+        };
+        for service in Service::ALL {
+            match service {
+                Service::Client => assert_eq!(secret_of(service), None, "the client only reads the bus"),
+                _ => assert_eq!(secret_of(service).as_deref(), Some(options.internal_secret.as_str()), "{service}"),
+            }
+        }
+        assert!(blog_common::internal::InternalSecret::parse(&options.internal_secret).is_ok());
+        let another = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        assert_ne!(options.internal_secret, another.internal_secret, "a fresh secret per run");
+    }
+}
