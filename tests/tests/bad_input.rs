@@ -183,6 +183,7 @@ async fn internal_writes_without_the_secret_are_refused_and_change_nothing() {
             for (auth, status) in [(Auth::Missing, 401), (Auth::Wrong, 403)] {
                 let answer = suite.post_events_as(service, body, auth).await;
                 assert_client_error(&answer, status, &format!("{service} {auth:?}"));
+                assert_eq!(answer.headers.contains_key("www-authenticate"), status == 401, "{service} {auth:?}");
                 refused += 1;
             }
         }

@@ -99,7 +99,11 @@ pub async fn require_secret(State(secret): State<InternalSecret>, request: Reque
         Err((status, message)) => {
             tracing::warn!(%status, path = %request.uri().path(), "internal write refused");
             let _ = axum::body::to_bytes(request.into_body(), crate::server::READ_LIMIT).await;
-            error_response(status, message)
+            let mut response = error_response(status, message);
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
         }
     }
 }
