@@ -50,6 +50,18 @@ pub struct Answer {
     pub status: u16,
     pub body: Value,
     pub content_type: String,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// The credentials an internal request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// `Authorization: Bearer <the run's INTERNAL_SECRET>`, as the suite's own callers send.
+    Secret,
+    /// No `Authorization` header.
+    Missing,
+    /// A well-formed bearer token that is not the secret.
+    Wrong,
 }
 
 pub struct TestSuite {
@@ -137,9 +149,35 @@ impl TestSuite {
     pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
         let response = request.send().await.expect("request sent");
         let status = response.status().as_u16();
-        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let headers = response.headers().clone();
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let bytes = response.bytes().await.expect("body read");
-        Answer { status, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null), content_type }
+        Answer { status, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null), content_type, headers }
+    }
+
+    /// The run's `INTERNAL_SECRET`.
+    pub fn internal_secret(&self) -> &str {
+        &self.suite().options.internal_secret
+    }
+
+    /// A request to one service's internal route, carrying `auth`.
+    pub fn internal(&self, method: reqwest::Method, url: &str, auth: Auth) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match auth {
+            Auth::Secret => request.bearer_auth(self.internal_secret()),
+            Auth::Missing => request,
+            Auth::Wrong => request.bearer_auth(format!("{}x", self.internal_secret())),
+        }
+    }
+
+    /// `POST <service>/events` with the secret, as the bus or a relay sends it.
+    pub async fn post_events(&self, service: Service, body: &Value) -> Answer {
+        self.post_events_as(service, body, Auth::Secret).await
+    }
+
+    /// `POST <service>/events` with the given credentials.
+    pub async fn post_events_as(&self, service: Service, body: &Value, auth: Auth) -> Answer {
+        self.send(self.internal(reqwest::Method::POST, &format!("{}/events", self.url(service)), auth).json(body)).await
     }
 
     /// POST with a JSON body through the gateway.

@@ -156,6 +156,17 @@ async fn flaky_events(State(flaky): State<Flaky>, body: axum::Json<Value>) -> St
     StatusCode::OK
 }
 
+/// The bus's standard subscribers plus `name` at `url`.
+fn add_subscriber(options: &mut blog_local::Options, name: &str, url: &str) {
+    let subscribers = [Service::Comments, Service::Moderation, Service::Query]
+        .iter()
+        .map(|s| format!("{}={}/events", s.name(), options.url(*s)))
+        .chain([format!("{name}={url}")])
+        .collect::<Vec<_>>()
+        .join(",");
+    options.env.push((Service::EventBus, "SUBSCRIBERS".into(), subscribers));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_or_hanging_subscriber_holds_back_nobody_and_catches_up() {
     let flaky = Flaky::default();
@@ -164,13 +175,7 @@ async fn a_failing_or_hanging_subscriber_holds_back_nobody_and_catches_up() {
     tokio::spawn(axum::serve(listener, Router::new().route("/events", post(flaky_events)).with_state(flaky.clone())).into_future());
 
     let suite = TestSuite::launch_with(|options| {
-        let subscribers = [Service::Comments, Service::Moderation, Service::Query]
-            .iter()
-            .map(|s| format!("{}={}/events", s.name(), options.url(*s)))
-            .chain([format!("flaky={flaky_url}")])
-            .collect::<Vec<_>>()
-            .join(",");
-        options.env.push((Service::EventBus, "SUBSCRIBERS".into(), subscribers));
+        add_subscriber(options, "flaky", &flaky_url);
         options.env.push((Service::EventBus, "DELIVERY_TIMEOUT_MS".into(), "500".into()));
     })
     .await;
@@ -238,22 +243,20 @@ async fn duplicated_and_reordered_deliveries_apply_once() {
 
     // Every event again, three times, to every consumer, singly and as a batch.
     for consumer in [Service::Comments, Service::Moderation, Service::Query] {
-        let url = format!("{}/events", suite.url(consumer));
         for event in &log {
-            let answer = suite.send(suite.http.post(&url).json(event)).await;
+            let answer = suite.post_events(consumer, event).await;
             assert_eq!(answer.status, 200, "{consumer}: {:?}", answer.body);
             assert_eq!(answer.body["applied"], 0, "{consumer} applied a duplicate: {:?}", answer.body);
         }
-        let answer = suite.send(suite.http.post(&url).json(&Value::Array(log.iter().rev().cloned().collect()))).await;
+        let answer = suite.post_events(consumer, &Value::Array(log.iter().rev().cloned().collect())).await;
         assert_eq!(answer.body["applied"], 0, "{consumer}: {:?}", answer.body);
     }
 
     // A CommentUpdated that overtakes its CommentCreated is not lost.
     let data = |status: &str| json!({"id": "c-ooo", "postId": post.id, "content": "out of order", "status": status});
-    let query = format!("{}/events", suite.url(Service::Query));
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-upd", "type": "CommentUpdated", "data": data("approved")}))).await;
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")}))).await;
-    suite.send(suite.http.post(&query).json(&json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")}))).await;
+    suite.post_events(Service::Query, &json!({"id": "e-upd", "type": "CommentUpdated", "data": data("approved")})).await;
+    suite.post_events(Service::Query, &json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")})).await;
+    suite.post_events(Service::Query, &json!({"id": "e-new", "type": "CommentCreated", "data": data("pending")})).await;
     suite.wait_for_status(&post.id, "c-ooo", "approved").await;
 
     // Nothing was published twice as a result.
@@ -263,5 +266,155 @@ async fn duplicated_and_reordered_deliveries_apply_once() {
     assert_eq!(view[&post.id].comments.len(), 2);
     assert_eq!(suite.comments(&post.id).await.len(), 1);
     println!("duplicates x4 to 3 consumers and a reordered pair: 0 re-applied, log still 4 events");
+    suite.shutdown().await;
+}
+
+/// A peer at the wrong address, then the right one: a server of the test's
+/// own that first answers like something that is not our bus or inbox would
+/// (404 and 405 HTML pages, alternately), then, switched, forwards to `target`
+/// (the real bus) or acknowledges and records what it got.
+#[derive(Clone, Default)]
+struct WrongThenRight {
+    right: Arc<AtomicBool>,
+    target: Arc<Mutex<Option<String>>>,
+    acknowledged: Arc<Mutex<Vec<u64>>>,
+    wrong_answers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl WrongThenRight {
+    /// Serves on 127.0.0.1; returns its base URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(axum::serve(listener, Router::new().fallback(wrong_then_right).with_state(self.clone())).into_future());
+        url
+    }
+}
+
+async fn wrong_then_right(State(peer): State<WrongThenRight>, request: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !peer.right.load(Ordering::SeqCst) {
+        let n = peer.wrong_answers.fetch_add(1, Ordering::SeqCst);
+        let status = if n % 2 == 0 { StatusCode::NOT_FOUND } else { StatusCode::METHOD_NOT_ALLOWED };
+        return (status, [("content-type", "text/html")], "<html><body><h1>Not here</h1></body></html>").into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let target = peer.target.lock().unwrap().clone();
+    let Some(target) = target else {
+        let events: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let events = match events {
+            Value::Array(events) => events,
+            single => vec![single],
+        };
+        peer.acknowledged.lock().unwrap().extend(events.iter().filter_map(|e| e["seq"].as_u64()));
+        return axum::Json(json!({})).into_response();
+    };
+    // Forward as a relay would have sent it to the right address.
+    let mut forward = reqwest::Client::new().request(parts.method, format!("{target}{}", parts.uri));
+    for name in ["authorization", "content-type"] {
+        if let Some(value) = parts.headers.get(name) {
+            forward = forward.header(name, value);
+        }
+    }
+    let answer = forward.body(body).send().await.unwrap();
+    let mut response = axum::response::Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        response = response.header(name.as_str(), value.as_bytes());
+    }
+    response.body(axum::body::Body::from(answer.bytes().await.unwrap())).unwrap()
+}
+
+/// The value of an unlabelled counter in `service`'s `/metrics`.
+async fn metric(suite: &TestSuite, service: Service, name: &str) -> u64 {
+    let text = suite.http.get(format!("{}/metrics", suite.url(service))).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_pointed_at_the_wrong_url_loses_nothing_once_pointed_right() {
+    let peer = WrongThenRight::default();
+    let wrong_url = peer.start().await;
+    let suite = TestSuite::launch_with(|options| {
+        *peer.target.lock().unwrap() = Some(options.url(Service::EventBus));
+        options.env.push((Service::Posts, "EVENT_BUS_URL".into(), wrong_url.clone()));
+    })
+    .await;
+
+    let mut posts = Vec::new();
+    for i in 0..5 {
+        posts.push(suite.create_post(&format!("misrouted {i}")).await.id);
+    }
+    // Answered 404 and 405 a few times (more than the 5 events, so a relay
+    // that parked each refused event would have parked them all by now).
+    suite.eventually("the relay to be answered 6 times", || async { (peer.wrong_answers.load(Ordering::SeqCst) >= 6).then_some(()) }).await;
+    assert!(suite.bus_events().await.is_empty());
+
+    peer.right.store(true, Ordering::SeqCst);
+    let view = suite.eventually("all 5 posts in query", || async { Some(suite.view().await).filter(|v| v.len() == 5) }).await;
+    assert!(posts.iter().all(|id| view.contains_key(id)));
+    assert_eq!(suite.bus_events().await.len(), 5);
+    // Every wrong answer was counted for the alert.
+    let wrong = peer.wrong_answers.load(Ordering::SeqCst) as u64;
+    assert_eq!(metric(&suite, Service::Posts, "blog_outbox_misdirected_total").await, wrong);
+    println!("relay at a wrong URL: {wrong} 404/405 answers retried and counted, then all 5 posts published");
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_answering_404_is_retried_not_skipped() {
+    let peer = WrongThenRight::default();
+    let peer_url = peer.start().await;
+    let suite = TestSuite::launch_with(|options| add_subscriber(options, "elsewhere", &format!("{peer_url}/events"))).await;
+
+    let post = suite.create_post("for everyone").await;
+    let comment = suite.comment(&post.id, "hello").await.remove(0);
+    suite.wait_for_status(&post.id, &comment.id, "approved").await;
+    suite
+        .eventually("the subscriber to be tried 6 times", || async { (peer.wrong_answers.load(Ordering::SeqCst) >= 6).then_some(()) })
+        .await;
+    let status = suite.send(suite.http.get(format!("{}/status", suite.url(Service::EventBus)))).await.body;
+    let status = status["subscribers"].as_array().unwrap().iter().find(|s| s["name"] == "elsewhere").cloned().unwrap();
+    assert_eq!(status["rejected"], 0, "nothing skipped: {status}");
+    assert_eq!(status["cursor"], 0, "nothing skipped: {status}");
+    assert!(status["misdirected"].as_u64().unwrap() >= 6, "counted for the alert: {status}");
+    assert!(peer.acknowledged.lock().unwrap().is_empty());
+
+    peer.right.store(true, Ordering::SeqCst);
+    let head = suite.bus_events().await.len() as u64;
+    assert_eq!(head, 4);
+    let seen = suite
+        .eventually("the subscriber to get every event", || async {
+            let acknowledged = peer.acknowledged.lock().unwrap().clone();
+            (acknowledged.last() == Some(&head)).then_some(acknowledged)
+        })
+        .await;
+    assert_eq!(seen, (1..=head).collect::<Vec<_>>());
+    println!("subscriber answering 404/405: {} misdirected answers retried, then all {head} events in order", status["misdirected"]);
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_set_aside_are_re_driven_when_the_publisher_starts() {
+    let suite = TestSuite::launch().await;
+    suite.stop(Service::Posts).await;
+    // As an earlier bus that did not know the event would have left it: parked.
+    let parked = json!({"id": "parked-1", "type": "PostCreated", "data": {"id": "p-parked", "title": "parked"}});
+    let store = blog_common::Store::open(&suite.dir.path().join("data").join("posts"), "posts", &[]).unwrap();
+    store
+        .write(move |conn| {
+            conn.execute("INSERT INTO outbox_refused (pos, event, error) VALUES (1, ?1, 'refused')", [parked.to_string()])
+                .map_err(blog_common::store::StoreError::from)
+        })
+        .await
+        .unwrap();
+    drop(store);
+
+    suite.restart(Service::Posts).await;
+    suite.eventually("the re-driven post in query", || async { suite.view().await.contains_key("p-parked").then_some(()) }).await;
+    let log = suite.bus_events().await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["id"], "parked-1");
+    println!("1 parked event re-driven on start and published");
     suite.shutdown().await;
 }

@@ -172,22 +172,26 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
 
     // 3. Events accepted by the bus: one per request, and in batches of 100.
     let events = format!("{bus}/events");
+    let secret = suite.options.internal_secret.clone();
     let single = events.clone();
+    let single_secret = secret.clone();
     let (bus_single, _, _) = saturate(move |http, i| {
         let url = single.clone();
+        let secret = single_secret.clone();
         async move {
             let event = json!({"id": format!("bench-{i}"), "type": "BenchEvent", "data": {"i": i}});
-            http.post(url).json(&event).send().await.is_ok_and(|r| r.status().is_success())
+            http.post(url).bearer_auth(secret).json(&event).send().await.is_ok_and(|r| r.status().is_success())
         }
     })
     .await;
     let batched = events.clone();
     let (bus_batches, _, _) = saturate(move |http, i| {
         let url = batched.clone();
+        let secret = secret.clone();
         async move {
             let batch: Vec<Value> =
                 (0..100).map(|j| json!({"id": format!("bench-{i}-{j}"), "type": "BenchEvent", "data": {"j": j}})).collect();
-            http.post(url).json(&batch).send().await.is_ok_and(|r| r.status().is_success())
+            http.post(url).bearer_auth(secret).json(&batch).send().await.is_ok_and(|r| r.status().is_success())
         }
     })
     .await;

@@ -5,24 +5,37 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::events::Event;
+use crate::{events::Event, internal::InternalSecret};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("event bus unreachable: {0}")]
     Unreachable(#[from] reqwest::Error),
     #[error("event bus answered {status}: {body}")]
-    Status { status: u16, body: String },
+    Status {
+        status: u16,
+        body: String,
+        /// The bus refused the events themselves (see [`crate::internal::REFUSAL_HEADER`]).
+        refused: bool,
+    },
 }
 
 impl BusError {
-    /// Whether retrying the same request can succeed (the bus refused the
-    /// request itself otherwise).
+    /// Whether retrying the same request can succeed: anything but the bus's
+    /// own refusal of the events. A 404 or 405 from a wrong URL, a 401 or 403
+    /// from a wrong secret, a proxy's error page: all are faults of the path,
+    /// not of the events, and are retried until the path is fixed.
     pub fn is_transient(&self) -> bool {
         match self {
             BusError::Unreachable(_) => true,
-            BusError::Status { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            BusError::Status { refused, .. } => !refused,
         }
+    }
+
+    /// A 4xx that is not a refusal of the events: something is misconfigured
+    /// (URL, secret) and an operator must be told.
+    pub fn is_misdirected(&self) -> bool {
+        matches!(self, BusError::Status { status: 400..500, refused: false, .. })
     }
 }
 
@@ -60,17 +73,24 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
 pub struct BusClient {
     http: reqwest::Client,
     base: String,
+    secret: InternalSecret,
 }
 
 impl BusClient {
-    pub fn new(http: reqwest::Client, base_url: &str) -> Self {
-        Self { http, base: base_url.trim_end_matches('/').to_owned() }
+    pub fn new(http: reqwest::Client, base_url: &str, secret: InternalSecret) -> Self {
+        Self { http, base: base_url.trim_end_matches('/').to_owned(), secret }
     }
 
     /// Publishes `events` in one request; the bus stores each id once, so a
     /// retry after a lost answer does not duplicate anything.
     pub async fn publish(&self, events: &[Event]) -> Result<(), BusError> {
-        let response = self.http.post(format!("{}/events", self.base)).json(events).send().await?;
+        let response = self
+            .http
+            .post(format!("{}/events", self.base))
+            .header(reqwest::header::AUTHORIZATION, self.secret.bearer())
+            .json(events)
+            .send()
+            .await?;
         check(response).await.map(drop)
     }
 
@@ -89,6 +109,7 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, BusErro
     if status.is_success() {
         return Ok(response);
     }
+    let refused = crate::internal::is_refusal(status, response.headers());
     let body = response.text().await.unwrap_or_default();
-    Err(BusError::Status { status: status.as_u16(), body: body.chars().take(300).collect() })
+    Err(BusError::Status { status: status.as_u16(), body: body.chars().take(300).collect(), refused })
 }

@@ -3,7 +3,7 @@
 
 use std::{env, fmt::Display, path::PathBuf, str::FromStr};
 
-use crate::topology::Service;
+use crate::{internal::InternalSecret, topology::Service};
 
 #[derive(Debug, thiserror::Error)]
 #[error("environment variable {name}={value:?} is invalid: {reason}")]
@@ -46,6 +46,11 @@ pub struct CommonConfig {
     pub port: u16,
     pub data_dir: PathBuf,
     pub bus_url: String,
+    /// `INTERNAL_SECRET`: every service here has a `POST /events` to guard
+    /// and publishes or consumes through the bus.
+    pub internal_secret: InternalSecret,
+    /// `DB_MAX_BYTES`: cap of the service's database (unset or 0: none).
+    pub db_max_bytes: Option<u64>,
 }
 
 impl CommonConfig {
@@ -54,6 +59,14 @@ impl CommonConfig {
             port: var("PORT", service.default_port())?,
             data_dir: var("DATA_DIR", PathBuf::from(".data").join(service.name()))?,
             bus_url: peer_url(Service::EventBus),
+            internal_secret: InternalSecret::from_env()?,
+            db_max_bytes: db_max_bytes()?,
         })
     }
+}
+
+/// `DB_MAX_BYTES`: a cap on a database's size, below its volume's, so that it
+/// fails loudly (503, not ready) and recoverably before the filesystem fills.
+pub fn db_max_bytes() -> Result<Option<u64>, ConfigError> {
+    Ok(Some(var::<u64>("DB_MAX_BYTES", 0)?).filter(|max| *max > 0))
 }

@@ -43,6 +43,8 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Rejected { status, .. } => *status,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // A full or failing disk: nothing was written, and a retry later can succeed.
+            ApiError::Store(e) if e.is_storage_failure() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,6 +74,7 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
             let message = match &self {
                 ApiError::Unavailable(_) => "service unavailable, try again",
+                ApiError::Store(e) if e.is_storage_failure() => "storage is full or failing: nothing was written, try again later",
                 _ => "internal error",
             };
             return error_response(status, message);

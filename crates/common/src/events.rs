@@ -41,11 +41,11 @@ pub struct Event {
 pub enum EventError {
     #[error("an event must be a JSON object")]
     NotAnObject,
-    #[error("event `type` must be a non-empty string")]
+    #[error("event `type` must be a non-empty string of at most 128 characters, without control characters")]
     BadType,
     #[error("event `data` must be a JSON object")]
     BadData,
-    #[error("event `id` must be a non-empty string of at most 128 characters")]
+    #[error("event `id` must be a non-empty string of at most 128 characters, without control characters")]
     BadId,
     #[error("event `seq` must be a non-negative integer")]
     BadSeq,
@@ -74,7 +74,7 @@ impl Event {
             return Err(EventError::NotAnObject);
         };
         let kind = match object.remove("type") {
-            Some(Value::String(kind)) if !kind.trim().is_empty() && kind.len() <= MAX_ID_LEN => kind,
+            Some(Value::String(kind)) if printable(&kind) => kind,
             _ => return Err(EventError::BadType),
         };
         let data = match object.remove("data") {
@@ -88,7 +88,7 @@ impl Event {
         };
         let id = match object.remove("id") {
             None | Some(Value::Null) => content_id(&kind, &data),
-            Some(Value::String(id)) if !id.trim().is_empty() && id.len() <= MAX_ID_LEN => id,
+            Some(Value::String(id)) if printable(&id) => id,
             Some(_) => return Err(EventError::BadId),
         };
         let text = |v: Option<Value>| match v {
@@ -103,6 +103,12 @@ impl Event {
     pub fn domain(&self) -> Result<DomainEvent, EventError> {
         DomainEvent::parse(&self.kind, &self.data)
     }
+}
+
+/// Whether an id or type is fit to store and log: not blank, at most
+/// [`MAX_ID_LEN`] bytes, no control characters (which would reach text logs raw).
+fn printable(text: &str) -> bool {
+    !text.trim().is_empty() && text.len() <= MAX_ID_LEN && !text.chars().any(char::is_control)
 }
 
 /// The id of an event that came without one: a UUIDv5 of its type and data,
@@ -260,6 +266,11 @@ mod tests {
         assert_eq!(Event::from_value(json!({"type":"X"})), Err(EventError::BadData));
         assert_eq!(Event::from_value(json!({"type":"X","data":{},"id":7})), Err(EventError::BadId));
         assert_eq!(Event::from_value(json!({"type":"X","data":{},"seq":-1})), Err(EventError::BadSeq));
+        for control in ["a\nb", "a\rb", "\u{1b}[31mred", "tab\there", "nul\0", "del\u{7f}", "c1\u{85}"] {
+            assert_eq!(Event::from_value(json!({"type":"X","data":{},"id":control})), Err(EventError::BadId), "{control:?}");
+            assert_eq!(Event::from_value(json!({"type":control,"data":{}})), Err(EventError::BadType), "{control:?}");
+        }
+        assert!(Event::from_value(json!({"type":"X","data":{},"id":"ünïcode-ok 1"})).is_ok());
     }
 
     #[test]

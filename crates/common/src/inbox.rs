@@ -8,13 +8,17 @@
 //! highest bus sequence seen is kept too, so on start the consumer asks the bus
 //! for everything after it. Events of types the consumer does not handle are
 //! acknowledged and ignored; events of known types with malformed data are
-//! refused (a 4xx, which the bus counts and skips rather than retrying forever).
+//! refused with a 400 marked as a refusal of the events (see
+//! [`crate::internal::REFUSAL_HEADER`]), which the bus counts and skips rather
+//! than retrying forever.
 
 use std::sync::Arc;
 
 use axum::{
     Router,
     extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
     routing::post,
 };
 use rusqlite::Connection;
@@ -23,8 +27,9 @@ use serde_json::Value;
 
 use crate::{
     bus_client::{BusClient, BusError},
-    error::{ApiError, Json},
+    error::{ApiError, Json, error_response},
     events::{DomainEvent, Event},
+    internal::{self, InternalSecret},
     metrics::{Counter, Registry},
     outbox::Outbox,
     store::{Store, StoreError},
@@ -35,6 +40,7 @@ pub const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq INTEGER) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS consumer_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
     INSERT OR IGNORE INTO consumer_cursor (id, seq) VALUES (0, 0);
+    CREATE TABLE IF NOT EXISTS replay_seen (seq INTEGER PRIMARY KEY);
 ";
 
 /// Most events one `POST /events` may carry.
@@ -120,13 +126,16 @@ impl Inbox {
         }
     }
 
-    /// Applies `events` in one transaction. A batch holding nothing this
-    /// consumer handles is acknowledged without touching the database (the
-    /// cursor then lags behind ignored events, which only means a replay may
-    /// fetch them again and ignore them again).
+    /// Applies `events` in one transaction, and moves the replay watermark
+    /// over their sequence numbers. A batch holding nothing this consumer
+    /// handles and no sequence number is acknowledged without touching the
+    /// database.
     pub async fn deliver(&self, events: Vec<Event>) -> Result<Report, StoreError> {
         let mut report = Report::default();
         let mut relevant = Vec::with_capacity(events.len());
+        // Every event from the bus counts towards the watermark, whatever
+        // becomes of it here: the bus will not send it again.
+        let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq.and_then(|s| i64::try_from(s).ok())).collect();
         for event in events {
             match event.domain() {
                 Ok(domain) if self.handler.handles(&domain) => relevant.push((event, domain)),
@@ -135,22 +144,20 @@ impl Inbox {
             }
         }
         self.rejected.add(report.rejected.len() as u64);
-        if relevant.is_empty() {
+        if relevant.is_empty() && seqs.is_empty() {
             return Ok(report);
         }
         let handler = self.handler.clone();
-        // Relaxed: after a power loss the effects roll back with the cursor,
-        // and the catch-up on start replays them from the bus.
+        // Relaxed: after a power loss the effects roll back with the
+        // watermark, and the catch-up on start replays them from the bus.
         let (report, applied) = self
             .store
             .write_relaxed(move |conn| {
                 let mut applied = Vec::new();
-                let mut max_seq = 0;
                 for (event, domain) in relevant {
-                    max_seq = max_seq.max(event.seq.unwrap_or(0));
                     let fresh = conn
                         .prepare_cached("INSERT OR IGNORE INTO inbox (event_id, seq) VALUES (?1, ?2)")?
-                        .execute(rusqlite::params![event.id, event.seq.map(|s| s as i64)])?
+                        .execute(rusqlite::params![event.id, event.seq.and_then(|s| i64::try_from(s).ok())])?
                         == 1;
                     if !fresh {
                         report.duplicates += 1;
@@ -160,9 +167,7 @@ impl Inbox {
                     report.applied += 1;
                     applied.push(Applied { seq: event.seq, event: domain });
                 }
-                if max_seq > 0 {
-                    conn.prepare_cached("UPDATE consumer_cursor SET seq = max(seq, ?1) WHERE id = 0")?.execute([max_seq as i64])?;
-                }
+                advance_watermark(conn, &seqs)?;
                 Ok::<_, StoreError>((report, applied))
             })
             .await?;
@@ -177,67 +182,117 @@ impl Inbox {
         Ok(report)
     }
 
-    /// The highest bus sequence number this consumer has seen.
+    /// The replay watermark: every bus event up to it has been processed.
     pub async fn cursor(&self) -> Result<u64, StoreError> {
-        self.store
-            .read(|conn| {
-                conn.query_row("SELECT seq FROM consumer_cursor WHERE id = 0", [], |row| row.get::<_, i64>(0))
-                    .map(|seq| seq as u64)
-                    .map_err(StoreError::from)
-            })
-            .await
+        self.store.read(|conn| Ok::<_, StoreError>(watermark(conn)? as u64)).await
     }
 
-    /// Asks the bus for every event after the cursor and applies it; returns
-    /// how many events were fetched.
-    pub async fn catch_up(&self, bus: &BusClient) -> Result<usize, CatchUpError> {
+    /// Asks the bus for every event after `after` and applies it, moving
+    /// `after` along page by page, so a retry resumes where this attempt got
+    /// to; returns how many events were fetched.
+    pub async fn catch_up(&self, bus: &BusClient, after: &mut u64) -> Result<usize, CatchUpError> {
         let mut fetched = 0;
-        let mut after = self.cursor().await?;
         loop {
-            let page = bus.events_after(after, REPLAY_PAGE).await?;
+            let page = bus.events_after(*after, REPLAY_PAGE).await?;
             let count = page.len();
             let last = page.last().and_then(|e| e.seq).unwrap_or(0);
             self.deliver(page).await?;
             fetched += count;
-            if count < REPLAY_PAGE as usize || last <= after {
+            if count < REPLAY_PAGE as usize || last <= *after {
                 return Ok(fetched);
             }
-            after = last;
+            *after = last;
         }
     }
 
-    /// `POST /events`.
-    pub fn router(&self) -> Router {
-        Router::new().route("/events", post(receive)).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)).with_state(self.clone())
+    /// `POST /events`, for callers holding `secret`.
+    pub fn router(&self, secret: &InternalSecret) -> Router {
+        Router::new()
+            .route("/events", post(receive))
+            .route_layer(axum::middleware::from_fn_with_state(secret.clone(), internal::require_secret))
+            .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY))
+            .with_state(self.clone())
+    }
+}
+
+fn watermark(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT seq FROM consumer_cursor WHERE id = 0")?.query_row([], |row| row.get(0))
+}
+
+/// Records `seqs` as processed and moves the watermark over the gap-free run
+/// above it, if the next sequence number is there. Only sequence numbers
+/// above the watermark are kept.
+fn advance_watermark(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<()> {
+    let mark = watermark(conn)?;
+    let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO replay_seen (seq) VALUES (?1)")?;
+    for seq in seqs.iter().filter(|seq| **seq > mark) {
+        insert.execute([seq])?;
+    }
+    // All kept numbers are above the watermark, so when `mark + 1` is among
+    // them, the first one not followed by its successor ends the run from it.
+    let end: Option<i64> = conn
+        .prepare_cached(
+            "SELECT min(s.seq) FROM replay_seen s
+             WHERE NOT EXISTS (SELECT 1 FROM replay_seen n WHERE n.seq = s.seq + 1)
+               AND EXISTS (SELECT 1 FROM replay_seen f WHERE f.seq = ?1)",
+        )?
+        .query_row([mark + 1], |row| row.get(0))?;
+    if let Some(end) = end {
+        conn.prepare_cached("UPDATE consumer_cursor SET seq = ?1 WHERE id = 0")?.execute([end])?;
+        conn.prepare_cached("DELETE FROM replay_seen WHERE seq <= ?1")?.execute([end])?;
+    }
+    Ok(())
+}
+
+/// Why a `POST /events` body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventsError {
+    /// More events than one request may carry: the sender's batch size is
+    /// wrong, not the events, so this is not marked as their refusal.
+    #[error("at most {MAX_BATCH} events per request")]
+    TooMany,
+    /// The events themselves are malformed: marked with
+    /// [`crate::internal::REFUSAL_HEADER`], so the sender sets them aside.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl IntoResponse for EventsError {
+    fn into_response(self) -> Response {
+        let response = error_response(StatusCode::BAD_REQUEST, &self.to_string());
+        match self {
+            EventsError::TooMany => response,
+            EventsError::Malformed(_) => internal::mark_refusal(response),
+        }
     }
 }
 
 /// Parses the body of `POST /events`: one event or an array of events.
-pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), ApiError> {
+pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), EventsError> {
     match body {
         Value::Array(items) => {
             if items.len() > MAX_BATCH {
-                return Err(ApiError::bad_request(format!("at most {MAX_BATCH} events per request")));
+                return Err(EventsError::TooMany);
             }
             let events = items
                 .into_iter()
                 .enumerate()
-                .map(|(i, item)| Event::from_value(item).map_err(|e| ApiError::bad_request(format!("event {i}: {e}"))))
+                .map(|(i, item)| Event::from_value(item).map_err(|e| EventsError::Malformed(format!("event {i}: {e}"))))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((events, true))
         }
         single => {
-            let event = Event::from_value(single).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let event = Event::from_value(single).map_err(|e| EventsError::Malformed(e.to_string()))?;
             Ok((vec![event], false))
         }
     }
 }
 
-async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, ApiError> {
-    let (events, batch) = parse_events(body)?;
-    let report = inbox.deliver(events).await?;
+async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, Response> {
+    let (events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
+    let report = inbox.deliver(events).await.map_err(|e| ApiError::from(e).into_response())?;
     if !batch && let Some(rejection) = report.rejected.first() {
-        return Err(ApiError::bad_request(rejection.error.clone()));
+        return Err(EventsError::Malformed(rejection.error.clone()).into_response());
     }
     Ok(Json(report))
 }
@@ -295,9 +350,63 @@ mod tests {
         let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
         assert_eq!(rows, 1);
         assert_eq!(seen.0.lock().unwrap().len(), 1);
-        assert_eq!(inbox.cursor().await.unwrap(), 1, "the cursor follows applied events");
+        assert_eq!(inbox.cursor().await.unwrap(), 3, "applied, ignored and refused events all count");
         let ignored_only = inbox.deliver(vec![liked]).await.unwrap();
         assert_eq!((ignored_only.ignored, ignored_only.applied), (1, 0));
+    }
+
+    async fn inbox_over_posts() -> (tempfile::TempDir, Store, Inbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
+        store.write(|c| c.execute_batch(SCHEMA).map_err(StoreError::from)).await.unwrap();
+        let inbox = Inbox::new(store.clone(), Arc::new(Posts::default()), None, &Registry::default());
+        (dir, store, inbox)
+    }
+
+    fn post(seq: u64) -> Event {
+        event(json!({"id": format!("e{seq}"), "seq": seq, "type": "PostCreated", "data": {"id": format!("p{seq}"), "title": "t"}}))
+    }
+
+    fn liked(seq: u64) -> Event {
+        event(json!({"id": format!("l{seq}"), "seq": seq, "type": "PostLiked", "data": {"id": "p"}}))
+    }
+
+    #[tokio::test]
+    async fn the_watermark_moves_only_over_gap_free_runs() {
+        let (_dir, _store, inbox) = inbox_over_posts().await;
+        inbox.deliver(vec![post(1), post(2)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 2);
+
+        // Pushes run ahead of the replay: 5 and 7 are applied, the watermark stays.
+        inbox.deliver(vec![post(5)]).await.unwrap();
+        inbox.deliver(vec![post(7)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 2, "a push above a gap does not move the watermark");
+        // Filling part of the gap moves it to the end of what is contiguous.
+        inbox.deliver(vec![post(3)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 3);
+        // Ignored types count: 4 completes the run through 5, 6 through 7.
+        inbox.deliver(vec![liked(4)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 5);
+        let replay = inbox.deliver(vec![post(5), liked(6), post(7), post(8)]).await.unwrap();
+        assert_eq!((replay.applied, replay.duplicates, replay.ignored), (1, 2, 1));
+        assert_eq!(inbox.cursor().await.unwrap(), 8);
+    }
+
+    #[tokio::test]
+    async fn out_of_order_batches_huge_and_missing_seqs_do_not_poison_the_watermark() {
+        let (_dir, store, inbox) = inbox_over_posts().await;
+        inbox.deliver(vec![post(3), post(1)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 1);
+        let huge = event(json!({"id": "h", "seq": u64::MAX, "type": "PostCreated", "data": {"id": "ph", "title": "t"}}));
+        let big = event(json!({"id": "b", "seq": i64::MAX, "type": "PostCreated", "data": {"id": "pb", "title": "t"}}));
+        let no_seq = event(json!({"id": "n", "type": "PostCreated", "data": {"id": "pn", "title": "t"}}));
+        inbox.deliver(vec![huge, big, no_seq]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 1);
+        inbox.deliver(vec![post(2)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 3, "the gap filled, the watermark jumps over what was seen");
+        let kept: i64 =
+            store.read(|c| c.query_row("SELECT count(*) FROM replay_seen", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+        assert_eq!(kept, 1, "only seqs above the watermark are kept (the far one)");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod inbox;
+pub mod internal;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

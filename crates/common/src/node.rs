@@ -9,6 +9,7 @@ use crate::{
     bus_client::{BusClient, http_client},
     config::CommonConfig,
     inbox::{self, Handler, Inbox},
+    internal::InternalSecret,
     metrics::Registry,
     outbox::{self, Outbox, backoff},
     server::{self, Shutdown},
@@ -27,13 +28,14 @@ pub struct Node {
     pub metrics: Registry,
     pub bus: BusClient,
     pub outbox: Outbox,
+    pub secret: InternalSecret,
 }
 
 impl Node {
     /// Opens `<DATA_DIR>/<service>.db` with the outbox and inbox tables and
     /// the service's own `migrations`.
     pub async fn open(service: Service, config: &CommonConfig, migrations: &[&str]) -> Result<Self, StoreError> {
-        let store = Store::open(&config.data_dir, service.name(), migrations)?;
+        let store = Store::open_capped(&config.data_dir, service.name(), migrations, config.db_max_bytes)?;
         store
             .write(|conn| {
                 conn.execute_batch(outbox::SCHEMA)?;
@@ -42,9 +44,10 @@ impl Node {
             })
             .await?;
         let metrics = Registry::default();
-        let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url);
+        store.register_metrics(&metrics);
+        let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url, config.internal_secret.clone());
         let outbox = Outbox::new(store.clone(), &metrics);
-        Ok(Self { service, store, metrics, bus, outbox })
+        Ok(Self { service, store, metrics, bus, outbox, secret: config.internal_secret.clone() })
     }
 
     /// An inbox applying events with `handler`; effects it stages wake the relay.
@@ -59,9 +62,9 @@ impl Node {
         let events = match inbox {
             Some(inbox) => {
                 tokio::spawn(catch_up(inbox.clone(), self.bus.clone(), shutdown.clone()));
-                inbox.router()
+                inbox.router(&self.secret)
             }
-            None => server::ack_events(),
+            None => server::ack_events(&self.secret),
         };
         let app = server::standard(routes.merge(events), Some(self.store.clone()), self.metrics.clone());
         server::serve(listener, app, shutdown).await?;
@@ -70,11 +73,25 @@ impl Node {
 }
 
 /// Replays what the service missed while it was down, retrying until the
-/// bus answers once; from then on the bus pushes.
+/// bus answers; from then on the bus pushes. The watermark is read once: a
+/// retry resumes from where the previous attempt got to, not from whatever
+/// pushes meanwhile did to the database.
 async fn catch_up(inbox: Inbox, bus: BusClient, shutdown: Shutdown) {
     let mut attempt = 0;
+    let mut after = None;
     loop {
-        match inbox.catch_up(&bus).await {
+        let result = match after.as_mut() {
+            Some(after) => inbox.catch_up(&bus, after).await,
+            None => match inbox.cursor().await {
+                Ok(watermark) => {
+                    tracing::info!(watermark, "catching up with the bus");
+                    after = Some(watermark);
+                    continue;
+                }
+                Err(e) => Err(e.into()),
+            },
+        };
+        match result {
             Ok(fetched) => {
                 tracing::info!(fetched, "caught up with the bus");
                 return;

@@ -47,6 +47,7 @@ pub struct Outbox {
     wake: Arc<Notify>,
     published: Counter,
     retries: Counter,
+    misdirected: Counter,
     depth: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -68,6 +69,10 @@ impl Outbox {
             wake: Arc::new(Notify::new()),
             published: metrics.counter("blog_outbox_published_total", "Events the bus acknowledged."),
             retries: metrics.counter("blog_outbox_retries_total", "Failed attempts to reach the bus."),
+            misdirected: metrics.counter(
+                "blog_outbox_misdirected_total",
+                "4xx answers that did not refuse the events (wrong EVENT_BUS_URL or INTERNAL_SECRET); retried.",
+            ),
             depth,
         }
     }
@@ -77,8 +82,16 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Delivers staged events to the bus until `shutdown`.
+    /// Delivers staged events to the bus until `shutdown`. Events the bus
+    /// refused earlier are re-driven first: each start of the service tries
+    /// them again (after a fix to the bus, they go through; if still refused,
+    /// they are set aside again).
     pub async fn relay(self, bus: BusClient, shutdown: Shutdown) {
+        match self.redrive().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "re-driving events the bus refused before"),
+            Err(e) => tracing::error!(error = %e, "cannot re-drive refused events"),
+        }
         let mut failures: u32 = 0;
         loop {
             let batch = match self.pending().await {
@@ -105,7 +118,12 @@ impl Outbox {
                 Err(e) => {
                     failures += 1;
                     self.retries.inc();
-                    tracing::warn!(error = %e, attempt = failures, "publishing to the bus failed; will retry");
+                    if e.is_misdirected() {
+                        self.misdirected.inc();
+                        tracing::error!(error = %e, attempt = failures, "the bus URL or secret is wrong: publishing refused; will retry");
+                    } else {
+                        tracing::warn!(error = %e, attempt = failures, "publishing to the bus failed; will retry");
+                    }
                     if shutdown.sleep(backoff(failures)).await {
                         return;
                     }
@@ -176,6 +194,17 @@ impl Outbox {
             // The rows stay and are sent again; the bus ignores the repeats.
             Err(e) => tracing::error!(error = %e, "cannot delete published events from the outbox"),
         }
+    }
+
+    /// Moves every set-aside event back into the outbox; returns how many.
+    pub async fn redrive(&self) -> Result<usize, StoreError> {
+        self.store
+            .write(|conn| {
+                let moved = conn.execute("INSERT INTO outbox (event) SELECT event FROM outbox_refused ORDER BY pos", [])?;
+                conn.execute("DELETE FROM outbox_refused", [])?;
+                Ok(moved)
+            })
+            .await
     }
 
     async fn refuse(&self, pos: i64, json: String, error: &str) -> Result<(), StoreError> {

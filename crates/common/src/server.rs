@@ -152,16 +152,18 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: Shutdown) -> io
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await
 }
 
-/// Answers `POST /events` for a service that consumes nothing: the envelope is
-/// checked and the event acknowledged, as the original's services do.
-pub fn ack_events() -> Router {
-    async fn ack(
-        error::Json(body): error::Json<serde_json::Value, { crate::inbox::MAX_EVENTS_BODY }>,
-    ) -> Result<Response, error::ApiError> {
-        crate::inbox::parse_events(body)?;
+/// Answers `POST /events` for a service that consumes nothing: the caller
+/// must hold `secret`, the envelope is checked and the event acknowledged, as
+/// the original's services do.
+pub fn ack_events(secret: &crate::internal::InternalSecret) -> Router {
+    async fn ack(error::Json(body): error::Json<serde_json::Value, { crate::inbox::MAX_EVENTS_BODY }>) -> Result<Response, Response> {
+        crate::inbox::parse_events(body).map_err(IntoResponse::into_response)?;
         Ok(axum::Json(serde_json::json!({})).into_response())
     }
-    Router::new().route("/events", axum::routing::post(ack).layer(DefaultBodyLimit::max(crate::inbox::MAX_EVENTS_BODY)))
+    Router::new()
+        .route("/events", axum::routing::post(ack))
+        .route_layer(axum::middleware::from_fn_with_state(secret.clone(), crate::internal::require_secret))
+        .layer(DefaultBodyLimit::max(crate::inbox::MAX_EVENTS_BODY))
 }
 
 /// Runs a service binary: telemetry, configuration, bind, serve. Returns the

@@ -16,10 +16,22 @@
 //! effects roll back together with its cursor and are replayed from the bus,
 //! a lost cursor or outbox deletion only means a redelivery the receiver
 //! recognises. A batch with any durable job is committed durably.
+//!
+//! A full or failing disk (or a database at its `DB_MAX_BYTES` cap, which
+//! SQLite reports exactly as a full disk) fails the writes that needed the
+//! space, rolled back so nothing half-written remains, and marks the store
+//! *degraded*: readiness turns false and callers answer 503, so nobody is told
+//! a write was kept when it was not. While degraded, the writer probes after
+//! each batch (and readiness asks it to) by allocating a few pages in a
+//! savepoint it rolls back; the mark clears once there is room again.
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
 };
 
@@ -41,15 +53,44 @@ pub enum StoreError {
     WriterGone,
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("storage is full or failing: {0}")]
+    Full(String),
     #[error("read task failed: {0}")]
     Join(String),
 }
 
-type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+impl StoreError {
+    /// Whether the storage (not the request) is at fault: a full disk, a
+    /// database at its size cap, an I/O error. Such a write can succeed later.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            StoreError::Full(_) => true,
+            StoreError::Sqlite(e) => is_storage_failure(e),
+            _ => false,
+        }
+    }
+}
+
+fn is_storage_failure(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::{DiskFull, ReadOnly, SystemIoFailure};
+    matches!(e.sqlite_error_code(), Some(DiskFull | SystemIoFailure | ReadOnly))
+}
+
+/// How a group commit ended, as each job's caller hears it.
+#[derive(Debug, Clone)]
+enum CommitError {
+    Storage(String),
+    Other(String),
+}
+
+type Completion = Box<dyn FnOnce(Option<&CommitError>) + Send>;
+/// A job that ran: its completion, and whether the job itself failed.
+type Ran = (Completion, bool);
 
 struct Job {
     durable: bool,
-    run: Box<dyn FnOnce(&Connection) -> Completion + Send>,
+    /// Runs the job; returns its completion and whether the job failed.
+    run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
 }
 
 /// A service's database. Cheap to clone.
@@ -61,6 +102,12 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     writer: mpsc::Sender<Job>,
+    /// Cleared when the writer thread ends for any reason (a panic included).
+    writer_alive: Arc<AtomicBool>,
+    /// Set by the writer when storage failed a write, cleared by a commit.
+    degraded: Arc<AtomicBool>,
+    /// `DB_MAX_BYTES`, when set.
+    max_bytes: Option<u64>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -74,6 +121,14 @@ impl Store {
     /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
     /// migration `i` runs once, when the schema version is below `i + 1`.
     pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
+        Self::open_capped(dir, name, migrations, None)
+    }
+
+    /// Like [`Store::open`], with the database capped at `max_bytes`
+    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk. Capping a
+    /// database below its volume's size makes it fail loudly, and recoverably
+    /// (raise the cap), before the filesystem itself fills.
+    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         let path = dir.join(format!("{name}.db"));
         let mut conn = Connection::open(&path)?;
@@ -85,14 +140,28 @@ impl Store {
              PRAGMA cache_size = -2000;",
         )?;
         migrate(&mut conn, migrations)?;
+        conn.execute_batch(PROBE_SCHEMA)?;
+        if let Some(max_bytes) = max_bytes {
+            let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+            // SQLite keeps the cap at least the current size.
+            let pages = (max_bytes / page_size.max(1) as u64).max(1);
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        }
 
         let (writer, jobs) = mpsc::channel::<Job>();
+        let degraded = Arc::new(AtomicBool::new(false));
+        let writer_alive = Arc::new(AtomicBool::new(true));
+        let alive = WriterAlive(writer_alive.clone());
+        let writer_degraded = degraded.clone();
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
-            .spawn(move || write_loop(conn, jobs))
+            .spawn(move || {
+                let _alive = alive;
+                write_loop(conn, jobs, &writer_degraded);
+            })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        Ok(Self { inner: Arc::new(Inner { path, writer, readers: Mutex::new(Vec::new()) }) })
+        Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()) }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -129,16 +198,19 @@ impl Store {
         E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
-        let run = Box::new(move |conn: &Connection| -> Completion {
+        let run = Box::new(move |conn: &Connection| -> Ran {
             let outcome = run_in_savepoint(conn, f);
-            Box::new(move |commit_error: Option<&str>| {
+            let failed = outcome.is_err();
+            let completion: Completion = Box::new(move |commit_error: Option<&CommitError>| {
                 let result = match (outcome, commit_error) {
                     (Ok(value), None) => Ok(value),
-                    (Ok(_), Some(e)) => Err(StoreError::Commit(e.to_owned()).into()),
+                    (Ok(_), Some(CommitError::Storage(e))) => Err(StoreError::Full(e.clone()).into()),
+                    (Ok(_), Some(CommitError::Other(e))) => Err(StoreError::Commit(e.clone()).into()),
                     (Err(e), _) => Err(e),
                 };
                 let _ = tx.send(result);
-            })
+            });
+            (completion, failed)
         });
         self.inner.writer.send(Job { durable, run }).map_err(|_| E::from(StoreError::WriterGone))?;
         rx.await.map_err(|_| E::from(StoreError::WriterGone))?
@@ -169,9 +241,62 @@ impl Store {
         .map_err(|e| E::from(StoreError::Join(e.to_string())))?
     }
 
-    /// Whether the database answers a trivial query: the readiness check.
+    /// Whether the store can take writes: the readiness check. False when
+    /// the writer thread has died, the database does not answer, or storage
+    /// failed a write and a probe write still cannot allocate space.
     pub async fn ping(&self) -> bool {
+        if !self.inner.writer_alive.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.inner.degraded.load(Ordering::SeqCst) {
+            // An empty job: after it the writer probes for room again.
+            let _ = self.write_relaxed(|_| Ok::<_, StoreError>(())).await;
+            return !self.inner.degraded.load(Ordering::SeqCst);
+        }
         self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
+    }
+
+    /// Gauges of the database's size on disk, its cap and the free space of
+    /// the filesystem holding it.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+        let inner = self.inner.clone();
+        metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
+            let size = |suffix: &str| {
+                let mut path = inner.path.clone().into_os_string();
+                path.push(suffix);
+                std::fs::metadata(path).map_or(0, |m| m.len())
+            };
+            out.push((String::new(), (size("") + size("-wal")) as f64));
+        });
+        if let Some(max) = self.inner.max_bytes {
+            metrics.gauge("blog_db_max_bytes", "DB_MAX_BYTES: past it, writes fail as on a full disk.", move |out| {
+                out.push((String::new(), max as f64));
+            });
+        }
+        let inner = self.inner.clone();
+        metrics.gauge("blog_data_free_bytes", "Space available to the service on the data directory's filesystem.", move |out| {
+            let dir = inner.path.parent().unwrap_or(Path::new("."));
+            if let Ok(stat) = rustix::fs::statvfs(dir) {
+                out.push((String::new(), stat.f_bavail.saturating_mul(stat.f_frsize) as f64));
+            }
+        });
+        let inner = self.inner.clone();
+        metrics.gauge("blog_db_degraded", "1 while storage is failing writes (full disk, cap reached, I/O errors).", move |out| {
+            out.push((String::new(), f64::from(u8::from(inner.degraded.load(Ordering::SeqCst)))));
+        });
+    }
+}
+
+/// A table for readiness probes of a degraded store; always empty.
+const PROBE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS store_probe (filler BLOB);";
+
+/// Clears the writer's liveness flag when the writer thread ends, unwinding included.
+struct WriterAlive(Arc<AtomicBool>);
+
+impl Drop for WriterAlive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+        tracing::error!("the database writer thread stopped; the service is no longer ready");
     }
 }
 
@@ -204,13 +329,20 @@ where
             Ok(value)
         }
         Err(e) => {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+            // SQLite may already have rolled the whole transaction back (a
+            // full disk): then there is no savepoint left, and the writer sees
+            // the transaction gone. If the savepoint exists but cannot be
+            // rolled back, the whole transaction goes, so no part of this job
+            // can commit.
+            if conn.execute_batch("ROLLBACK TO job; RELEASE job").is_err() && !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
             Err(e)
         }
     }
 }
 
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, degraded: &AtomicBool) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced = true;
@@ -229,9 +361,26 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 synced = durable;
             }
         }
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        let mut began = conn.execute_batch("BEGIN IMMEDIATE");
+        let mut storage_failed = began.as_ref().is_err_and(is_storage_failure);
         for job in batch.drain(..) {
-            done.push((job.run)(&conn));
+            let (completion, failed) = (job.run)(&conn);
+            done.push(completion);
+            if began.is_ok() && conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (as it may on a
+                // full disk or an I/O error): every job in it so far is lost,
+                // and its caller must hear so. The rest get a new transaction.
+                storage_failed = true;
+                let lost = CommitError::Storage("the database rolled the transaction back".to_owned());
+                for completion in done.drain(..) {
+                    completion(Some(&lost));
+                }
+                began = conn.execute_batch("BEGIN IMMEDIATE");
+            } else if failed && !storage_failed {
+                // The job rolled back alone; whether the storage was the
+                // cause, a probe allocation tells (the job's error is the caller's type).
+                storage_failed = !can_allocate(&conn);
+            }
         }
         // Without the outer transaction each job's savepoint committed on its
         // own when released, so there is nothing left to commit.
@@ -241,13 +390,40 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; rolling back the batch");
                 let _ = conn.execute_batch("ROLLBACK");
-                Some(e.to_string())
+                Some(if is_storage_failure(&e) {
+                    storage_failed = true;
+                    CommitError::Storage(e.to_string())
+                } else {
+                    CommitError::Other(e.to_string())
+                })
             }
         };
+        // Once degraded, only a probe that finds room clears the mark: a
+        // small write that happened to fit says nothing about the next one.
+        if !storage_failed && degraded.load(Ordering::SeqCst) {
+            storage_failed = !can_allocate(&conn);
+        }
+        if storage_failed != degraded.swap(storage_failed, Ordering::SeqCst) {
+            if storage_failed {
+                tracing::error!("storage is full or failing: writes are refused (503) and the service is not ready");
+            } else {
+                tracing::info!("storage accepts writes again");
+            }
+        }
         for completion in done.drain(..) {
-            completion(error.as_deref());
+            completion(error.as_ref());
         }
     }
+}
+
+/// Whether the database can take a few more pages: written and rolled back.
+fn can_allocate(conn: &Connection) -> bool {
+    if conn.execute_batch("SAVEPOINT probe").is_err() {
+        return false;
+    }
+    let inserted = conn.execute("INSERT INTO store_probe (filler) VALUES (zeroblob(16384))", []);
+    let _ = conn.execute_batch("ROLLBACK TO probe; RELEASE probe");
+    !matches!(inserted, Err(ref e) if is_storage_failure(e))
 }
 
 #[cfg(test)]
@@ -320,5 +496,91 @@ mod tests {
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
         assert_eq!(count(&store).await, 100);
         assert!(store.ping().await);
+    }
+
+    #[tokio::test]
+    async fn a_full_database_refuses_writes_loudly_and_recovers_when_the_cap_is_raised() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = 0;
+        {
+            let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(64 * 1024)).unwrap();
+            let error = loop {
+                let name = format!("{kept:0>400}");
+                match store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await {
+                    Ok(_) => kept += 1,
+                    Err(e) => break e,
+                }
+                assert!(kept < 10_000, "the cap was never reached");
+            };
+            assert!(error.is_storage_failure(), "{error}");
+            // A write that needs no new page still commits; the store stays not ready.
+            store.write(|c| c.execute("UPDATE item SET name = name WHERE id = 1", []).map_err(StoreError::from)).await.unwrap();
+            assert!(!store.ping().await, "a full store is not ready");
+            assert_eq!(count(&store).await, kept, "the refused write left nothing behind");
+            let metrics = crate::metrics::Registry::default();
+            store.register_metrics(&metrics);
+            let text = metrics.render();
+            assert!(text.contains("blog_db_degraded 1\n") && text.contains("blog_db_max_bytes 65536\n"), "{text}");
+            assert!(text.contains("\nblog_data_free_bytes ") && text.contains("\nblog_db_bytes "), "{text}");
+        }
+        let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(1024 * 1024)).unwrap();
+        assert!(store.ping().await);
+        insert(&store, "after").await.unwrap();
+        assert_eq!(count(&store).await, kept + 1);
+    }
+
+    #[tokio::test]
+    async fn on_a_full_database_every_answer_tells_the_truth() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(48 * 1024)).unwrap();
+        // Rounds of concurrent writes, small and large, so that batches mix
+        // jobs that fit with jobs that fill the database (which makes SQLite
+        // roll the whole transaction back, jobs that fitted included).
+        let mut told_kept = 0;
+        for round in 0..40 {
+            let writes: Vec<_> = (0..24)
+                .map(|i| {
+                    let store = store.clone();
+                    let name = format!("{round}-{i}-{}", "x".repeat(if i % 3 == 0 { 3_000 } else { 20 }));
+                    tokio::spawn(async move {
+                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
+                    })
+                })
+                .collect();
+            for write in writes {
+                match write.await.unwrap() {
+                    Ok(_) => told_kept += 1,
+                    Err(e) => assert!(e.is_storage_failure(), "{e}"),
+                }
+            }
+        }
+        assert!(!store.ping().await, "the database filled up");
+        assert_eq!(count(&store).await, told_kept, "exactly the writes answered Ok are in the database");
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_that_is_not_the_storage_keeps_the_store_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(64 * 1024)).unwrap();
+        insert(&store, "a").await.unwrap();
+        let duplicate = insert(&store, "a").await.unwrap_err();
+        assert!(!duplicate.is_storage_failure(), "{duplicate}");
+        assert!(store.ping().await);
+    }
+
+    #[tokio::test]
+    async fn readiness_notices_a_dead_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
+        assert!(store.ping().await);
+        let crashed = store.write(|_| -> Result<(), StoreError> { panic!("a bug in a write job") }).await;
+        assert!(matches!(crashed, Err(StoreError::WriterGone)), "{crashed:?}");
+        // The caller may hear of it while the thread is still unwinding.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.ping().await {
+            assert!(std::time::Instant::now() < deadline, "reads still work, but readiness must see that writes cannot");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(matches!(insert(&store, "x").await, Err(StoreError::WriterGone)));
     }
 }

@@ -35,6 +35,8 @@ pub struct Options {
     pub log: LogSink,
     /// Extra environment for one service, e.g. `POST_WAIT_MS` for comments.
     pub env: Vec<(Service, String, String)>,
+    /// `INTERNAL_SECRET` of this run, given to every service but the client.
+    pub internal_secret: String,
 }
 
 impl Options {
@@ -47,11 +49,13 @@ impl Options {
             gateway_addr: SocketAddr::from(([127, 0, 0, 1], gateway_port)),
             log,
             env: Vec::new(),
+            internal_secret: fresh_secret(),
         }
     }
 
-    /// The environment a service process gets: its port, its data directory
-    /// and every peer's URL.
+    /// The environment a service process gets: its port, its data directory,
+    /// every peer's URL and, for all but the client (which only reads the
+    /// bus), the run's internal secret.
     pub fn env_for(&self, service: Service) -> Vec<(String, String)> {
         let mut env = vec![
             // glibc gives threads malloc arenas of their own; two keep idle memory small.
@@ -62,6 +66,9 @@ impl Options {
         for peer in Service::ALL {
             env.push((peer.url_env().to_owned(), self.url(peer)));
         }
+        if service != Service::Client {
+            env.push((blog_common::internal::SECRET_ENV.to_owned(), self.internal_secret.clone()));
+        }
         env.extend(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k.clone(), v.clone())));
         env
     }
@@ -69,6 +76,11 @@ impl Options {
     pub fn url(&self, service: Service) -> String {
         format!("http://127.0.0.1:{}", self.ports[&service])
     }
+}
+
+/// A secret for one run, from the OS's random source (v4 UUIDs): 244 random bits.
+fn fresh_secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 /// The running suite.
@@ -158,4 +170,26 @@ pub fn cargo_command() -> std::process::Command {
         }
     }
     command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_but_the_client_gets_this_runs_secret() {
+        let options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        let secret_of = |service| {
+            options.env_for(service).into_iter().find(|(name, _)| name == blog_common::internal::SECRET_ENV).map(|(_, value)| value)
+        };
+        for service in Service::ALL {
+            match service {
+                Service::Client => assert_eq!(secret_of(service), None, "the client only reads the bus"),
+                _ => assert_eq!(secret_of(service).as_deref(), Some(options.internal_secret.as_str()), "{service}"),
+            }
+        }
+        assert!(blog_common::internal::InternalSecret::parse(&options.internal_secret).is_ok());
+        let another = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        assert_ne!(options.internal_secret, another.internal_secret, "a fresh secret per run");
+    }
 }

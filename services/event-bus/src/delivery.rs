@@ -6,12 +6,21 @@
 //! consumers' inboxes make it effectively-once. A subscriber that is down,
 //! slow or answers 5xx is retried with exponential backoff and jitter in its
 //! own task, so it never holds back the others. A subscriber that refuses an
-//! event outright (4xx) is sent the batch one event at a time, and the event it
-//! refuses is counted and skipped rather than retried forever.
+//! event outright (our inbox's 4xx marked with
+//! [`blog_common::internal::REFUSAL_HEADER`]) is sent the batch one event at a
+//! time, and the event it refuses is counted and skipped rather than retried
+//! forever. Any other 4xx (a wrong URL, a wrong secret, a proxy's page) says
+//! nothing about the events: it is retried like a 5xx, logged as an error and
+//! counted (`blog_bus_subscriber_misdirected_total`).
 
 use std::sync::{Arc, Mutex};
 
-use blog_common::{Event, outbox::backoff, server::Shutdown};
+use blog_common::{
+    Event,
+    internal::{self, InternalSecret},
+    outbox::backoff,
+    server::Shutdown,
+};
 use serde::Serialize;
 
 use crate::{
@@ -38,6 +47,8 @@ pub struct SubscriberStatus {
     pub delivered: u64,
     pub retries: u64,
     pub rejected: u64,
+    /// 4xx answers that did not refuse the events (a wrong URL or secret); retried.
+    pub misdirected: u64,
     pub last_error: Option<String>,
     /// Unix milliseconds of the last acknowledged delivery.
     pub last_delivery_at: Option<i64>,
@@ -56,6 +67,7 @@ pub struct Deliverer {
     pub subscriber: Subscriber,
     pub log: EventLog,
     pub http: reqwest::Client,
+    pub secret: InternalSecret,
     pub status: SharedStatus,
     pub flow: tokio::sync::broadcast::Sender<Flow>,
     pub batch: u32,
@@ -122,18 +134,24 @@ impl Deliverer {
     }
 
     async fn push(&self, events: &[Event]) -> Result<(), Failure> {
-        let request = self.http.post(&self.subscriber.url);
+        let request = self.http.post(&self.subscriber.url).header(reqwest::header::AUTHORIZATION, self.secret.bearer());
         let request = if let [single] = events { request.json(single) } else { request.json(events) };
         let response = request.send().await.map_err(|e| Failure::Transient(e.to_string()))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
+        let refused = internal::is_refusal(status, response.headers());
         let body: String = response.text().await.unwrap_or_default().chars().take(200).collect();
         let error = format!("{status}: {body}");
-        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+        if refused {
             Err(Failure::Refused(error))
         } else {
+            if status.is_client_error() {
+                // Not our inbox refusing the events: a wrong URL or secret.
+                tracing::error!(subscriber = %self.subscriber.name, %error, "subscriber URL or secret is wrong; will retry");
+                self.update(|s| s.misdirected += 1);
+            }
             Err(Failure::Transient(error))
         }
     }

@@ -16,14 +16,16 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, State},
-    routing::get,
+    response::{IntoResponse, Response},
+    routing::{get, post},
 };
 use blog_common::{
     ApiError, Json, Service,
     bus_client::http_client,
     config::{self, ConfigError},
     error::Query,
-    inbox::{MAX_EVENTS_BODY, parse_events},
+    inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
+    internal::{self, InternalSecret},
     metrics::{self, Registry},
     node::BoxError,
     server::{self, RequestId, Shutdown},
@@ -47,6 +49,10 @@ pub struct Config {
     pub subscribers: Vec<Subscriber>,
     pub delivery_timeout: Duration,
     pub batch: u32,
+    /// `INTERNAL_SECRET`: required of publishers, sent to subscribers.
+    pub internal_secret: InternalSecret,
+    /// `DB_MAX_BYTES`: cap of the log's database (unset or 0: none).
+    pub db_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -58,14 +64,30 @@ impl Config {
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
             subscribers: parse_subscribers(&config::list("SUBSCRIBERS", &default_subscribers))?,
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
-            batch: config::var("DELIVERY_BATCH", 256)?,
+            batch: delivery_batch(config::var("DELIVERY_BATCH", 256)?)?,
+            internal_secret: InternalSecret::from_env()?,
+            db_max_bytes: config::db_max_bytes()?,
         })
     }
 }
 
-/// `name=url` pairs; the url is the subscriber's `POST /events`.
+/// Events per push: at least one, at most what a consumer accepts in one request.
+fn delivery_batch(batch: u32) -> Result<u32, ConfigError> {
+    if batch == 0 || batch as usize > MAX_BATCH {
+        return Err(ConfigError {
+            name: "DELIVERY_BATCH".into(),
+            value: batch.to_string(),
+            reason: format!("must be between 1 and {MAX_BATCH} (the most events a consumer accepts per request)"),
+        });
+    }
+    Ok(batch)
+}
+
+/// `name=url` pairs; the url is the subscriber's `POST /events`. Names are
+/// unique: each names one persisted cursor, and two subscribers sharing one
+/// would each skip what the other acknowledged.
 pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigError> {
-    items
+    let subscribers = items
         .iter()
         .map(|item| match item.split_once('=') {
             Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("http") => {
@@ -75,7 +97,16 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
                 Err(ConfigError { name: "SUBSCRIBERS".into(), value: item.clone(), reason: "expected name=http://host:port/events".into() })
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = std::collections::HashSet::new();
+    if let Some(twice) = subscribers.iter().find(|s| !names.insert(s.name.as_str())) {
+        return Err(ConfigError {
+            name: "SUBSCRIBERS".into(),
+            value: items.join(","),
+            reason: format!("subscriber name `{}` appears twice; each name is one delivery cursor", twice.name),
+        });
+    }
+    Ok(subscribers)
 }
 
 #[derive(Debug, Clone)]
@@ -83,10 +114,11 @@ pub struct AppState {
     log: EventLog,
     subscribers: Arc<Vec<SharedStatus>>,
     shutdown: Shutdown,
+    secret: InternalSecret,
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let store = Store::open(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS)?;
+    let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
     let log = EventLog::open(store.clone()).await?;
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
@@ -103,12 +135,21 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             ..SubscriberStatus::default()
         }));
         statuses.push(status.clone());
-        let deliverer =
-            Deliverer { subscriber, log: log.clone(), http: http.clone(), status, flow: flow.clone(), batch: config.batch.max(1), cursor };
+        let deliverer = Deliverer {
+            subscriber,
+            log: log.clone(),
+            http: http.clone(),
+            secret: config.internal_secret.clone(),
+            status,
+            flow: flow.clone(),
+            batch: config.batch,
+            cursor,
+        };
         tokio::spawn(deliverer.run(shutdown.clone()));
     }
-    let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone() };
+    let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
+    store.register_metrics(&metrics);
     let app = server::standard(app(state), Some(store), metrics);
     server::serve(listener, app, shutdown).await?;
     Ok(())
@@ -116,7 +157,13 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
 
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/events", get(events).post(publish).layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)))
+        .route(
+            "/events",
+            post(publish)
+                .route_layer(axum::middleware::from_fn_with_state(state.secret.clone(), internal::require_secret))
+                .get(events)
+                .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY)),
+        )
         .route("/status", get(status))
         .route("/flow", get(flow_stream))
         .with_state(state)
@@ -132,17 +179,17 @@ async fn publish(
     State(state): State<AppState>,
     request_id: RequestId,
     Json(body): Json<Value, MAX_EVENTS_BODY>,
-) -> Result<Json<Value>, ApiError> {
-    let (mut events, batch) = parse_events(body)?;
+) -> Result<Json<Value>, Response> {
+    let (mut events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
     for (i, event) in events.iter_mut().enumerate() {
         if let Err(e) = event.domain() {
-            return Err(ApiError::bad_request(if batch { format!("event {i}: {e}") } else { e.to_string() }));
+            return Err(EventsError::Malformed(if batch { format!("event {i}: {e}") } else { e.to_string() }).into_response());
         }
         if event.request_id.is_none() {
             event.request_id.clone_from(&request_id.0);
         }
     }
-    let stored = state.log.append(events).await?;
+    let stored = state.log.append(events).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok(Json(match (batch, stored.as_slice()) {
         (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
         _ => json!({"status": "OK", "events": stored}),
@@ -160,6 +207,11 @@ async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Resu
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}")));
+    }
+    // Sequence numbers are SQLite integers: anything above i64::MAX is no
+    // position in the log (and would wrap to the start of it).
+    if i64::try_from(page.after).is_err() {
+        return Err(ApiError::bad_request(format!("`after` must be at most {}", i64::MAX)));
     }
     Ok(Json(state.log.after(page.after, limit).await?))
 }
@@ -197,12 +249,15 @@ fn registry(state: &AppState) -> Registry {
         out.push((String::new(), head.log.head_now() as f64))
     });
     type Field = fn(&SubscriberStatus) -> f64;
-    let families: [(&str, &str, Field); 5] = [
+    let families: [(&str, &str, Field); 6] = [
         ("blog_bus_subscriber_cursor", "Last sequence number the subscriber acknowledged.", |s| s.cursor as f64),
         ("blog_bus_subscriber_lag", "Events stored but not yet acknowledged by the subscriber.", |s| s.lag as f64),
         ("blog_bus_subscriber_delivered_total", "Events the subscriber acknowledged.", |s| s.delivered as f64),
         ("blog_bus_subscriber_retries_total", "Failed delivery attempts.", |s| s.retries as f64),
         ("blog_bus_subscriber_rejected_total", "Events the subscriber refused and the bus skipped.", |s| s.rejected as f64),
+        ("blog_bus_subscriber_misdirected_total", "4xx answers that did not refuse the events (wrong URL or secret); retried.", |s| {
+            s.misdirected as f64
+        }),
     ];
     for (name, help, field) in families {
         let state = state.clone();
@@ -231,5 +286,17 @@ mod tests {
         assert_eq!(parsed, [Subscriber { name: "query".into(), url: "http://q:4002/events".into() }]);
         assert!(parse_subscribers(&["query".into()]).is_err());
         assert!(parse_subscribers(&["=http://x/events".into()]).is_err());
+        let twice = parse_subscribers(&["q=http://a/events".into(), "q=http://b/events".into()]).unwrap_err();
+        assert_eq!(twice.name, "SUBSCRIBERS");
+        assert!(twice.reason.contains("`q` appears twice"), "{twice}");
+    }
+
+    #[test]
+    fn the_delivery_batch_fits_what_consumers_accept() {
+        assert_eq!(delivery_batch(1).unwrap(), 1);
+        assert_eq!(delivery_batch(MAX_BATCH as u32).unwrap(), MAX_BATCH as u32);
+        for bad in [0, MAX_BATCH as u32 + 1] {
+            assert_eq!(delivery_batch(bad).unwrap_err().name, "DELIVERY_BATCH");
+        }
     }
 }
