@@ -158,9 +158,43 @@ async fn launch(bin_dir: &std::path::Path, dir: &std::path::Path) -> Result<Suit
     Ok(suite)
 }
 
-/// Runs `CLIENTS` loops of GET `url` for [`PHASE`], each checking it read
-/// `expected` bytes; returns requests per second.
+/// `wrk` on PATH, which the figures were measured with: a client in C
+/// takes less of the two cores than this process's own does.
+fn wrk_available() -> bool {
+    Command::new("wrk").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+/// `wrk -t2 -c50` on `url` for [`PHASE`]: (requests per second, requests
+/// that failed or were not 2xx).
+fn wrk(url: &str, headers: &[(&str, &str)]) -> Result<(f64, u64), Error> {
+    let mut command = Command::new("wrk");
+    command.args(["-t2", &format!("-c{CLIENTS}"), &format!("-d{}s", PHASE.as_secs()), url]);
+    for (name, value) in headers {
+        command.arg("-H").arg(format!("{name}: {value}"));
+    }
+    let output = command.output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let number = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix)).map(str::trim);
+    let rate = number("Requests/sec:").and_then(|n| n.parse().ok()).ok_or_else(|| format!("unexpected wrk output: {text}"))?;
+    let non_2xx = number("Non-2xx or 3xx responses:").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let errors =
+        number("Socket errors:").map_or(0, |line| line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum());
+    Ok((rate, non_2xx + errors))
+}
+
+/// Runs `CLIENTS` loops of GET `url` for [`PHASE`] with wrk when it is
+/// installed, else with this process's client checking it read `expected`
+/// bytes; returns requests per second and failures.
 async fn read_phase(url: String, headers: &[(&'static str, &'static str)], expected: usize) -> (f64, u64) {
+    if wrk_available() {
+        let headers = headers.to_vec();
+        match tokio::task::spawn_blocking(move || wrk(&url, &headers)).await {
+            Ok(Ok(result)) => return result,
+            Ok(Err(e)) => eprintln!("blog-bench: {e}"),
+            Err(e) => eprintln!("blog-bench: {e}"),
+        }
+        return (0.0, 0);
+    }
     let headers: Vec<_> = headers.to_vec();
     let (rate, _, failed) = saturate(move |http, _| {
         let mut request = http.get(&url);
@@ -231,15 +265,22 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     }
 
     // 1. The bare handler.
-    let (bare, _) = read_phase(format!("{base}/"), &[], 2).await;
+    // This process's client, as the write phases compared with it use.
+    let base_url = format!("{base}/");
+    let (bare, _, _) = saturate(move |http, _| {
+        let url = base_url.clone();
+        async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
     println!("bare axum handler:            {bare:>9.0} req/s");
 
     // 2. GET /posts on query against the bare handler serving the same bytes.
     let (json_len, gzip_len) = (json_view.len(), gzip_view.len());
     println!(
-        "GET /posts, {READ_VIEW_POSTS} posts x 1 comment: {:.0} KB of JSON, {:.0} KB gzipped",
+        "GET /posts, {READ_VIEW_POSTS} posts x 1 comment: {:.0} KB of JSON, {:.0} KB gzipped ({})",
         json_len as f64 / 1e3,
-        gzip_len as f64 / 1e3
+        gzip_len as f64 / 1e3,
+        if wrk_available() { "wrk -t2 -c50" } else { "this process's client, 50 connections" }
     );
     let (bare_view, _) = read_phase(format!("{base}/posts"), &[], json_len).await;
     let (query_view, failed_view) = read_phase(format!("{query}/posts"), &[], json_len).await;
@@ -430,6 +471,13 @@ async fn wait_for_idle_bus(http: &reqwest::Client, bus: &str) {
     }
 }
 
+/// Comments on `post_id` through the gateway; returns the new comment's id.
+async fn post_comment(http: &reqwest::Client, gateway: &str, post_id: &str, content: &str) -> Result<String, Error> {
+    let list: Vec<Value> =
+        http.post(format!("{gateway}/posts/{post_id}/comments")).json(&json!({ "content": content })).send().await?.json().await?;
+    Ok(list.last().and_then(|c| c["id"].as_str()).ok_or("comment id")?.to_owned())
+}
+
 /// How [`measure_lag`] sees a comment approved in query.
 #[derive(Clone, Copy)]
 enum LagProbe<'a> {
@@ -449,45 +497,19 @@ async fn measure_lag(
     samples: usize,
     probe: LagProbe<'_>,
 ) -> Result<Vec<Duration>, Error> {
-    let (tx, mut approved) = mpsc::unbounded_channel::<(String, Instant)>();
+    let (tx, mut events) = mpsc::unbounded_channel::<(String, Value, Instant)>();
     let reader = match probe {
-        LagProbe::Stream => {
-            let mut stream = http.get(format!("{gateway}/posts/stream")).send().await?;
-            Some(tokio::spawn(async move {
-                let mut buffer = String::new();
-                while let Ok(Some(chunk)) = stream.chunk().await {
-                    let now = Instant::now();
-                    buffer.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buffer.find("\n\n") {
-                        let block: String = buffer.drain(..end + 2).collect();
-                        if block.contains("event: CommentUpdated")
-                            && let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:"))
-                            && let Ok(comment) = serde_json::from_str::<Value>(data.trim())
-                            && comment["status"] == "approved"
-                        {
-                            let _ = tx.send((comment["id"].as_str().unwrap_or_default().to_owned(), now));
-                        }
-                    }
-                }
-            }))
-        }
+        LagProbe::Stream => Some(sse_events(http.get(format!("{gateway}/posts/stream")).send().await?, tx)),
         LagProbe::Poll(_) => None,
     };
     let mut lags = Vec::with_capacity(samples);
     for i in 0..samples {
         let started = Instant::now();
-        let list: Vec<Value> = http
-            .post(format!("{gateway}/posts/{post_id}/comments"))
-            .json(&json!({ "content": format!("lag sample {i}") }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = list.last().and_then(|c| c["id"].as_str()).ok_or("comment id")?.to_owned();
+        let id = post_comment(http, gateway, post_id, &format!("lag sample {i}")).await?;
         match probe {
             LagProbe::Stream => loop {
-                let (seen, at) = tokio::time::timeout(Duration::from_secs(30), approved.recv()).await?.ok_or("stream ended")?;
-                if seen == id {
+                let (event, data, at) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await?.ok_or("stream ended")?;
+                if event == "CommentUpdated" && data["id"] == id.as_str() && data["status"] == "approved" {
                     lags.push(at - started);
                     break;
                 }
@@ -562,15 +584,8 @@ async fn lag_breakdown(http: &reqwest::Client, gateway: &str, bus: &str, post_id
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); STAGES.len()];
     for i in 0..samples {
         let started = Instant::now();
-        let list: Vec<Value> = http
-            .post(format!("{gateway}/posts/{post_id}/comments"))
-            .json(&json!({ "content": format!("breakdown sample {i}") }))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let id = post_comment(http, gateway, post_id, &format!("breakdown sample {i}")).await?;
         let answered = Instant::now();
-        let id = list.last().and_then(|c| c["id"].as_str()).ok_or("comment id")?.to_owned();
         let mut seen: HashMap<String, Instant> = HashMap::from([("start".to_owned(), started), ("answered".to_owned(), answered)]);
         while STAGES.iter().any(|(_, _, to)| !seen.contains_key(*to)) {
             let (event, data, at) = tokio::time::timeout(Duration::from_secs(30), marks.recv()).await?.ok_or("a stream ended")?;
