@@ -267,16 +267,14 @@ impl View {
         let mut changed = false;
         for change in changes {
             changed |= match change {
+                // Taken whether needed or not, so nothing stays behind: a
+                // position never changes once committed.
                 Change::Post(post) => {
-                    let pos = if projection.post_at.contains_key(&post.id) { None } else { lock(&self.staged).posts.remove(&post.id) };
+                    let pos = lock(&self.staged).posts.remove(&post.id);
                     projection.post_created(post, pos)
                 }
                 Change::Comment { comment, is_update } => {
-                    let pos = if projection.comment_at.contains_key(&comment.id) {
-                        None
-                    } else {
-                        lock(&self.staged).comments.remove(&comment.id)
-                    };
+                    let pos = lock(&self.staged).comments.remove(&comment.id);
                     projection.comment(comment, is_update, pos)
                 }
             };
@@ -370,12 +368,17 @@ mod tests {
         assert!(view.commit([Change::Comment { comment: &created, is_update: false }]));
         assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
         assert!(!view.commit([Change::Comment { comment: &created, is_update: false }]), "a late creation changes nothing");
+        // An update of a known comment notes its position again; the commit takes it.
+        view.stage_comment("c", 1);
+        assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
         view.commit([Change::Post(&b)]);
         view.commit([Change::Post(&a)]);
         assert_eq!(
             text(&view),
             r#"{"a":{"id":"a","title":"title a","comments":[{"id":"c","content":"text c","status":"approved"}]},"b":{"id":"b","title":"title b","comments":[]}}"#
         );
+        let staged = lock(&view.staged);
+        assert!(staged.posts.is_empty() && staged.comments.is_empty(), "noted positions are not kept: {staged:?}");
     }
 
     #[test]
