@@ -518,3 +518,29 @@ async fn the_page_loads_posts_a_page_at_a_time_and_more_on_demand() {
 
     stage.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_from_the_stream_reloads_the_first_page_once() {
+    let mut stage = Stage::start().await;
+    let post = stage.suite.create_post("Missed by the stream").await;
+    let browser = stage.browser().await;
+    let shown = format!("return document.querySelector('article.post[data-post-id=' + CSS.escape({}) + ']') !== null", json!(post.id));
+    until_js(&browser, "the post", &shown, &json!(true)).await;
+    let fetches = "return performance.getEntriesByType('resource').filter(r => new URL(r.name).pathname === '/posts').length";
+    let before = js(&browser, fetches).await.as_u64().expect("a count");
+
+    // The page forgets the post, as if its PostCreated had been dropped for a
+    // slow page, and the server says so with resync, five times in a row.
+    let forget = format!(
+        "posts.delete({id}); document.querySelector('article.post[data-post-id=' + CSS.escape({id}) + ']').remove();
+         for (let i = 0; i < 5; i++) stream.dispatchEvent(new MessageEvent('resync', {{ data: '{{}}' }}));
+         return null",
+        id = json!(post.id)
+    );
+    js(&browser, &forget).await;
+    until_js(&browser, "the post back after the resync", &shown, &json!(true)).await;
+    assert_eq!(js(&browser, fetches).await, json!(before + 1), "five resyncs, one reload of the first page");
+    assert_not_reloaded(&browser).await;
+
+    stage.finish().await;
+}
