@@ -149,3 +149,26 @@ async fn the_originals_full_view_and_the_pages_show_the_same_posts() {
 
     suite.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_in_memory_is_the_view_in_the_database_after_concurrent_load() {
+    let suite = TestSuite::launch().await;
+    let progress = blog_tests::load::Progress::default();
+    let report = blog_tests::load::run(suite.http.clone(), suite.gateway.clone(), "mem".into(), 8, 10, progress).await;
+    let (posts, comments, _) = suite.assert_converged(&report).await;
+    let query = format!("{}/posts", suite.url(Service::Query));
+    let served = suite.http.get(&query).send().await.expect("GET /posts").bytes().await.expect("the view");
+
+    // A restart loads the view from the database alone.
+    suite.stop(Service::Query).await;
+    suite.restart(Service::Query).await;
+    let reloaded = suite.http.get(&query).send().await.expect("GET /posts").bytes().await.expect("the view");
+    println!("{posts} posts and {comments} comments: {} bytes served from memory, the same after a restart", served.len());
+    assert!(
+        served == reloaded,
+        "memory and database disagree:\n{}\n{}",
+        String::from_utf8_lossy(&served),
+        String::from_utf8_lossy(&reloaded)
+    );
+    suite.shutdown().await;
+}
