@@ -1,7 +1,9 @@
 // The blog UI: posts with their comments, live, plus a view of the events
 // that make it so. Plain JavaScript with no build step; it calls the same
 // relative routes as the original React client (POST /posts/create,
-// POST /posts/{id}/comments, GET /posts) and two more:
+// POST /posts/{id}/comments) and a few more:
+//   GET /posts?limit=N&before=CURSOR  one page of posts, newest first (the page
+//                      loads the first and more on demand, never the whole view)
 //   GET /posts/stream  server-sent events from query, after each change of the view
 //   GET /api/flow      the bus's events as they are stored and delivered (via the client server)
 //   GET /api/status    each service's health and each subscriber's progress
@@ -10,6 +12,11 @@
 "use strict";
 
 const POLL_MS = 2000;
+const PAGE_SIZE = 20;
+/** Reloads asked for within this long are done once. */
+const RELOAD_DEBOUNCE_MS = 250;
+/** Posts remembered as having comments that arrived before the post. */
+const ORPHANS_KEPT = 500;
 const STATUS_MS = 3000;
 const FLOW_ROWS = 60;
 const RANK = { pending: 0, approved: 1, rejected: 1 };
@@ -22,6 +29,10 @@ const postsState = $("posts-state");
 /** id -> { post, card, list, empty, summary, comments: Map(id -> {comment, item}) } */
 const posts = new Map();
 let loaded = false;
+/** The cursor of the next older page; null once the oldest post is shown. */
+let nextCursor = null;
+/** Posts we heard comments about before knowing the post. */
+const orphans = new Set();
 
 // ---------- small helpers ----------
 
@@ -134,13 +145,14 @@ function postCard(post) {
   return { post: { id: post.id, title: post.title }, card, list, empty, summary, comments: new Map() };
 }
 
-/** Adds a post (newest first) if it is new; returns its entry. */
-function upsertPost(post, { fresh = false } = {}) {
+/** Adds a post if it is new (at the top, or before `before`, or last when
+ * `before` is null); returns its entry. */
+function upsertPost(post, { fresh = false, before = postsEl.firstElementChild } = {}) {
   let entry = posts.get(post.id);
   if (!entry) {
     entry = postCard(post);
     posts.set(post.id, entry);
-    postsEl.prepend(entry.card);
+    postsEl.insertBefore(entry.card, before);
     if (fresh) {
       entry.card.classList.add("arrived");
       entry.card.addEventListener("animationend", () => entry.card.classList.remove("arrived"), { once: true });
@@ -204,14 +216,99 @@ function setPostsState(state, children) {
   postsState.replaceChildren(...children);
 }
 
-/** Brings the page up to date with GET /posts. */
-async function reload() {
+/** One page of posts, newest first: `{posts, next}`. */
+function fetchPage(before) {
+  const query = before === null ? `limit=${PAGE_SIZE}` : `limit=${PAGE_SIZE}&before=${encodeURIComponent(before)}`;
+  return api(`/posts?${query}`);
+}
+
+/** Merges the first page into the list, which stays newest first. */
+function mergeFirstPage(page) {
+  const list = page.posts || [];
+  const known = list.some((post) => posts.has(post.id));
+  if (!known && posts.size > 0 && page.next !== null) {
+    // More new posts than a page while we were away: start over rather than
+    // leave a gap that "Load more" would never fill.
+    posts.clear();
+    postsEl.replaceChildren();
+  }
+  if (!loaded || posts.size === 0) nextCursor = page.next;
+  // Cards above the first known post of the page are newer than the page
+  // (they arrived live after it was read), so the page goes below them.
+  const ids = new Set(list.map((post) => post.id));
+  let anchor = [...postsEl.children].find((card) => ids.has(card.dataset.postId)) || null;
+  for (const post of list) {
+    const entry = upsertPost(post, { fresh: loaded, before: anchor });
+    if (entry.card === anchor) {
+      anchor = anchor.nextElementSibling;
+    } else if (entry.card.nextElementSibling !== anchor) {
+      postsEl.insertBefore(entry.card, anchor);
+    }
+  }
+}
+
+function updateLoadMore() {
+  const button = $("load-more");
+  button.hidden = !loaded || nextCursor === null;
+}
+
+/** Appends the next older page. */
+async function loadMore() {
+  const button = $("load-more");
+  const error = $("load-more-error");
+  if (nextCursor === null || button.disabled) return;
+  button.disabled = true;
+  error.hidden = true;
   try {
-    const view = await api("/posts");
-    for (const post of Object.values(view || {})) upsertPost(post, { fresh: loaded });
+    const page = await fetchPage(nextCursor);
+    for (const post of page.posts || []) upsertPost(post, { before: null });
+    nextCursor = page.next;
+    updatePostsState();
+  } catch (e) {
+    error.textContent = `Could not load more posts: ${e.message}`;
+    error.hidden = false;
+  } finally {
+    button.disabled = false;
+    updateLoadMore();
+  }
+}
+
+let reloading = null;
+let reloadAgain = false;
+let reloadTimer = null;
+
+/** Brings the first page up to date; a reload asked for while one runs
+ * runs once more after it. */
+async function reload() {
+  if (reloading !== null) {
+    reloadAgain = true;
+    return reloading;
+  }
+  reloading = loadFirstPage();
+  try {
+    return await reloading;
+  } finally {
+    reloading = null;
+    if (reloadAgain) {
+      reloadAgain = false;
+      scheduleReload();
+    }
+  }
+}
+
+/** A reload soon: whatever asks for one within the debounce gets one. */
+function scheduleReload(delay = RELOAD_DEBOUNCE_MS) {
+  if (reloadTimer !== null) return;
+  reloadTimer = setTimeout(() => { reloadTimer = null; reload(); }, delay);
+}
+
+async function loadFirstPage() {
+  try {
+    mergeFirstPage(await fetchPage(null));
     loaded = true;
     document.documentElement.dataset.loaded = "true";
     updatePostsState();
+    updateLoadMore();
     if (liveMode === "offline") setLiveMode(stream && stream.readyState === EventSource.OPEN ? "live" : "polling");
     return true;
   } catch (error) {
@@ -309,17 +406,28 @@ function connectStream() {
   };
   source.addEventListener("PostCreated", (e) => {
     const data = parse(e.data);
-    if (data && data.id) upsertPost({ id: data.id, title: data.title, comments: [] }, { fresh: true });
+    if (!data || !data.id) return;
+    upsertPost({ id: data.id, title: data.title, comments: [] }, { fresh: true });
+    // Its comments came first and were not shown: the first page has them.
+    if (orphans.delete(data.id)) scheduleReload();
   });
   const onComment = (e) => {
     const data = parse(e.data);
     if (!data || !data.id) return;
     const entry = posts.get(data.postId);
-    if (!entry) { reload(); return; }
-    upsertComment(entry, { id: data.id, content: data.content, status: data.status });
+    if (entry) {
+      upsertComment(entry, { id: data.id, content: data.content, status: data.status });
+      return;
+    }
+    // A post on a page not loaded (it shows when loaded), or one not created
+    // yet: remember it, and reload once if it turns up.
+    orphans.add(data.postId);
+    if (orphans.size > ORPHANS_KEPT) orphans.delete(orphans.values().next().value);
   };
   source.addEventListener("CommentCreated", onComment);
   source.addEventListener("CommentUpdated", onComment);
+  // The server dropped changes this page was too slow to take.
+  source.addEventListener("resync", () => scheduleReload(0));
 }
 
 // ---------- the event flow panel ----------
@@ -436,6 +544,7 @@ async function refreshStatus() {
 // ---------- start ----------
 
 setupCreatePost();
+$("load-more").addEventListener("click", loadMore);
 setLiveMode("connecting");
 reload().then(() => connectStream());
 connectFlow();

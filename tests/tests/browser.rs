@@ -466,3 +466,81 @@ async fn the_page_rides_out_a_query_restart_and_catches_up() {
 
     stage.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_loads_posts_a_page_at_a_time_and_more_on_demand() {
+    let mut stage = Stage::start().await;
+    let mut created = Vec::new();
+    for i in 0..25 {
+        created.push(stage.suite.create_post(&format!("Paged post {i:02}")).await);
+    }
+    let oldest = created[0].clone();
+    let newest = created[24].clone();
+    let all_approved = stage.suite.comment(&newest.id, "so the view is complete").await.remove(0);
+    stage.suite.wait_for_status(&newest.id, &all_approved.id, "approved").await;
+
+    let browser = stage.browser().await;
+    let titles = "return [...document.querySelectorAll('article.post h3')].map(h => h.textContent)";
+    let first_page: Vec<Value> = (5..25).rev().map(|i| json!(format!("Paged post {i:02}"))).collect();
+    until_js(&browser, "the first page, newest first", titles, &Value::Array(first_page)).await;
+    let more_visible = "return !document.getElementById('load-more').hidden";
+    assert_eq!(js(&browser, more_visible).await, json!(true), "older posts are offered");
+
+    // Comments on a post the page has not loaded cost no reload of the view:
+    // the page fetches nothing until it is asked for more.
+    let fetches = "return performance.getEntriesByType('resource').filter(r => new URL(r.name).pathname === '/posts').length";
+    let before = js(&browser, fetches).await;
+    let unseen = stage.suite.comment(&oldest.id, "on a post not loaded yet").await.remove(0);
+    stage.suite.wait_for_status(&oldest.id, &unseen.id, "approved").await;
+    // A comment after it on a loaded post: once it shows, the page has had the earlier events.
+    add_comment(&browser, &newest.id, "a marker").await;
+    until_js(
+        &browser,
+        "the marker comment, approved",
+        &comments_script(&newest.id),
+        &json!([["so the view is complete", "approved", false], ["a marker", "approved", false]]),
+    )
+    .await;
+    assert_eq!(js(&browser, fetches).await, before, "a comment on an unloaded post reloaded the view");
+
+    // "Load more" brings the rest, with the comment that arrived meanwhile.
+    click(&browser, "#load-more").await;
+    let everything: Vec<Value> = (0..25).rev().map(|i| json!(format!("Paged post {i:02}"))).collect();
+    until_js(&browser, "every post, newest first", titles, &Value::Array(everything)).await;
+    until_js(&browser, "the load-more button to go", more_visible, &json!(false)).await;
+    assert_eq!(js(&browser, &comments_script(&oldest.id)).await, json!([["on a post not loaded yet", "approved", false]]));
+
+    // A new post still arrives live at the top.
+    let live = stage.suite.create_post("Arrived after paging").await;
+    let top = "return document.querySelector('article.post').dataset.postId";
+    until_js(&browser, "the new post on top", top, &json!(live.id)).await;
+    assert_not_reloaded(&browser).await;
+
+    stage.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_from_the_stream_reloads_the_first_page_once() {
+    let mut stage = Stage::start().await;
+    let post = stage.suite.create_post("Missed by the stream").await;
+    let browser = stage.browser().await;
+    let shown = format!("return document.querySelector('article.post[data-post-id=' + CSS.escape({}) + ']') !== null", json!(post.id));
+    until_js(&browser, "the post", &shown, &json!(true)).await;
+    let fetches = "return performance.getEntriesByType('resource').filter(r => new URL(r.name).pathname === '/posts').length";
+    let before = js(&browser, fetches).await.as_u64().expect("a count");
+
+    // The page forgets the post, as if its PostCreated had been dropped for a
+    // slow page, and the server says so with resync, five times in a row.
+    let forget = format!(
+        "posts.delete({id}); document.querySelector('article.post[data-post-id=' + CSS.escape({id}) + ']').remove();
+         for (let i = 0; i < 5; i++) stream.dispatchEvent(new MessageEvent('resync', {{ data: '{{}}' }}));
+         return null",
+        id = json!(post.id)
+    );
+    js(&browser, &forget).await;
+    until_js(&browser, "the post back after the resync", &shown, &json!(true)).await;
+    assert_eq!(js(&browser, fetches).await, json!(before + 1), "five resyncs, one reload of the first page");
+    assert_not_reloaded(&browser).await;
+
+    stage.finish().await;
+}

@@ -43,7 +43,7 @@ commands:
                     --keep              leave the containers running
                     --stop-engine       stop the dockerd that `images` started
   bench  build in release mode and measure throughput, consistency lag and
-           memory against a bare axum handler on this machine (about a minute)
+           memory against a bare axum handler on this machine (a few minutes)
 ";
 
 fn main() -> ExitCode {

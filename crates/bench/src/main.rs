@@ -1,13 +1,19 @@
 //! `blog-bench`: measures the suite, started in release mode, and a bare axum
-//! handler answering a constant on the same machine in the same run, so every
-//! throughput figure is also printed as a ratio of that handler (this
-//! machine's speed drifts; ratios within one run do not).
+//! handler on the same machine in the same run, so every throughput figure is
+//! also printed as a ratio of that handler (this machine's speed drifts;
+//! ratios within one run do not). For `GET /posts` the bare handler serves
+//! the very bytes query answered (plain and gzipped), from memory.
+//!
+//! Two suites: a fresh one for the consistency lag (measured as the
+//! original's was: polling `GET /posts` on query every millisecond) and for
+//! query's memory under 50 concurrent readers of a 10,000-post view; a
+//! second one for throughput, reads before writes.
 //!
 //! Run it through `cargo xtask bench`, which builds everything in release
 //! mode first. Every phase is bounded in time and the run stops by itself.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     process::{Command, Stdio},
     sync::{
@@ -28,26 +34,50 @@ const CLIENTS: usize = 50;
 const PHASE: Duration = Duration::from_secs(5);
 /// Comments whose consistency lag is measured, per condition.
 const LAG_SAMPLES: usize = 200;
+/// Posts (one comment each) of the view whose reads are measured.
+const READ_VIEW_POSTS: usize = 1_000;
+/// Posts (one comment each) of the view whose readers' memory is measured.
+const MEMORY_VIEW_POSTS: usize = 10_000;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
-        Some("baseline") => baseline(args.next().ok_or("baseline PORT")?.parse()?),
+        Some("baseline") => {
+            let port = args.next().ok_or("baseline PORT [VIEW_FILE GZIP_FILE]")?.parse()?;
+            let view = match (args.next(), args.next()) {
+                (Some(json), Some(gzip)) => Some((std::fs::read(json)?, std::fs::read(gzip)?)),
+                _ => None,
+            };
+            baseline(port, view)
+        }
         Some("run") => {
             let bin_dir = PathBuf::from(args.next().ok_or("run BIN_DIR")?);
             tokio::runtime::Runtime::new()?.block_on(run(bin_dir))
         }
-        _ => Err("usage: blog-bench run BIN_DIR | blog-bench baseline PORT".into()),
+        _ => Err("usage: blog-bench run BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]".into()),
     }
 }
 
-/// The bare handler: the same runtime and HTTP stack as the services, no work.
-fn baseline(port: u16) -> Result<(), Error> {
+/// The bare handler: the same runtime and HTTP stack as the services, no
+/// work: a constant at `/`, and given a view, its bytes at `/posts` and its
+/// gzipped bytes at `/posts.gz`, from memory.
+fn baseline(port: u16, view: Option<(Vec<u8>, Vec<u8>)>) -> Result<(), Error> {
+    use axum::http::header;
     tokio::runtime::Runtime::new()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }).post(|| async { "ok" }));
+        let (json, gzip) = view.unwrap_or_default();
+        let (json, gzip) = (axum::body::Bytes::from(json), axum::body::Bytes::from(gzip));
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }).post(|| async { "ok" }))
+            .route("/posts", axum::routing::get(move || std::future::ready(([(header::CONTENT_TYPE, "application/json")], json.clone()))))
+            .route(
+                "/posts.gz",
+                axum::routing::get(move || {
+                    std::future::ready(([(header::CONTENT_TYPE, "application/json"), (header::CONTENT_ENCODING, "gzip")], gzip.clone()))
+                }),
+            );
         let never = blog_common::server::Shutdown::new(std::future::pending());
         blog_common::server::serve(listener, app, never).await?;
         Ok(())
@@ -119,29 +149,124 @@ fn rss_line(suite: &Suite) -> String {
         .join(", ")
 }
 
-async fn run(bin_dir: PathBuf) -> Result<(), Error> {
-    let dir = tempfile::tempdir()?;
-    let baseline_port = free_port();
-    let mut baseline =
-        Command::new(std::env::current_exe()?).args(["baseline", &baseline_port.to_string()]).stdout(Stdio::null()).spawn()?;
-
-    let mut options = Options::standard(bin_dir, dir.path().join("data"), free_port(), LogSink::Dir(dir.path().to_owned()));
+/// Starts the suite as `cargo xtask up` does, on free ports, in `dir`.
+async fn launch(bin_dir: &std::path::Path, dir: &std::path::Path) -> Result<Suite, Error> {
+    let mut options = Options::standard(bin_dir.to_owned(), dir.join("data"), free_port(), LogSink::Dir(dir.to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
     let suite = Suite::launch(options).await?;
     suite.wait_ready(Duration::from_secs(30)).await?;
-    let gateway = format!("http://{}", suite.gateway_addr);
-    let bus = suite.options.url(Service::EventBus);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss = rss_line(&suite);
+    Ok(suite)
+}
 
+/// `wrk` on PATH, which the figures were measured with: a client in C
+/// takes less of the two cores than this process's own does.
+fn wrk_available() -> bool {
+    Command::new("wrk").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+/// `wrk -t2 -c50` on `url` for [`PHASE`]: (requests per second, requests
+/// that failed or were not 2xx).
+fn wrk(url: &str, headers: &[(&str, &str)]) -> Result<(f64, u64), Error> {
+    let mut command = Command::new("wrk");
+    command.args(["-t2", &format!("-c{CLIENTS}"), &format!("-d{}s", PHASE.as_secs()), url]);
+    for (name, value) in headers {
+        command.arg("-H").arg(format!("{name}: {value}"));
+    }
+    let output = command.output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let number = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix)).map(str::trim);
+    let rate = number("Requests/sec:").and_then(|n| n.parse().ok()).ok_or_else(|| format!("unexpected wrk output: {text}"))?;
+    let non_2xx = number("Non-2xx or 3xx responses:").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let errors =
+        number("Socket errors:").map_or(0, |line| line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum());
+    Ok((rate, non_2xx + errors))
+}
+
+/// Runs `CLIENTS` loops of GET `url` for [`PHASE`] with wrk when it is
+/// installed, else with this process's client checking it read `expected`
+/// bytes; returns requests per second and failures.
+async fn read_phase(url: String, headers: &[(&'static str, &'static str)], expected: usize) -> (f64, u64) {
+    if wrk_available() {
+        let headers = headers.to_vec();
+        match tokio::task::spawn_blocking(move || wrk(&url, &headers)).await {
+            Ok(Ok(result)) => return result,
+            Ok(Err(e)) => eprintln!("blog-bench: {e}"),
+            Err(e) => eprintln!("blog-bench: {e}"),
+        }
+        return (0.0, 0);
+    }
+    let headers: Vec<_> = headers.to_vec();
+    let (rate, _, failed) = saturate(move |http, _| {
+        let mut request = http.get(&url);
+        for (name, value) in &headers {
+            request = request.header(*name, *value);
+        }
+        async move {
+            match request.send().await {
+                Ok(response) if response.status().is_success() => response.bytes().await.is_ok_and(|b| b.len() == expected),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    (rate, failed)
+}
+
+async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     println!(
         "blog-bench: {CLIENTS} concurrent clients, {} s per throughput phase, {} cores",
         PHASE.as_secs(),
         std::thread::available_parallelism()?
     );
+    let http = client_builder().build()?;
+
+    // A. A fresh suite: the consistency lag at idle, then memory under readers.
+    let dir = tempfile::tempdir()?;
+    let suite = launch(&bin_dir, dir.path()).await?;
+    let gateway = format!("http://{}", suite.gateway_addr);
+    let query = suite.options.url(Service::Query);
+    let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
+    let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
+    let polled = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Poll(&query)).await?;
+    print_lag("consistency lag, idle, polling GET /posts every 1 ms:", &polled);
+    let streamed = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
+    print_lag("consistency lag, idle, query's live stream:          ", &streamed);
+    lag_breakdown(&http, &gateway, &suite.options.url(Service::EventBus), &post_id, LAG_SAMPLES / 2).await?;
+    memory_under_readers(&http, &suite).await?;
+    suite.stop().await;
+    drop(dir);
+
+    // B. Throughput: reads of a 1,000 x 1 view, then writes.
+    let dir = tempfile::tempdir()?;
+    let suite = launch(&bin_dir, dir.path()).await?;
+    let gateway = format!("http://{}", suite.gateway_addr);
+    let query = suite.options.url(Service::Query);
+    let bus = suite.options.url(Service::EventBus);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = rss_line(&suite);
+
+    create_view(&http, &gateway, &query, READ_VIEW_POSTS).await?;
+    let json_view = http.get(format!("{query}/posts")).send().await?.bytes().await?;
+    let gzip_view = http.get(format!("{query}/posts")).header("accept-encoding", "gzip").send().await?.bytes().await?;
+    std::fs::write(dir.path().join("view.json"), &json_view)?;
+    std::fs::write(dir.path().join("view.json.gz"), &gzip_view)?;
+    let baseline_port = free_port();
+    let mut baseline = Command::new(std::env::current_exe()?)
+        .arg("baseline")
+        .arg(baseline_port.to_string())
+        .arg(dir.path().join("view.json"))
+        .arg(dir.path().join("view.json.gz"))
+        .stdout(Stdio::null())
+        .spawn()?;
+    let base = format!("http://127.0.0.1:{baseline_port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http.get(format!("{base}/")).send().await.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // 1. The bare handler.
-    let base_url = format!("http://127.0.0.1:{baseline_port}/");
+    // This process's client, as the write phases compared with it use.
+    let base_url = format!("{base}/");
     let (bare, _, _) = saturate(move |http, _| {
         let url = base_url.clone();
         async move { http.get(url).send().await.is_ok_and(|r| r.status().is_success()) }
@@ -149,28 +274,58 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     .await;
     println!("bare axum handler:            {bare:>9.0} req/s");
 
-    // 2. Durable post creation through the gateway.
+    // 2. GET /posts on query against the bare handler serving the same bytes.
+    let (json_len, gzip_len) = (json_view.len(), gzip_view.len());
+    println!(
+        "GET /posts, {READ_VIEW_POSTS} posts x 1 comment: {:.0} KB of JSON, {:.0} KB gzipped ({})",
+        json_len as f64 / 1e3,
+        gzip_len as f64 / 1e3,
+        if wrk_available() { "wrk -t2 -c50" } else { "this process's client, 50 connections" }
+    );
+    let (bare_view, _) = read_phase(format!("{base}/posts"), &[], json_len).await;
+    let (query_view, failed_view) = read_phase(format!("{query}/posts"), &[], json_len).await;
+    let (bare_gzip, _) = read_phase(format!("{base}/posts.gz"), &[], gzip_len).await;
+    let (query_gzip, failed_gzip) = read_phase(format!("{query}/posts"), &[("accept-encoding", "gzip")], gzip_len).await;
+    println!("  bare handler, same bytes:   {bare_view:>9.0} req/s");
+    println!(
+        "  query:                      {query_view:>9.0} req/s  = {:.1} % of the bare handler ({failed_view} failed)",
+        100.0 * query_view / bare_view
+    );
+    println!("  bare handler, same gzip:    {bare_gzip:>9.0} req/s");
+    println!(
+        "  query, gzip:                {query_gzip:>9.0} req/s  = {:.1} % of the bare handler ({failed_gzip} failed)",
+        100.0 * query_gzip / bare_gzip
+    );
+
+    // 3. Durable post creation through the gateway.
     let url = format!("{gateway}/posts/create");
     let (posts, created, failed) = saturate(move |http, i| {
         let url = url.clone();
         async move { http.post(url).json(&json!({ "title": format!("bench {i}") })).send().await.is_ok_and(|r| r.status().as_u16() == 201) }
     })
     .await;
-    let http = client_builder().build()?;
+    // The bus being idle is not enough: a relay may still hold a batch.
     let drain = Instant::now();
-    wait_for_idle_bus(&http, &bus).await;
+    let expected = created as usize + READ_VIEW_POSTS;
+    let mut shown;
+    loop {
+        shown = http.get(format!("{gateway}/posts")).send().await?.json::<serde_json::Map<String, Value>>().await?.len();
+        if shown >= expected || drain.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let drained = drain.elapsed();
-    let shown = http.get(format!("{gateway}/posts")).send().await?.json::<serde_json::Map<String, Value>>().await?.len();
     println!(
-        "posts through the gateway:    {posts:>9.0} posts/s  = {:.1} % of the bare handler ({failed} failed); {shown} of {created} in query, {:.2} s after the last write",
+        "posts through the gateway:    {posts:>9.0} posts/s  = {:.1} % of the bare handler ({failed} failed); {shown} of {expected} in query, {:.2} s after the last write",
         100.0 * posts / bare,
         drained.as_secs_f64()
     );
-    if shown as u64 != created {
-        return Err(format!("query shows {shown} posts, {created} were created").into());
+    if shown != expected {
+        return Err(format!("query shows {shown} posts, {expected} were created").into());
     }
 
-    // 3. Events accepted by the bus: one per request, and in batches of 100.
+    // 4. Events accepted by the bus: one per request, and in batches of 100.
     let events = format!("{bus}/events");
     let secret = suite.options.internal_secret.clone();
     let single = events.clone();
@@ -200,19 +355,18 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     // Let the subscribers work through the benchmark events before measuring lag.
     wait_for_idle_bus(&http, &bus).await;
 
-    // 4. Consistency lag: a comment's POST until query streams it approved.
+    // 5. Consistency lag under write load (by the stream: polling a view of
+    // tens of thousands of posts would measure the polling).
     let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
     let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
-    let idle = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES).await?;
-    print_lag("consistency lag, idle:      ", &idle);
     let busy_url = format!("{gateway}/posts/create");
     let background = tokio::spawn(saturate(move |http, i| {
         let url = busy_url.clone();
         async move { http.post(url).json(&json!({ "title": format!("load {i}") })).send().await.is_ok_and(|r| r.status().as_u16() == 201) }
     }));
-    let busy = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES / 4).await?;
+    let busy = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES / 4, LagProbe::Stream).await?;
     let (background_posts, _, _) = background.await?;
-    print_lag(&format!("consistency lag, {background_posts:.0} posts/s:"), &busy);
+    print_lag(&format!("consistency lag, {background_posts:.0} posts/s, stream:"), &busy);
 
     wait_for_idle_bus(&http, &bus).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -222,6 +376,83 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     suite.stop().await;
     let _ = baseline.kill();
     let _ = baseline.wait();
+    Ok(())
+}
+
+/// Creates `count` posts with one comment each through the gateway and waits
+/// until query shows every comment moderated.
+async fn create_view(http: &reqwest::Client, gateway: &str, query: &str, count: usize) -> Result<(), Error> {
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (http, gateway) = (http.clone(), gateway.to_owned());
+            tokio::spawn(async move {
+                for i in (w..count).step_by(CLIENTS) {
+                    let post: Value = http
+                        .post(format!("{gateway}/posts/create"))
+                        .json(&json!({ "title": format!("post {i} of the read benchmark") }))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let id = post["id"].as_str().ok_or("post id")?;
+                    let answer = http
+                        .post(format!("{gateway}/posts/{id}/comments"))
+                        .json(&json!({ "content": format!("the one comment of post {i}") }))
+                        .send()
+                        .await?;
+                    if answer.status().as_u16() != 201 {
+                        return Err::<(), Error>(format!("comment answered {}", answer.status()).into());
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let view: serde_json::Map<String, Value> = http.get(format!("{query}/posts")).send().await?.json().await?;
+        let moderated = view.values().filter(|p| p["comments"][0]["status"].as_str().is_some_and(|s| s != "pending")).count();
+        if moderated >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {moderated} of {count} comments moderated in query").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Query's resident memory (current, peak) in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Grows the view to [`MEMORY_VIEW_POSTS`] posts with a comment each, then has
+/// `CLIENTS` readers read it whole for a phase; prints query's memory.
+async fn memory_under_readers(http: &reqwest::Client, suite: &Suite) -> Result<(), Error> {
+    let gateway = format!("http://{}", suite.gateway_addr);
+    let query = suite.options.url(Service::Query);
+    create_view(http, &gateway, &query, MEMORY_VIEW_POSTS).await?;
+    let size = http.get(format!("{query}/posts")).send().await?.bytes().await?.len();
+    let pid = suite.supervisor.pid(Service::Query.name()).ok_or("query is not running")?;
+    let (before, _) = memory_kib(pid);
+    let (reads, _) = read_phase(format!("{query}/posts"), &[], size).await;
+    let (after, peak) = memory_kib(pid);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "query memory, {CLIENTS} readers of a {MEMORY_VIEW_POSTS}-post view ({:.1} MB): RSS {:.1} MiB before, {:.1} MiB after, peak {:.1} MiB ({reads:.0} reads/s)",
+        size as f64 / 1e6,
+        mib(before),
+        mib(after),
+        mib(peak)
+    );
     Ok(())
 }
 
@@ -251,48 +482,156 @@ async fn wait_for_idle_bus(http: &reqwest::Client, bus: &str) {
     }
 }
 
+/// Comments on `post_id` through the gateway; returns the new comment's id.
+async fn post_comment(http: &reqwest::Client, gateway: &str, post_id: &str, content: &str) -> Result<String, Error> {
+    let list: Vec<Value> =
+        http.post(format!("{gateway}/posts/{post_id}/comments")).json(&json!({ "content": content })).send().await?.json().await?;
+    Ok(list.last().and_then(|c| c["id"].as_str()).ok_or("comment id")?.to_owned())
+}
+
+/// How [`measure_lag`] sees a comment approved in query.
+#[derive(Clone, Copy)]
+enum LagProbe<'a> {
+    /// `GET /posts` on query (this base URL) every millisecond, as the
+    /// original's lag was measured.
+    Poll(&'a str),
+    /// Query's live stream, `GET /posts/stream` through the gateway.
+    Stream,
+}
+
 /// Posts `samples` comments one after another and times each from the start
-/// of its POST until query's live stream reports it approved. Sorted.
-async fn measure_lag(http: &reqwest::Client, gateway: &str, post_id: &str, samples: usize) -> Result<Vec<Duration>, Error> {
-    let mut stream = http.get(format!("{gateway}/posts/stream")).send().await?;
-    let (tx, mut approved) = mpsc::unbounded_channel::<(String, Instant)>();
-    let reader = tokio::spawn(async move {
+/// of its POST until query shows it approved. Sorted.
+async fn measure_lag(
+    http: &reqwest::Client,
+    gateway: &str,
+    post_id: &str,
+    samples: usize,
+    probe: LagProbe<'_>,
+) -> Result<Vec<Duration>, Error> {
+    let (tx, mut events) = mpsc::unbounded_channel::<(String, Value, Instant)>();
+    let reader = match probe {
+        LagProbe::Stream => Some(sse_events(http.get(format!("{gateway}/posts/stream")).send().await?, tx)),
+        LagProbe::Poll(_) => None,
+    };
+    let mut lags = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let started = Instant::now();
+        let id = post_comment(http, gateway, post_id, &format!("lag sample {i}")).await?;
+        match probe {
+            LagProbe::Stream => loop {
+                let (event, data, at) = tokio::time::timeout(Duration::from_secs(30), events.recv()).await?.ok_or("stream ended")?;
+                if event == "CommentUpdated" && data["id"] == id.as_str() && data["status"] == "approved" {
+                    lags.push(at - started);
+                    break;
+                }
+            },
+            LagProbe::Poll(query) => {
+                let deadline = started + Duration::from_secs(30);
+                loop {
+                    let view: serde_json::Map<String, Value> = http.get(format!("{query}/posts")).send().await?.json().await?;
+                    let at = Instant::now();
+                    let shown = view
+                        .get(post_id)
+                        .and_then(|p| p["comments"].as_array())
+                        .and_then(|c| c.iter().rev().find(|c| c["id"] == id.as_str()).cloned());
+                    if shown.is_some_and(|c| c["status"] == "approved") {
+                        lags.push(at - started);
+                        break;
+                    }
+                    if at > deadline {
+                        return Err(format!("comment {id} not approved in query after 30 s").into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    if let Some(reader) = reader {
+        reader.abort();
+    }
+    lags.sort();
+    Ok(lags)
+}
+
+/// Reads server-sent events from `response`, sending `(event name, data,
+/// arrival)` for each until the stream ends.
+fn sse_events(mut response: reqwest::Response, tx: mpsc::UnboundedSender<(String, Value, Instant)>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let mut buffer = String::new();
-        while let Ok(Some(chunk)) = stream.chunk().await {
+        while let Ok(Some(chunk)) = response.chunk().await {
             let now = Instant::now();
             buffer.push_str(&String::from_utf8_lossy(&chunk));
             while let Some(end) = buffer.find("\n\n") {
                 let block: String = buffer.drain(..end + 2).collect();
-                if block.contains("event: CommentUpdated")
-                    && let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:"))
-                    && let Ok(comment) = serde_json::from_str::<Value>(data.trim())
-                    && comment["status"] == "approved"
-                {
-                    let _ = tx.send((comment["id"].as_str().unwrap_or_default().to_owned(), now));
+                let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned();
+                if let Ok(data) = serde_json::from_str::<Value>(&field("data:")) {
+                    let _ = tx.send((field("event:"), data, now));
                 }
             }
         }
-    });
-    let mut lags = Vec::with_capacity(samples);
+    })
+}
+
+/// Where a comment's consistency lag goes: each comment's path timed at the
+/// points an outside observer sees (its POST answered, each event stored by
+/// the bus as the bus's live flow shows it, each subscriber's acknowledgement,
+/// query's stream); prints the median of each stage.
+async fn lag_breakdown(http: &reqwest::Client, gateway: &str, bus: &str, post_id: &str, samples: usize) -> Result<(), Error> {
+    let (tx, mut marks) = mpsc::unbounded_channel::<(String, Value, Instant)>();
+    let flow = sse_events(http.get(format!("{bus}/flow")).send().await?, tx.clone());
+    let stream = sse_events(http.get(format!("{gateway}/posts/stream")).send().await?, tx);
+    // Stage name, from mark, to mark.
+    const STAGES: [(&str, &str, &str); 8] = [
+        ("comment POST answered (durable write)", "start", "answered"),
+        ("hop 1: answered -> CommentCreated stored by the bus", "answered", "stored CommentCreated"),
+        ("hop 1: stored -> moderation acknowledged it", "stored CommentCreated", "acked CommentCreated moderation"),
+        ("hop 2: CommentCreated stored -> CommentModerated stored", "stored CommentCreated", "stored CommentModerated"),
+        ("hop 2: stored -> comments acknowledged it", "stored CommentModerated", "acked CommentModerated comments"),
+        ("hop 3: CommentModerated stored -> CommentUpdated stored", "stored CommentModerated", "stored CommentUpdated"),
+        ("hop 3: stored -> query's stream shows it approved", "stored CommentUpdated", "shown"),
+        ("hop 3: stored -> query acknowledged it", "stored CommentUpdated", "acked CommentUpdated query"),
+    ];
+    let mut seq_to_comment: HashMap<u64, (String, String)> = HashMap::new();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); STAGES.len()];
     for i in 0..samples {
         let started = Instant::now();
-        let list: Vec<Value> = http
-            .post(format!("{gateway}/posts/{post_id}/comments"))
-            .json(&json!({ "content": format!("lag sample {i}") }))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = list.last().and_then(|c| c["id"].as_str()).ok_or("comment id")?.to_owned();
-        loop {
-            let (seen, at) = tokio::time::timeout(Duration::from_secs(30), approved.recv()).await?.ok_or("stream ended")?;
-            if seen == id {
-                lags.push(at - started);
-                break;
+        let id = post_comment(http, gateway, post_id, &format!("breakdown sample {i}")).await?;
+        let answered = Instant::now();
+        let mut seen: HashMap<String, Instant> = HashMap::from([("start".to_owned(), started), ("answered".to_owned(), answered)]);
+        while STAGES.iter().any(|(_, _, to)| !seen.contains_key(*to)) {
+            let (event, data, at) = tokio::time::timeout(Duration::from_secs(30), marks.recv()).await?.ok_or("a stream ended")?;
+            let mark = match event.as_str() {
+                "published" => {
+                    let (seq, kind) = (data["seq"].as_u64().unwrap_or(0), data["type"].as_str().unwrap_or_default().to_owned());
+                    let comment = data["data"]["id"].as_str().unwrap_or_default().to_owned();
+                    seq_to_comment.insert(seq, (kind.clone(), comment.clone()));
+                    (comment == id).then(|| format!("stored {kind}"))
+                }
+                "delivered" => seq_to_comment
+                    .get(&data["seq"].as_u64().unwrap_or(0))
+                    .filter(|(_, comment)| *comment == id)
+                    .map(|(kind, _)| format!("acked {kind} {}", data["subscriber"].as_str().unwrap_or_default())),
+                "CommentUpdated" => (data["id"] == id.as_str() && data["status"] == "approved").then(|| "shown".to_owned()),
+                _ => None,
+            };
+            if let Some(mark) = mark {
+                seen.entry(mark).or_insert(at);
             }
         }
+        for (stage, (_, from, to)) in STAGES.iter().enumerate() {
+            times[stage].push(seen[*to].saturating_duration_since(seen[*from]));
+        }
     }
-    reader.abort();
-    lags.sort();
-    Ok(lags)
+    flow.abort();
+    stream.abort();
+    println!("where the lag goes, idle (median of {samples} comments, as seen from outside through the bus's /flow):");
+    for ((name, _, _), mut samples) in STAGES.iter().zip(times) {
+        samples.sort();
+        println!(
+            "  {name:<58} {:>6.2} ms (p99 {:.2} ms)",
+            percentile(&samples, 0.5).as_secs_f64() * 1e3,
+            percentile(&samples, 0.99).as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,437 @@
+//! The view query serves, kept in memory.
+//!
+//! SQLite stays the source of truth: at start the view is loaded from the
+//! database, and afterwards every delivery changes it only once the
+//! transaction that applied it has committed ([`View::commit`], called from
+//! `Handler::committed`), so a reader never sees what was rolled back and
+//! sees each change as soon as its commit is done.
+//!
+//! Concurrent deliveries may call `committed` in another order than they
+//! committed, so the memory side never depends on the call order: the
+//! position of each post and comment (the database's `pos`, which gives the
+//! creation order) is noted while applying, inside the transaction
+//! ([`View::stage_post`], [`View::stage_comment`]), and the effects follow
+//! the same order-insensitive rules as the SQL upserts.
+//!
+//! `GET /posts` answers from a [`Snapshot`]: the whole view serialised once,
+//! shared by every reader through an `Arc`, rebuilt by the first reader after
+//! a change (others wait for it instead of building their own), and
+//! compressed at most once per snapshot. However many readers there are, one
+//! buffer per version is alive.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use blog_common::{
+    CommentStatus,
+    events::{CommentData, PostCreated},
+    metrics::{Counter, Registry},
+    store::StoreError,
+};
+use bytes::Bytes;
+use rusqlite::Connection;
+use serde::{Serialize, Serializer, ser::SerializeMap, ser::SerializeSeq};
+
+/// Most posts one page holds.
+pub const MAX_PAGE: usize = 100;
+
+#[derive(Debug, Serialize)]
+struct CommentEntry {
+    id: String,
+    content: String,
+    status: CommentStatus,
+}
+
+#[derive(Debug)]
+struct PostEntry {
+    id: String,
+    title: String,
+}
+
+/// What the database holds, in memory, keyed by the database's positions.
+#[derive(Debug, Default)]
+struct Projection {
+    /// Posts by `pos`: iteration is creation order.
+    posts: BTreeMap<i64, PostEntry>,
+    post_at: HashMap<String, i64>,
+    /// Comments by post id (the post may not have arrived yet), then `pos`.
+    comments: HashMap<String, BTreeMap<i64, CommentEntry>>,
+    comment_at: HashMap<String, (String, i64)>,
+    /// Bumped by every change; names the snapshot built from it.
+    version: u64,
+}
+
+impl Projection {
+    fn add_post(&mut self, pos: i64, id: String, title: String) {
+        self.post_at.insert(id.clone(), pos);
+        self.posts.insert(pos, PostEntry { id, title });
+    }
+
+    fn add_comment(&mut self, pos: i64, post_id: String, comment: CommentEntry) {
+        self.comment_at.insert(comment.id.clone(), (post_id.clone(), pos));
+        self.comments.entry(post_id).or_default().insert(pos, comment);
+    }
+
+    /// `INSERT OR IGNORE` of a post; `pos` is where the database put it.
+    fn post_created(&mut self, post: &PostCreated, pos: Option<i64>) -> bool {
+        match pos {
+            Some(pos) if !self.post_at.contains_key(&post.id) => {
+                self.add_post(pos, post.id.clone(), post.title.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The same rule as the SQL upsert: a comment is inserted once; only an
+    /// update that is not `pending` replaces its status and content.
+    fn comment(&mut self, comment: &CommentData, is_update: bool, pos: Option<i64>) -> bool {
+        if let Some((post_id, pos)) = self.comment_at.get(&comment.id) {
+            let replaces = is_update && comment.status != CommentStatus::Pending;
+            return match self.comments.get_mut(post_id).and_then(|by_pos| by_pos.get_mut(pos)) {
+                Some(entry) if replaces => {
+                    entry.status = comment.status;
+                    entry.content.clone_from(&comment.content);
+                    true
+                }
+                _ => false,
+            };
+        }
+        let Some(pos) = pos else { return false };
+        let entry = CommentEntry { id: comment.id.clone(), content: comment.content.clone(), status: comment.status };
+        self.add_comment(pos, comment.post_id.clone(), entry);
+        true
+    }
+
+    fn post_out<'a>(&'a self, post: &'a PostEntry) -> PostOut<'a> {
+        PostOut { id: &post.id, title: &post.title, comments: CommentsOut(self.comments.get(&post.id)) }
+    }
+}
+
+#[derive(Serialize)]
+struct PostOut<'a> {
+    id: &'a str,
+    title: &'a str,
+    comments: CommentsOut<'a>,
+}
+
+struct CommentsOut<'a>(Option<&'a BTreeMap<i64, CommentEntry>>);
+
+impl Serialize for CommentsOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut seq = serializer.serialize_seq(Some(self.0.map_or(0, BTreeMap::len)))?;
+        for comment in self.0.into_iter().flat_map(BTreeMap::values) {
+            seq.serialize_element(comment)?;
+        }
+        seq.end()
+    }
+}
+
+/// The original's `GET /posts`: posts keyed by id, in creation order.
+struct FullView<'a>(&'a Projection);
+
+impl Serialize for FullView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.posts.len()))?;
+        for post in self.0.posts.values() {
+            map.serialize_entry(&post.id, &self.0.post_out(post))?;
+        }
+        map.end()
+    }
+}
+
+/// One page, newest first, and the cursor of the next (older) page.
+#[derive(Serialize)]
+struct PageOut<'a> {
+    posts: Vec<PostOut<'a>>,
+    next: Option<String>,
+}
+
+/// Positions noted inside the applying transaction, taken once it committed.
+#[derive(Debug, Default)]
+struct Staged {
+    posts: HashMap<String, i64>,
+    comments: HashMap<String, i64>,
+}
+
+/// What a committed delivery changes in the view.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Post(&'a PostCreated),
+    Comment { comment: &'a CommentData, is_update: bool },
+}
+
+/// The whole view serialised once, shared by every reader of its version.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    /// Strong entity tag of the uncompressed representation (quoted).
+    pub etag: String,
+    /// Strong entity tag of the gzip representation (quoted).
+    pub gzip_etag: String,
+    pub json: Bytes,
+    gzip: OnceLock<Bytes>,
+}
+
+impl Snapshot {
+    /// The JSON gzipped, compressed by the first reader that asks.
+    pub fn gzip(&self) -> Bytes {
+        self.gzip.get_or_init(|| gzip(&self.json)).clone()
+    }
+
+    /// Whether `tag` (an entity tag from `If-None-Match`, `W/` allowed) names
+    /// this version in any encoding.
+    pub fn matches(&self, tag: &str) -> bool {
+        let tag = tag.trim();
+        let tag = tag.strip_prefix("W/").unwrap_or(tag);
+        tag == "*" || tag == self.etag || tag == self.gzip_etag
+    }
+}
+
+fn gzip(data: &[u8]) -> Bytes {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::new(3));
+    // Writing to a Vec cannot fail.
+    let _ = encoder.write_all(data);
+    Bytes::from(encoder.finish().unwrap_or_default())
+}
+
+/// The in-memory view. Shared by the projector and the HTTP handlers.
+#[derive(Debug)]
+pub struct View {
+    projection: Mutex<Projection>,
+    staged: Mutex<Staged>,
+    /// The projection's version, readable without its lock.
+    version: AtomicU64,
+    current: RwLock<Option<Arc<Snapshot>>>,
+    /// One snapshot build at a time; the readers that wait reuse its result.
+    building: tokio::sync::Mutex<()>,
+    /// Tells this process's entity tags from another run's.
+    epoch: u64,
+    builds: Counter,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl View {
+    /// Loads the view from the database.
+    pub fn load(conn: &Connection, metrics: &Registry) -> Result<Self, StoreError> {
+        let mut projection = Projection::default();
+        let mut posts = conn.prepare("SELECT pos, id, title FROM post ORDER BY pos")?;
+        let mut rows = posts.query([])?;
+        while let Some(row) = rows.next()? {
+            projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
+        }
+        let mut comments = conn.prepare("SELECT pos, post_id, id, content, status FROM comment ORDER BY pos")?;
+        let mut rows = comments.query([])?;
+        while let Some(row) = rows.next()? {
+            let status: String = row.get(4)?;
+            let entry = CommentEntry {
+                id: row.get(2)?,
+                content: row.get(3)?,
+                status: CommentStatus::parse(&status).unwrap_or(CommentStatus::Pending),
+            };
+            projection.add_comment(row.get(0)?, row.get(1)?, entry);
+        }
+        Ok(Self {
+            projection: Mutex::new(projection),
+            staged: Mutex::default(),
+            version: AtomicU64::new(0),
+            current: RwLock::new(None),
+            building: tokio::sync::Mutex::new(()),
+            epoch: uuid::Uuid::new_v4().as_u64_pair().0,
+            builds: metrics.counter("blog_query_snapshot_builds_total", "Serialisations of the whole view (one per version read)."),
+        })
+    }
+
+    /// Notes where the applying transaction put a post.
+    pub fn stage_post(&self, id: &str, pos: i64) {
+        lock(&self.staged).posts.insert(id.to_owned(), pos);
+    }
+
+    /// Notes where the applying transaction put (or found) a comment.
+    pub fn stage_comment(&self, id: &str, pos: i64) {
+        lock(&self.staged).comments.insert(id.to_owned(), pos);
+    }
+
+    /// Applies what a committed transaction changed; returns whether the view changed.
+    pub fn commit<'a>(&self, changes: impl IntoIterator<Item = Change<'a>>) -> bool {
+        let mut projection = lock(&self.projection);
+        let mut changed = false;
+        for change in changes {
+            changed |= match change {
+                // Taken whether needed or not, so nothing stays behind: a
+                // position never changes once committed.
+                Change::Post(post) => {
+                    let pos = lock(&self.staged).posts.remove(&post.id);
+                    projection.post_created(post, pos)
+                }
+                Change::Comment { comment, is_update } => {
+                    let pos = lock(&self.staged).comments.remove(&comment.id);
+                    projection.comment(comment, is_update, pos)
+                }
+            };
+        }
+        if changed {
+            projection.version += 1;
+            self.version.store(projection.version, Ordering::Release);
+        }
+        changed
+    }
+
+    /// The current snapshot, built first if the view changed since the last.
+    pub async fn snapshot(&self) -> Arc<Snapshot> {
+        if let Some(current) = self.fresh() {
+            return current;
+        }
+        let _building = self.building.lock().await;
+        if let Some(current) = self.fresh() {
+            return current;
+        }
+        let snapshot = {
+            let projection = lock(&self.projection);
+            let json = serde_json::to_vec(&FullView(&projection)).unwrap_or_default();
+            let tag = format!("{:016x}-{}", self.epoch, projection.version);
+            Arc::new(Snapshot {
+                version: projection.version,
+                etag: format!("\"{tag}\""),
+                gzip_etag: format!("\"{tag}-gzip\""),
+                json: Bytes::from(json),
+                gzip: OnceLock::new(),
+            })
+        };
+        self.builds.inc();
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(snapshot.clone());
+        snapshot
+    }
+
+    fn fresh(&self) -> Option<Arc<Snapshot>> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        (current.version == self.version.load(Ordering::Acquire)).then_some(current)
+    }
+
+    /// Up to `limit` posts created before the post at cursor `before` (all
+    /// when `None`), newest first, as `{"posts":[...],"next":...}`.
+    pub fn page(&self, limit: usize, before: Option<i64>) -> Vec<u8> {
+        let projection = lock(&self.projection);
+        let mut older = projection.posts.range(..before.unwrap_or(i64::MAX)).rev();
+        let taken: Vec<(&i64, &PostEntry)> = older.by_ref().take(limit.min(MAX_PAGE)).collect();
+        let next = match (older.next(), taken.last()) {
+            (Some(_), Some((pos, _))) => Some(pos.to_string()),
+            _ => None,
+        };
+        let page = PageOut { posts: taken.into_iter().map(|(_, post)| projection.post_out(post)).collect(), next };
+        serde_json::to_vec(&page).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> View {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(crate::MIGRATIONS[0]).unwrap();
+        View::load(&conn, &Registry::default()).unwrap()
+    }
+
+    fn post(id: &str) -> PostCreated {
+        PostCreated { id: id.to_owned(), title: format!("title {id}") }
+    }
+
+    fn comment(id: &str, post_id: &str, status: CommentStatus) -> CommentData {
+        CommentData { id: id.to_owned(), content: format!("text {id}"), post_id: post_id.to_owned(), status }
+    }
+
+    fn text(view: &View) -> String {
+        String::from_utf8(serde_json::to_vec(&FullView(&lock(&view.projection))).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn commits_in_another_order_than_the_database_give_the_database_order() {
+        let view = view();
+        // The database applied a, then b, then c's approval, then c's creation.
+        view.stage_post("a", 1);
+        view.stage_post("b", 2);
+        view.stage_comment("c", 1);
+        let (a, b) = (post("a"), post("b"));
+        let approved = comment("c", "a", CommentStatus::Approved);
+        let created = comment("c", "a", CommentStatus::Pending);
+        // The calls after commit arrive in reverse.
+        assert!(view.commit([Change::Comment { comment: &created, is_update: false }]));
+        assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
+        assert!(!view.commit([Change::Comment { comment: &created, is_update: false }]), "a late creation changes nothing");
+        // An update of a known comment notes its position again; the commit takes it.
+        view.stage_comment("c", 1);
+        assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
+        view.commit([Change::Post(&b)]);
+        view.commit([Change::Post(&a)]);
+        assert_eq!(
+            text(&view),
+            r#"{"a":{"id":"a","title":"title a","comments":[{"id":"c","content":"text c","status":"approved"}]},"b":{"id":"b","title":"title b","comments":[]}}"#
+        );
+        let staged = lock(&view.staged);
+        assert!(staged.posts.is_empty() && staged.comments.is_empty(), "noted positions are not kept: {staged:?}");
+    }
+
+    #[test]
+    fn pages_go_newest_first_and_end_with_no_cursor() {
+        let view = view();
+        let posts: Vec<_> = (1..=5).map(|i| post(&format!("p{i}"))).collect();
+        for (i, p) in posts.iter().enumerate() {
+            view.stage_post(&p.id, i as i64 + 1);
+        }
+        view.commit(posts.iter().map(Change::Post));
+        let page = |limit, before| serde_json::from_slice::<serde_json::Value>(&view.page(limit, before)).unwrap();
+        let first = page(2, None);
+        let ids =
+            |v: &serde_json::Value| v["posts"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+        assert_eq!((ids(&first), first["next"].clone()), (vec!["p5".to_owned(), "p4".to_owned()], serde_json::json!("4")));
+        let second = page(2, Some(4));
+        assert_eq!((ids(&second), second["next"].clone()), (vec!["p3".to_owned(), "p2".to_owned()], serde_json::json!("2")));
+        let last = page(2, Some(2));
+        assert_eq!((ids(&last), last["next"].clone()), (vec!["p1".to_owned()], serde_json::Value::Null));
+        assert_eq!(ids(&page(1_000, None)).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn readers_share_one_snapshot_per_version() {
+        let view = Arc::new(view());
+        let p = post("p");
+        view.stage_post("p", 1);
+        view.commit([Change::Post(&p)]);
+        let readers: Vec<_> = (0..50)
+            .map(|_| {
+                let view = view.clone();
+                tokio::spawn(async move { view.snapshot().await })
+            })
+            .collect();
+        let mut snapshots = Vec::new();
+        for reader in readers {
+            snapshots.push(reader.await.unwrap());
+        }
+        assert!(snapshots.iter().all(|s| Arc::ptr_eq(s, &snapshots[0])), "every reader got the same buffer");
+        assert_eq!(view.builds.get(), 1);
+        let gzipped = snapshots[0].gzip();
+        assert!(Arc::ptr_eq(&view.snapshot().await, &snapshots[0]));
+        assert_eq!(snapshots[1].gzip().as_ptr(), gzipped.as_ptr(), "compressed once per snapshot");
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzipped[..]), &mut json).unwrap();
+        assert_eq!(json, snapshots[0].json);
+
+        let q = post("q");
+        view.stage_post("q", 2);
+        view.commit([Change::Post(&q)]);
+        let after = view.snapshot().await;
+        assert_ne!(after.etag, snapshots[0].etag);
+        assert!(after.json.ends_with(br#""q":{"id":"q","title":"title q","comments":[]}}"#));
+        assert_eq!(view.builds.get(), 2);
+    }
+}
