@@ -8,16 +8,11 @@
 
 use std::time::Duration;
 
-use axum::{
-    Router,
-    extract::{Path, State},
-    http::StatusCode,
-    routing::get,
-};
+use axum::{Router, extract::State, http::StatusCode, routing::get};
 use blog_common::{
     ApiError, CommentStatus, DomainEvent, Event, Json, Node, Service,
     config::{self, CommonConfig, ConfigError},
-    error::required_text,
+    error::{self, required_text},
     events::CommentData,
     inbox::{Applied, Handler},
     node::BoxError,
@@ -107,7 +102,7 @@ struct CreateComment {
 
 async fn create(
     State(state): State<AppState>,
-    Path(post_id): Path<String>,
+    error::Path(post_id): error::Path<String>,
     request_id: RequestId,
     Json(body): Json<CreateComment>,
 ) -> Result<(StatusCode, Json<Vec<Comment>>), ApiError> {
@@ -131,7 +126,7 @@ async fn create(
     Ok((StatusCode::CREATED, Json(comments)))
 }
 
-async fn list(State(state): State<AppState>, Path(post_id): Path<String>) -> Result<Json<Vec<Comment>>, ApiError> {
+async fn list(State(state): State<AppState>, error::Path(post_id): error::Path<String>) -> Result<Json<Vec<Comment>>, ApiError> {
     state.wait_for_post(&post_id).await?;
     let comments = state.store.read(move |conn| comments_of(conn, &post_id)).await?;
     Ok(Json(comments))
