@@ -181,6 +181,13 @@ pub fn ack_events() -> Router {
     Router::new().route("/events", axum::routing::post(ack).layer(DefaultBodyLimit::max(crate::inbox::MAX_EVENTS_BODY)))
 }
 
+/// The address every service listens on: `BIND_ADDR`, loopback unless a
+/// container or manifest says `0.0.0.0`, so a laptop running the suite does
+/// not offer it to the whole network.
+pub fn bind_addr() -> Result<std::net::IpAddr, crate::config::ConfigError> {
+    crate::config::var("BIND_ADDR", std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
 /// Runs a service binary: telemetry, configuration, bind, serve. Returns the
 /// process exit code, so `main` stays a few lines.
 pub fn main<C, F, Fut>(
@@ -194,7 +201,7 @@ where
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     crate::telemetry::init();
-    let config = match config() {
+    let config = match config().and_then(|config| Ok((bind_addr()?, config))) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!(error = %e, "invalid configuration");
@@ -211,7 +218,8 @@ where
         }
     };
     let result = runtime.block_on(async move {
-        let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port(&config)));
+        let (ip, config) = config;
+        let addr = std::net::SocketAddr::new(ip, port(&config));
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(service = service.name(), version = env!("CARGO_PKG_VERSION"), "starting");
         run(listener, config, Shutdown::new(shutdown_signal())).await
