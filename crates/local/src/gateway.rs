@@ -7,7 +7,10 @@
 //! buffered request can be sent again when a pooled connection turns out to
 //! have been closed by the service (as it does after refusing an oversized
 //! body), where a streamed one would fail. Responses stream, so the live
-//! update stream passes through like any other response.
+//! update stream passes through like any other response. Connections are
+//! served by [`blog_common::server::serve`] (a client has 10 s to send its
+//! request head), an upstream has 2 s to accept a connection and
+//! [`UPSTREAM_HEADERS_TIMEOUT`] to answer.
 //!
 //! The path is checked before it is matched, and the upstream URL is built
 //! from the checked path: an HTTP client resolves `..` (and servers decode
@@ -31,6 +34,13 @@ use axum::{
 };
 use blog_common::{Service, error::error_response, routes::RouteTable, server::Shutdown};
 use tokio::net::TcpListener;
+
+/// Longest the gateway waits for an upstream's response head: past each
+/// service's own request timeout, so a slow request gets the service's JSON
+/// 503 first; a hung upstream gets a JSON 504. A response body (the live
+/// update stream included) is not bounded once its head has arrived.
+pub const UPSTREAM_HEADERS_TIMEOUT: std::time::Duration =
+    blog_common::server::REQUEST_TIMEOUT.saturating_add(std::time::Duration::from_secs(5));
 
 /// Largest request body passed on (ingress-nginx's default `client_max_body_size`).
 pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -195,7 +205,11 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
         upstream = upstream.header("x-forwarded-host", host);
     }
     let upstream = upstream.header("x-forwarded-proto", "http").body(body);
-    match upstream.send().await {
+    let Ok(sent) = tokio::time::timeout(UPSTREAM_HEADERS_TIMEOUT, upstream.send()).await else {
+        tracing::warn!(%service, "upstream did not answer in time");
+        return error_response(StatusCode::GATEWAY_TIMEOUT, &format!("{service} did not answer in time"));
+    };
+    match sent {
         Ok(answer) => {
             let mut response = Response::builder().status(answer.status());
             for (name, value) in forwardable(answer.headers()) {
@@ -215,6 +229,23 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_upstream_gets_a_json_504() {
+        use axum::http::Request;
+        use tower::ServiceExt;
+        // Accepts connections (the kernel's backlog does) and never answers.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", hung.local_addr().unwrap());
+        let upstreams = Service::ALL.into_iter().map(|s| (s, base.clone())).collect();
+        let request = Request::get("/posts").body(Body::empty()).unwrap();
+        let answer = Gateway::new(upstreams).router().oneshot(request).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::GATEWAY_TIMEOUT);
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("did not answer")), "{body}");
+        drop(hung);
+    }
 
     #[test]
     fn ordinary_paths_pass_with_unreserved_characters_decoded() {
