@@ -115,6 +115,10 @@ fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
 /// The bus's `/flow`, passed through event by event with only the public
 /// fields of each.
 async fn flow(State(peers): State<Peers>) -> Response {
+    let slot = match blog_common::server::StreamSlot::acquire() {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
     let request = peers.streaming.get(format!("{}/flow", peers.bus())).header("accept", "text/event-stream").send();
     let upstream = match tokio::time::timeout(PEER_TIMEOUT, request).await {
         Ok(Ok(answer)) if answer.status().is_success() => answer,
@@ -122,7 +126,12 @@ async fn flow(State(peers): State<Peers>) -> Response {
         Ok(Err(_)) | Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable"),
     };
     let events = public_flow(upstream.bytes_stream(), peers.shutdown.clone());
-    let sse = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+    // The stream holds its place until it ends or the browser goes away.
+    let sse = Sse::new(events.map(move |event| {
+        let _ = &slot;
+        Ok::<_, Infallible>(event)
+    }))
+    .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
     // ingress-nginx buffers responses unless told not to; a buffered event
     // stream would arrive in lumps.
     ([("x-accel-buffering", "no")], sse).into_response()

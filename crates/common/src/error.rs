@@ -65,6 +65,14 @@ pub fn error_response(status: StatusCode, message: &str) -> Response {
     response
 }
 
+/// A JSON 503 that says when to come back (`Retry-After`, in seconds): the
+/// service is fine but cannot take this request now.
+pub fn retry_later(message: &str, after_secs: u64) -> Response {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(after_secs));
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
