@@ -122,3 +122,56 @@ async fn no_internal_route_is_reachable_through_the_gateway_in_any_spelling() {
     assert_eq!(log.last().map(|e| &e["data"]["id"]), Some(&Value::String(real.id.clone())));
     suite.shutdown().await;
 }
+
+/// Runs the client binary with `bind` as `BIND_ADDR` (unset if `None`) on a
+/// free port; its output goes to a file in `dir`.
+fn start_client(dir: &std::path::Path, bind: Option<&str>) -> (std::process::Child, u16, std::path::PathBuf) {
+    let port = blog_tests::free_port();
+    let log = dir.join(format!("client-{port}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut command = std::process::Command::new(blog_tests::binaries().join("client"));
+    command.env("PORT", port.to_string()).env_remove("BIND_ADDR").stdout(out.try_clone().unwrap()).stderr(out);
+    if let Some(bind) = bind {
+        command.env("BIND_ADDR", bind);
+    }
+    (command.spawn().expect("the client binary starts"), port, log)
+}
+
+/// The output up to the line saying where the process listens (polled);
+/// the process is stopped then.
+async fn stop_once_listening(child: &mut std::process::Child, log: &std::path::Path) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let listening = loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("listening") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "the process never said where it listens:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    listening
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_listen_on_loopback_unless_bind_addr_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // Unset: loopback only.
+    let (mut child, port, log) = start_client(dir.path(), None);
+    let listening = stop_once_listening(&mut child, &log).await;
+    assert!(listening.contains(&format!("127.0.0.1:{port}")), "{listening}");
+
+    // Set: that address.
+    let (mut child, port, log) = start_client(dir.path(), Some("0.0.0.0"));
+    let listening = stop_once_listening(&mut child, &log).await;
+    assert!(listening.contains(&format!("0.0.0.0:{port}")), "{listening}");
+
+    // Malformed: a configuration error naming the variable.
+    let (mut child, _, log) = start_client(dir.path(), Some("everywhere"));
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(text.contains("BIND_ADDR"), "{text}");
+}
