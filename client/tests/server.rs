@@ -362,3 +362,32 @@ async fn internal_routes_answer_only_requests_that_did_not_come_through_a_proxy(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_subscription_reconnects_while_someone_watches() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    // Each connection gets one record, numbered after the connection, and ends.
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let flow = move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let record = format!("event: published\ndata: {{\"seq\":{n},\"id\":\"e{n}\",\"type\":\"PostCreated\",\"data\":{{}}}}\n\n");
+            ([(header::CONTENT_TYPE, "text/event-stream")], record).into_response()
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bus = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, Router::new().route("/flow", routing::get(flow))).await });
+
+    let watcher = client::app(peers(&bus)).oneshot(Request::get("/api/flow").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(watcher.status(), StatusCode::OK);
+    let raw = read_until(watcher, 3).await;
+    let resync = raw.find("event: resync").expect("a resync after the upstream ended");
+    let second = raw.find("\"seq\":2").expect("the record of the second connection");
+    assert!(resync < second, "{raw}");
+    assert!(connections.load(Ordering::SeqCst) >= 3, "{raw}");
+}
