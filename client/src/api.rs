@@ -8,27 +8,58 @@
 //! request ids cannot leak even if the bus starts sending more. Only `GET`
 //! is routed, so nothing can be published through here. A peer that is down
 //! or slow gets a JSON 502/503 within a few seconds, never a hang.
+//!
+//! The flow is one upstream subscription to the bus, whoever watches: the
+//! first watcher starts it, each record is filtered and framed once and
+//! fanned out in process (a broadcast channel), and it reconnects with
+//! backoff while anyone still watches (sending `resync`, as a lagging
+//! watcher gets, since records may have passed meanwhile). It ends at the
+//! first record after the last watcher left.
 
-use std::{collections::BTreeMap, convert::Infallible, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
     extract::State,
     http::StatusCode,
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    response::{IntoResponse, Response, sse::Event},
     routing::get,
 };
-use blog_common::{Service, error::error_response, server::Shutdown};
+use blog_common::{
+    Service,
+    error::error_response,
+    server::{self, Shutdown},
+};
 use futures_util::{Stream, StreamExt, stream};
 use serde_json::{Map, Value, json};
+use tokio::sync::{broadcast, watch};
 
 /// How long a status probe or the start of the flow stream may take.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest SSE block accepted from the bus before the stream is dropped.
 const MAX_BLOCK: usize = 256 * 1024;
+/// Flow records buffered per watcher; one further behind gets `resync`.
+const FLOW_BUFFER: usize = 256;
+
+/// The one upstream subscription to the bus's `/flow`, shared by every watcher.
+#[derive(Debug)]
+struct FlowHub {
+    events: broadcast::Sender<Event>,
+    /// Whether the upstream stream is open right now.
+    connected: AtomicBool,
+    /// Counts the upstream connections made, so a watcher can wait for the
+    /// next one (a short-lived one included).
+    connections: watch::Sender<u64>,
+    /// Whether the task holding the upstream runs.
+    running: AtomicBool,
+}
 
 /// What the API handlers need.
 #[derive(Debug, Clone)]
@@ -40,13 +71,27 @@ pub struct Peers {
     /// For the flow stream, which has no end: only connecting is bounded.
     pub streaming: reqwest::Client,
     pub shutdown: Shutdown,
+    hub: Arc<FlowHub>,
 }
 
 impl Peers {
     pub fn new(urls: BTreeMap<Service, String>, shutdown: Shutdown) -> Self {
         let http = blog_common::bus_client::http_client(PEER_TIMEOUT);
         let streaming = blog_common::bus_client::build_client(|builder| builder);
-        Self { urls, http, streaming, shutdown }
+        let hub = FlowHub {
+            events: broadcast::channel(FLOW_BUFFER).0,
+            connected: AtomicBool::new(false),
+            connections: watch::channel(0).0,
+            running: AtomicBool::new(false),
+        };
+        Self { urls, http, streaming, shutdown, hub: Arc::new(hub) }
+    }
+
+    /// Starts the upstream task unless it runs.
+    fn ensure_flow(&self) {
+        if self.hub.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            tokio::spawn(relay_flow(self.clone()));
+        }
     }
 
     fn bus(&self) -> String {
@@ -112,20 +157,64 @@ fn pick(value: &Value, fields: &[&str]) -> Map<String, Value> {
     fields.iter().filter_map(|f| value.get(*f).map(|v| ((*f).to_owned(), v.clone()))).collect()
 }
 
-/// The bus's `/flow`, passed through event by event with only the public
-/// fields of each.
+/// The bus's `/flow`, with only the public fields of each record, from the
+/// shared subscription. 503 if the bus cannot be reached in [`PEER_TIMEOUT`]
+/// or too many streams are open.
 async fn flow(State(peers): State<Peers>) -> Response {
-    let request = peers.streaming.get(format!("{}/flow", peers.bus())).header("accept", "text/event-stream").send();
-    let upstream = match tokio::time::timeout(PEER_TIMEOUT, request).await {
-        Ok(Ok(answer)) if answer.status().is_success() => answer,
-        Ok(Ok(_)) => return error_response(StatusCode::BAD_GATEWAY, "the event bus refused the flow stream"),
-        Ok(Err(_)) | Err(_) => return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable"),
-    };
-    let events = public_flow(upstream.bytes_stream(), peers.shutdown.clone());
-    let sse = Sse::new(events.map(Ok::<_, Infallible>)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
-    // ingress-nginx buffers responses unless told not to; a buffered event
-    // stream would arrive in lumps.
-    ([("x-accel-buffering", "no")], sse).into_response()
+    let watcher = peers.hub.events.subscribe();
+    peers.ensure_flow();
+    let mut connections = peers.hub.connections.subscribe();
+    let before = *connections.borrow_and_update();
+    let open = peers.hub.connected.load(Ordering::SeqCst)
+        || matches!(tokio::time::timeout(PEER_TIMEOUT, connections.wait_for(|n| *n > before)).await, Ok(Ok(_)));
+    if !open {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable");
+    }
+    match server::live_stream(watcher, peers.shutdown.clone(), |event: Event| event) {
+        // ingress-nginx buffers responses unless told not to; a buffered
+        // event stream would arrive in lumps.
+        Ok(sse) => ([("x-accel-buffering", "no")], sse).into_response(),
+        Err(full) => full.into_response(),
+    }
+}
+
+/// Holds the upstream subscription while anyone watches: connects, fans each
+/// public record out, and reconnects with backoff when the bus goes away.
+async fn relay_flow(peers: Peers) {
+    let hub = &peers.hub;
+    let mut attempt = 0;
+    loop {
+        while hub.events.receiver_count() > 0 {
+            let request = peers.streaming.get(format!("{}/flow", peers.bus())).header("accept", "text/event-stream").send();
+            if let Ok(Ok(upstream)) = tokio::time::timeout(PEER_TIMEOUT, request).await
+                && upstream.status().is_success()
+            {
+                attempt = 0;
+                hub.connected.store(true, Ordering::SeqCst);
+                hub.connections.send_modify(|n| *n += 1);
+                let mut records = std::pin::pin!(public_flow(upstream.bytes_stream(), peers.shutdown.clone()));
+                while let Some(record) = records.next().await {
+                    if hub.events.send(record).is_err() {
+                        break;
+                    }
+                }
+                hub.connected.store(false, Ordering::SeqCst);
+                // Records may pass while reconnecting: watchers reload.
+                let _ = hub.events.send(Event::default().event("resync").data("{}"));
+            }
+            attempt += 1;
+            if peers.shutdown.sleep(blog_common::outbox::backoff(attempt)).await {
+                hub.running.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+        hub.running.store(false, Ordering::SeqCst);
+        // A watcher that came between the check and the store must not be
+        // left without an upstream.
+        if hub.events.receiver_count() == 0 || hub.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return;
+        }
+    }
 }
 
 /// Turns the bus's SSE bytes into public SSE events; ends with the upstream,

@@ -54,8 +54,28 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let peers = api::Peers::new(config.peers, shutdown.clone());
-    server::serve(listener, server::standard(app(peers), None, Registry::default()), shutdown).await?;
+    server::serve(listener, service(peers), shutdown).await?;
     Ok(())
+}
+
+/// The whole server: [`app`] with the standard routes, whose internal ones
+/// (`/metrics`, `/healthz`, `/readyz`) answer only requests that did not come
+/// through a proxy. The client is the Ingress's catch-all route, so without
+/// this its metrics would be public; ingress-nginx and the local gateway
+/// always add forwarding headers, the kubelet's probes and Prometheus never do.
+pub fn service(peers: api::Peers) -> Router {
+    server::standard(app(peers), None, Registry::default()).layer(middleware::from_fn(internal_only_direct))
+}
+
+const INTERNAL_ROUTES: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
+const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "x-forwarded-host", "x-real-ip", "forwarded"];
+
+async fn internal_only_direct(request: axum::extract::Request, next: middleware::Next) -> Response {
+    let internal = INTERNAL_ROUTES.iter().any(|route| request.uri().path().trim_end_matches('/').eq_ignore_ascii_case(route));
+    if internal && FORWARDING_HEADERS.iter().any(|name| request.headers().contains_key(*name)) {
+        return blog_common::error::error_response(axum::http::StatusCode::NOT_FOUND, "no such route");
+    }
+    next.run(request).await
 }
 
 pub fn app(peers: api::Peers) -> Router {

@@ -259,8 +259,9 @@ async fn the_flow_passes_only_the_events_public_fields() {
     assert_eq!(header(&response, "content-type"), "text/event-stream");
     assert_eq!(header(&response, "x-accel-buffering"), "no");
     assert_eq!(header(&response, "content-encoding"), "", "an event stream must not be compressed (buffered)");
-    // The fake bus ends its stream, so ours ends too.
-    let raw = tokio::time::timeout(Duration::from_secs(5), text(response)).await.expect("the flow ends with the upstream");
+    // The fake bus ends its stream after these records; ours goes on (the
+    // shared subscription reconnects), so read until they have arrived.
+    let raw = read_until(response, 2).await;
     for secret in ["secret-request", "requestId", "10.0.0", "url", "internal", "host"] {
         assert!(!raw.contains(secret), "{secret} leaked: {raw}");
     }
@@ -272,6 +273,7 @@ async fn the_flow_passes_only_the_events_public_fields() {
             Some((name, serde_json::from_str(data).unwrap()))
         })
         .collect();
+    let events: Vec<_> = events.into_iter().filter(|(name, _)| *name != "resync").take(2).collect();
     assert_eq!(events.len(), 2, "{raw}");
     assert_eq!(events[0].0, "published");
     assert_eq!(
@@ -280,4 +282,112 @@ async fn the_flow_passes_only_the_events_public_fields() {
     );
     assert_eq!(events[1].0, "delivered");
     assert_eq!(events[1].1, json!({"seq":1,"id":"e1","type":"PostCreated","subscriber":"query","lagMs":3}));
+}
+
+/// The stream's text up to its `count`-th `published` or `delivered` event.
+async fn read_until(response: Response, count: usize) -> String {
+    use futures_util::StreamExt;
+    let mut body = response.into_body().into_data_stream();
+    let mut raw = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while raw.matches("event: published").count() + raw.matches("event: delivered").count() < count {
+        let chunk = tokio::time::timeout_at(deadline, body.next()).await.expect("the events arrive in time");
+        raw.push_str(&String::from_utf8_lossy(&chunk.expect("the stream stays open").unwrap()));
+    }
+    raw
+}
+
+/// A bus whose `/flow` counts its subscribers and sends one record to each,
+/// once `release` is notified, then stays open.
+async fn gated_bus(release: std::sync::Arc<tokio::sync::Notify>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use futures_util::StreamExt;
+    let subscriptions = Arc::new(AtomicUsize::new(0));
+    let counter = subscriptions.clone();
+    let flow = move || {
+        let release = release.clone();
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let record = "event: published\ndata: {\"seq\":1,\"id\":\"e1\",\"type\":\"PostCreated\",\"data\":{}}\n\n";
+            let gated = futures_util::stream::once(async move {
+                release.notified().await;
+                Ok::<_, std::convert::Infallible>(record)
+            });
+            let body = Body::from_stream(gated.chain(futures_util::stream::pending()));
+            ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
+        }
+    };
+    let app = Router::new().route("/flow", routing::get(flow));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), subscriptions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watcher_shares_one_upstream_subscription() {
+    use futures_util::StreamExt;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (bus, subscriptions) = gated_bus(release.clone()).await;
+    let app = client::app(peers(&bus));
+    const WATCHERS: usize = 8;
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        let response = app.clone().oneshot(Request::get("/api/flow").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        watchers.push(response);
+    }
+    release.notify_waiters();
+    let received = futures_util::stream::iter(watchers).then(|watcher| read_until(watcher, 1)).collect::<Vec<_>>().await;
+    assert!(received.iter().all(|raw| raw.contains("\"seq\":1")), "{received:?}");
+    let opened = subscriptions.load(std::sync::atomic::Ordering::SeqCst);
+    println!("{WATCHERS} watchers, {opened} upstream subscription(s)");
+    assert_eq!(opened, 1, "one upstream subscription for every watcher");
+}
+
+#[tokio::test]
+async fn internal_routes_answer_only_requests_that_did_not_come_through_a_proxy() {
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let direct = client::service(peers(&closed())).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(direct.status(), StatusCode::OK, "{path} direct");
+        for forwarding in ["x-forwarded-for", "x-forwarded-host", "x-real-ip", "forwarded"] {
+            let request = Request::get(path).header(forwarding, "203.0.113.9").body(Body::empty()).unwrap();
+            let proxied = client::service(peers(&closed())).oneshot(request).await.unwrap();
+            assert_eq!(proxied.status(), StatusCode::NOT_FOUND, "{path} with {forwarding}");
+            assert!(header(&proxied, "content-type").starts_with("application/json"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_subscription_reconnects_while_someone_watches() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    // Each connection gets one record, numbered after the connection, and ends.
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    let flow = move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let record = format!("event: published\ndata: {{\"seq\":{n},\"id\":\"e{n}\",\"type\":\"PostCreated\",\"data\":{{}}}}\n\n");
+            ([(header::CONTENT_TYPE, "text/event-stream")], record).into_response()
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bus = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, Router::new().route("/flow", routing::get(flow))).await });
+
+    let watcher = client::app(peers(&bus)).oneshot(Request::get("/api/flow").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(watcher.status(), StatusCode::OK);
+    let raw = read_until(watcher, 3).await;
+    let resync = raw.find("event: resync").expect("a resync after the upstream ended");
+    let second = raw.find("\"seq\":2").expect("the record of the second connection");
+    assert!(resync < second, "{raw}");
+    assert!(connections.load(Ordering::SeqCst) >= 3, "{raw}");
 }

@@ -253,7 +253,9 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
 
 #[test]
 fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
-    let policies = Manifests::load(&root().join(k8s::NETWORK_POLICY_DIR)).expect("the policies parse");
+    // In the default manifest set: applied by every deploy, not a profile.
+    let policies = manifests();
+    assert!(skaffold().get("profiles").is_none(), "no profile is needed for the policies");
     for service in Service::ALL {
         let name = format!("{}-ingress", service.name());
         let policy = policies.named("NetworkPolicy", &name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
@@ -270,7 +272,59 @@ fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
             }
         }
     }
-    // Only the bus reaches moderation, which has no public route.
+    // Only the bus and the client's health probe reach moderation, which has
+    // no public route.
     let moderation = policies.named("NetworkPolicy", "moderation-ingress").unwrap();
-    assert_eq!(moderation["spec"]["ingress"][0]["from"], serde_json::json!([{ "podSelector": { "matchLabels": { "app": "event-bus" } } }]));
+    assert_eq!(
+        moderation["spec"]["ingress"][0]["from"],
+        serde_json::json!([{ "podSelector": { "matchLabels": { "app": "event-bus" } } }, { "podSelector": { "matchLabels": { "app": "client" } } }])
+    );
+    // The client reaches everything its status page probes.
+    for service in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
+        let policy = policies.named("NetworkPolicy", &format!("{}-ingress", service.name())).unwrap();
+        let admits_client = policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|rule| rule["from"].as_array().unwrap().iter().any(|peer| peer["podSelector"]["matchLabels"]["app"] == "client"));
+        assert!(admits_client, "{service} must admit the client's status probe");
+    }
+}
+
+#[test]
+fn the_shared_secret_comes_from_a_secret_for_every_service_but_the_client() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let workload = manifests.workload(service).unwrap();
+        let secrets = workload.secret_env();
+        let env = workload.env().unwrap();
+        assert!(env.iter().all(|(name, _)| name != "INTERNAL_SECRET"), "{service}: INTERNAL_SECRET must never be a plain value");
+        if service == Service::Client {
+            assert_eq!(secrets, [], "the client only reads the bus: it never gets the secret");
+        } else {
+            assert_eq!(
+                secrets,
+                [k8s::SecretEnv { variable: "INTERNAL_SECRET".into(), secret: "blog-internal".into(), key: "INTERNAL_SECRET".into() }],
+                "{service}"
+            );
+        }
+    }
+    // Nothing commits the secret itself: the deploy hook generates it.
+    assert_eq!(manifests.of_kind("Secret").count(), 0);
+    let hooks = serde_json::to_string(&skaffold()["deploy"]["kubectl"]["hooks"]["before"]).unwrap();
+    assert!(hooks.contains("kubectl create secret generic blog-internal") && hooks.contains("/dev/urandom"), "{hooks}");
+}
+
+#[test]
+fn every_workload_listens_on_every_interface() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let env = manifests.workload(service).unwrap().env().unwrap();
+        let bind: Vec<_> = env.iter().filter(|(name, _)| name == "BIND_ADDR").map(|(_, value)| value.as_str()).collect();
+        assert_eq!(bind, ["0.0.0.0"], "{service}");
+        let dockerfile =
+            if service == Service::Client { "client/Dockerfile".to_owned() } else { format!("services/{}/Dockerfile", service.name()) };
+        let text = std::fs::read_to_string(root().join(&dockerfile)).unwrap();
+        assert!(text.lines().any(|l| l.starts_with("ENV ") && l.contains("BIND_ADDR=0.0.0.0")), "{dockerfile}");
+    }
 }

@@ -46,15 +46,11 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     let scripts = python_tools()?;
     ingress(pico_args::Arguments::from_vec(vec!["--check".into()]))?;
 
-    let mut manifests: Vec<PathBuf> = Vec::new();
-    for dir in [k8s::MANIFEST_DIR, k8s::NETWORK_POLICY_DIR] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect();
-        files.sort();
-        manifests.extend(files);
-    }
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(root().join(k8s::MANIFEST_DIR))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
     for version in KUBERNETES_VERSIONS {
         println!("kubernetes-validate --strict -k {version}");
         run(Command::new(scripts.join("kubernetes-validate")).args(["--strict", "-k", version]).args(&manifests).current_dir(root()))?;

@@ -6,7 +6,8 @@
 //! - one network where each container answers to its Service's name (a
 //!   network alias), as cluster DNS would;
 //! - each container gets what its workload says, read from the YAML: the
-//!   environment (ConfigMap then `env`), the numeric user, a read-only root
+//!   environment (ConfigMap then `env`; each Secret key a workload refers
+//!   to gets a value generated for this run), the numeric user, a read-only root
 //!   with tmpfs for `emptyDir`s, a named volume for each claim, the memory
 //!   and CPU limits, all capabilities dropped, no privilege escalation;
 //! - nginx gets the configuration `blog_local::k8s::nginx_conf` derives
@@ -121,7 +122,7 @@ fn save_logs() {
 }
 
 /// `docker run` for one service, every setting taken from its workload.
-fn start_service(manifests: &Manifests, service: Service) -> Result {
+fn start_service(manifests: &Manifests, service: Service, secret: &str) -> Result {
     let workload = manifests.workload(service)?;
     let (alias, _) = service_address(manifests, service)?;
     let name = container(service);
@@ -163,10 +164,22 @@ fn start_service(manifests: &Manifests, service: Service) -> Result {
     for (key, value) in workload.env()? {
         args.extend(["-e".into(), format!("{key}={value}")]);
     }
+    // The one Secret of the suite (blog-internal) holds the shared secret.
+    for reference in workload.secret_env() {
+        args.extend(["-e".into(), format!("{}={secret}", reference.variable)]);
+    }
     args.push(workload.image()?.to_owned());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     docker_output(&refs)?;
     Ok(())
+}
+
+/// A fresh shared secret for this run: 32 bytes from the kernel, in hex.
+fn run_secret() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Polls the service's `/readyz` from inside the network, as the kubelet
@@ -302,9 +315,10 @@ async fn scenario() -> Result {
 
     let addresses: Vec<(Service, (String, u64))> =
         Service::ALL.iter().map(|s| Ok((*s, service_address(&manifests, *s)?))).collect::<Result<_>>()?;
+    let secret = run_secret()?;
     step("start six services as their manifests say", async {
         for service in Service::ALL {
-            start_service(&manifests, service)?;
+            start_service(&manifests, service, &secret)?;
         }
         for (_, address) in &addresses {
             wait_ready(address, Duration::from_secs(60)).await?;

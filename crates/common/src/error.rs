@@ -67,6 +67,14 @@ pub fn error_response(status: StatusCode, message: &str) -> Response {
     response
 }
 
+/// A JSON 503 that says when to come back (`Retry-After`, in seconds): the
+/// service is fine but cannot take this request now.
+pub fn retry_later(message: &str, after_secs: u64) -> Response {
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(after_secs));
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -164,6 +172,30 @@ pub async fn not_found(uri: axum::http::Uri) -> Response {
 /// The answer for a known path with the wrong method.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// `axum::extract::Path` with rejections answered as [`ApiError`]: a segment
+/// that is not valid UTF-8 once decoded (`/posts/%FF/comments`) is a JSON 400,
+/// not axum's plain text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Path<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) if rejection.status().is_server_error() => {
+                Err(ApiError::Rejected { status: rejection.status(), message: rejection.body_text() })
+            }
+            Err(rejection) => Err(ApiError::bad_request(format!("invalid path: {}", rejection.body_text()))),
+        }
+    }
 }
 
 /// `axum::extract::Query` with rejections answered as [`ApiError`].

@@ -27,9 +27,6 @@ use serde_json::Value;
 /// Where the manifests live, relative to the workspace root.
 pub const MANIFEST_DIR: &str = "infrastructure/k8s";
 
-/// The optional NetworkPolicies (skaffold profile `network-policy`).
-pub const NETWORK_POLICY_DIR: &str = "infrastructure/k8s/network-policy";
-
 /// The generated Ingress file, relative to the workspace root.
 pub const INGRESS_FILE: &str = "infrastructure/k8s/ingress.yaml";
 
@@ -188,6 +185,14 @@ pub struct Workload<'a> {
     pub container: &'a Value,
 }
 
+/// An environment variable taken from a key of a Secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretEnv {
+    pub variable: String,
+    pub secret: String,
+    pub key: String,
+}
+
 /// A path the container writes to, and what backs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mount {
@@ -226,12 +231,33 @@ impl Workload<'_> {
         }
         for entry in self.container["env"].as_array().map(Vec::as_slice).unwrap_or_default() {
             let name = entry["name"].as_str().ok_or_else(|| ManifestError(format!("env entry without a name: {entry}")))?;
+            if entry["valueFrom"].get("secretKeyRef").is_some() {
+                // Not in the manifests by design: see `secret_env`.
+                continue;
+            }
             if entry.get("valueFrom").is_some() {
-                return error(format!("env {name}: valueFrom is not supported here"));
+                return error(format!("env {name}: only secretKeyRef is supported in valueFrom"));
             }
             set(name, scalar(&entry["value"])?);
         }
         Ok(env)
+    }
+
+    /// The container's variables that come from a Secret, which the manifests
+    /// reference but never contain (whoever deploys provides it).
+    pub fn secret_env(&self) -> Vec<SecretEnv> {
+        let entries = self.container["env"].as_array().map(Vec::as_slice).unwrap_or_default();
+        entries
+            .iter()
+            .filter_map(|entry| {
+                let reference = &entry["valueFrom"]["secretKeyRef"];
+                Some(SecretEnv {
+                    variable: entry["name"].as_str()?.to_owned(),
+                    secret: reference["name"].as_str()?.to_owned(),
+                    key: reference["key"].as_str()?.to_owned(),
+                })
+            })
+            .collect()
     }
 
     /// The numeric user and group the pod runs as.
