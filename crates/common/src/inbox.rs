@@ -131,6 +131,15 @@ impl Inbox {
     /// handles and no sequence number is acknowledged without touching the
     /// database.
     pub async fn deliver(&self, events: Vec<Event>) -> Result<Report, StoreError> {
+        self.deliver_range(events, None).await
+    }
+
+    /// [`Inbox::deliver`] for a batch the bus sent as the whole of its log
+    /// after `covers_after` (a catch-up page, or a push from a subscriber's
+    /// cursor): sequence numbers missing from it do not exist in the log, so
+    /// the watermark may move over them.
+    pub async fn deliver_range(&self, events: Vec<Event>, covers_after: Option<u64>) -> Result<Report, StoreError> {
+        let covers_after = covers_after.and_then(|after| i64::try_from(after).ok());
         let mut report = Report::default();
         let mut relevant = Vec::with_capacity(events.len());
         // Every event from the bus counts towards the watermark, whatever
@@ -167,7 +176,7 @@ impl Inbox {
                     report.applied += 1;
                     applied.push(Applied { seq: event.seq, event: domain });
                 }
-                advance_watermark(conn, &seqs)?;
+                advance_watermark(conn, &seqs, covers_after)?;
                 Ok::<_, StoreError>((report, applied))
             })
             .await?;
@@ -196,7 +205,7 @@ impl Inbox {
             let page = bus.events_after(*after, REPLAY_PAGE).await?;
             let count = page.len();
             let last = page.last().and_then(|e| e.seq).unwrap_or(0);
-            self.deliver(page).await?;
+            self.deliver_range(page, Some(*after)).await?;
             fetched += count;
             if count < REPLAY_PAGE as usize || last <= *after {
                 return Ok(fetched);
@@ -220,10 +229,18 @@ fn watermark(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 /// Records `seqs` as processed and moves the watermark over the gap-free run
-/// above it, if the next sequence number is there. Only sequence numbers
-/// above the watermark are kept.
-fn advance_watermark(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<()> {
-    let mark = watermark(conn)?;
+/// above it, if the next sequence number is there. A batch that covers the
+/// log from `covers_after` at or below the watermark moves it to the batch's
+/// end at once, gaps in the numbering included. Only sequence numbers above
+/// the watermark are kept.
+fn advance_watermark(conn: &Connection, seqs: &[i64], covers_after: Option<i64>) -> rusqlite::Result<()> {
+    let before = watermark(conn)?;
+    let mut mark = before;
+    if let (Some(after), Some(&last)) = (covers_after, seqs.iter().max())
+        && after <= mark
+    {
+        mark = mark.max(last);
+    }
     let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO replay_seen (seq) VALUES (?1)")?;
     for seq in seqs.iter().filter(|seq| **seq > mark) {
         insert.execute([seq])?;
@@ -237,9 +254,10 @@ fn advance_watermark(conn: &Connection, seqs: &[i64]) -> rusqlite::Result<()> {
                AND EXISTS (SELECT 1 FROM replay_seen f WHERE f.seq = ?1)",
         )?
         .query_row([mark + 1], |row| row.get(0))?;
-    if let Some(end) = end {
-        conn.prepare_cached("UPDATE consumer_cursor SET seq = ?1 WHERE id = 0")?.execute([end])?;
-        conn.prepare_cached("DELETE FROM replay_seen WHERE seq <= ?1")?.execute([end])?;
+    mark = mark.max(end.unwrap_or(mark));
+    if mark > before {
+        conn.prepare_cached("UPDATE consumer_cursor SET seq = ?1 WHERE id = 0")?.execute([mark])?;
+        conn.prepare_cached("DELETE FROM replay_seen WHERE seq <= ?1")?.execute([mark])?;
     }
     Ok(())
 }
@@ -288,9 +306,21 @@ pub fn parse_events(body: Value) -> Result<(Vec<Event>, bool), EventsError> {
     }
 }
 
-async fn receive(State(inbox): State<Inbox>, Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Json<Report>, Response> {
+async fn receive(
+    State(inbox): State<Inbox>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value, MAX_EVENTS_BODY>,
+) -> Result<Json<Report>, Response> {
     let (events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
-    let report = inbox.deliver(events).await.map_err(|e| ApiError::from(e).into_response())?;
+    let covers_after = headers.get(&internal::COVERS_AFTER_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    // Detached from the request: a caller that hangs up (the bus killed, a
+    // timeout) drops this handler, and a commit already queued would then
+    // stand without its after-commit hook (query's view in memory, comments'
+    // known posts); a redelivery finds it applied and could not repair that.
+    let report = tokio::spawn(async move { inbox.deliver_range(events, covers_after).await })
+        .await
+        .map_err(|e| ApiError::from(StoreError::Join(e.to_string())).into_response())?
+        .map_err(|e| ApiError::from(e).into_response())?;
     if !batch && let Some(rejection) = report.rejected.first() {
         return Err(EventsError::Malformed(rejection.error.clone()).into_response());
     }
@@ -390,6 +420,25 @@ mod tests {
         let replay = inbox.deliver(vec![post(5), liked(6), post(7), post(8)]).await.unwrap();
         assert_eq!((replay.applied, replay.duplicates, replay.ignored), (1, 2, 1));
         assert_eq!(inbox.cursor().await.unwrap(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_batch_covering_the_log_moves_the_watermark_over_numbers_the_log_lacks() {
+        let (_dir, _store, inbox) = inbox_over_posts().await;
+        inbox.deliver_range(vec![post(1), post(2)], Some(0)).await.unwrap();
+        // The log has no 3 or 4 (a log written before its numbering was kept
+        // dense): a push from cursor 2 holding 5 and 6 covers them.
+        inbox.deliver_range(vec![post(5), post(6)], Some(2)).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 6);
+        // A push that continues from above the watermark covers nothing below it.
+        inbox.deliver_range(vec![post(9)], Some(8)).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 6, "7 and 8 may still exist");
+        // ...until the range below it arrives; then the run through 9 counts.
+        inbox.deliver_range(vec![post(8)], Some(6)).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 9);
+        // Without the hint (an operator's direct post), a gap stays a gap.
+        inbox.deliver(vec![post(11)]).await.unwrap();
+        assert_eq!(inbox.cursor().await.unwrap(), 9);
     }
 
     #[tokio::test]

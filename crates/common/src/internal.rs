@@ -32,6 +32,11 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// sender may set them aside. Any other 4xx is retried.
 pub static REFUSAL_HEADER: HeaderName = HeaderName::from_static("x-blog-event-refused");
 
+/// Sent by the bus with every push: the subscriber's cursor the batch
+/// continues from. The batch is the whole of the log after it, so a consumer
+/// may move its replay watermark over numbers the log does not have.
+pub static COVERS_AFTER_HEADER: HeaderName = HeaderName::from_static("x-blog-covers-after");
+
 /// The shared secret of internal calls. Cheap to clone; never printed.
 #[derive(Clone)]
 pub struct InternalSecret(Arc<str>);

@@ -134,7 +134,11 @@ impl Deliverer {
     }
 
     async fn push(&self, events: &[Event]) -> Result<(), Failure> {
-        let request = self.http.post(&self.subscriber.url).header(reqwest::header::AUTHORIZATION, self.secret.bearer());
+        let request = self
+            .http
+            .post(&self.subscriber.url)
+            .header(reqwest::header::AUTHORIZATION, self.secret.bearer())
+            .header(internal::COVERS_AFTER_HEADER.clone(), self.cursor);
         let request = if let [single] = events { request.json(single) } else { request.json(events) };
         let response = request.send().await.map_err(|e| Failure::Transient(e.to_string()))?;
         let status = response.status();

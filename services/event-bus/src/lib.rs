@@ -280,6 +280,24 @@ fn registry(state: &AppState) -> Registry {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_log_numbers_events_without_gaps_when_publishers_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "event-bus", log::MIGRATIONS).unwrap();
+        let log = EventLog::open(store).await.unwrap();
+        let event = |id: &str| {
+            blog_common::Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
+        };
+        let first = log.append(vec![event("a"), event("b")]).await.unwrap();
+        // A publisher that lost the answer sends the same batch again, then more.
+        let again = log.append(vec![event("a"), event("b"), event("c")]).await.unwrap();
+        let seqs = |stored: &[Stored]| stored.iter().map(|s| s.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&first), [1, 2]);
+        assert_eq!(seqs(&again), [1, 2, 3], "a retried id keeps its number and takes no new one");
+        let read: Vec<u64> = log.after(0, 10).await.unwrap().iter().filter_map(|e| e.seq).collect();
+        assert_eq!(read, [1, 2, 3]);
+    }
+
     #[test]
     fn subscribers_are_name_url_pairs() {
         let parsed = parse_subscribers(&["query=http://q:4002/events".into()]).unwrap();

@@ -20,7 +20,7 @@ use blog_common::{
     Event,
     store::{Store, StoreError},
 };
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, watch};
 
@@ -89,16 +89,20 @@ impl EventLog {
                 let timestamp = format_millis(now);
                 for mut event in events {
                     let data = Value::Object(std::mem::take(&mut event.data)).to_string();
-                    let inserted = conn
-                        .prepare_cached(
-                            "INSERT INTO event (id, type, data, timestamp, request_id) VALUES (?1, ?2, ?3, ?4, ?5)
-                             ON CONFLICT (id) DO NOTHING",
-                        )?
-                        .execute(rusqlite::params![event.id, event.kind, data, now, event.request_id])?;
-                    let seq = if inserted == 1 {
-                        conn.last_insert_rowid()
-                    } else {
-                        conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0))?
+                    // Looked up first rather than `ON CONFLICT DO NOTHING`:
+                    // a conflicting insert still consumes an AUTOINCREMENT
+                    // number, and the log's numbering must have no gaps
+                    // (consumers' replay watermarks move over gap-free runs).
+                    let existing: Option<i64> =
+                        conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0)).optional()?;
+                    let inserted = usize::from(existing.is_none());
+                    let seq = match existing {
+                        Some(seq) => seq,
+                        None => {
+                            conn.prepare_cached("INSERT INTO event (id, type, data, timestamp, request_id) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                                .execute(rusqlite::params![event.id, event.kind, data, now, event.request_id])?;
+                            conn.last_insert_rowid()
+                        }
                     } as u64;
                     stored.push(Stored { id: event.id.clone(), seq });
                     if inserted == 1 {
