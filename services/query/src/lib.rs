@@ -9,6 +9,13 @@
 //! comment seen before its post is kept and shows up once the post does. The
 //! whole view can be rebuilt from the bus by replay.
 //!
+//! Posts and each post's comments are ordered by the bus sequence number of
+//! their creating event ([`order_key`]), not by when query received it: the
+//! relay publishes each writer's outbox in commit order, so the log's order is
+//! the writer's creation order, and a view rebuilt from the bus while new
+//! events are pushed ahead of the catch-up comes out in the same order as one
+//! built live.
+//!
 //! `GET /posts/stream` pushes every committed change of the view as a
 //! server-sent event, so a browser sees new posts, comments and moderation
 //! results without polling.
@@ -17,7 +24,7 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::{Query, State, rejection::QueryRejection},
+    extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response, sse},
     routing::get,
@@ -25,12 +32,13 @@ use axum::{
 use blog_common::{
     ApiError, CommentStatus, DomainEvent, Event, Node, Service,
     config::{CommonConfig, ConfigError},
-    events::CommentData,
+    error::Query,
+    events::{CommentData, PostCreated},
     inbox::{Applied, Handler},
     node::BoxError,
     server::{self, Shutdown},
 };
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::{Connection, named_params};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -39,7 +47,8 @@ pub mod view;
 
 use view::{Change, MAX_PAGE, Snapshot, View};
 
-pub const MIGRATIONS: &[&str] = &["
+pub const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE post (pos INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, title TEXT NOT NULL);
     CREATE TABLE comment (
         pos INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,7 +58,45 @@ pub const MIGRATIONS: &[&str] = &["
         status TEXT NOT NULL
     );
     CREATE INDEX comment_by_post ON comment (post_id, pos);
-"];
+",
+    "
+    -- The order key (see `order_key`; 4611686018427387904 is UNSEQUENCED). Rows from before it keep the order
+    -- they had (arrival), ahead of every newer one: their creating events'
+    -- sequence numbers were not kept. Deleting query.db rebuilds them in the
+    -- log's order.
+    ALTER TABLE post ADD COLUMN ord INTEGER NOT NULL DEFAULT 0;
+    UPDATE post SET ord = pos - 4611686018427387904;
+    CREATE UNIQUE INDEX post_by_ord ON post (ord);
+    ALTER TABLE comment ADD COLUMN ord INTEGER NOT NULL DEFAULT 0;
+    UPDATE comment SET ord = pos - 4611686018427387904;
+    CREATE UNIQUE INDEX comment_by_ord ON comment (ord);
+",
+];
+
+/// Where the order keys of events without a bus sequence number start; the
+/// migration puts rows that predate the keys below `-UNSEQUENCED`.
+const UNSEQUENCED: i64 = 1 << 62;
+
+/// The SQL expression of a new row's order key in `table`, given the creating
+/// (or first-seen updating) event's sequence number as `:seq` (NULL when it
+/// has none) and [`UNSEQUENCED`] as `:unsequenced`. A sequenced event takes its sequence number, so the order is the
+/// log's whatever the delivery order; an event without one (an operator
+/// posting the original's shape straight to `/events`) or one whose number is
+/// already taken (only a hand-made event can repeat one) takes the next key
+/// above [`UNSEQUENCED`]: after every sequenced item, in arrival order, and
+/// never the same key as another row.
+fn order_key(table: &str) -> String {
+    format!(
+        "CASE WHEN :seq IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {table} WHERE ord = :seq) THEN :seq
+              ELSE (SELECT coalesce(max(ord), :unsequenced) + 1 FROM {table} WHERE ord > :unsequenced) END"
+    )
+}
+
+/// `event`'s sequence number as an order key, when it fits below the keys of
+/// unsequenced events.
+fn sequenced(event: &Event) -> Option<i64> {
+    event.seq.and_then(|seq| i64::try_from(seq).ok()).filter(|seq| *seq < UNSEQUENCED)
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -129,9 +176,10 @@ impl PageParams {
         };
         let before = match &self.before {
             None => None,
+            // A post's order key; keys of posts from before the keys are negative.
             Some(cursor) => match cursor.trim().parse::<i64>() {
-                Ok(pos) if pos > 0 => Some(pos),
-                _ => return Err(ApiError::bad_request("`before` must be the `next` cursor of a previous page")),
+                Ok(ord) => Some(ord),
+                Err(_) => return Err(ApiError::bad_request("`before` must be the `next` cursor of a previous page")),
             },
         };
         Ok(Some((limit, before)))
@@ -140,12 +188,7 @@ impl PageParams {
 
 /// `GET /posts`: the original's whole view from the shared snapshot, or with
 /// `limit`/`before` one page, newest first.
-async fn posts(
-    State(state): State<AppState>,
-    params: Result<Query<PageParams>, QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+async fn posts(State(state): State<AppState>, Query(params): Query<PageParams>, headers: HeaderMap) -> Result<Response, ApiError> {
     if let Some((limit, before)) = params.page()? {
         let body = state.view.page(limit, before);
         return Ok(([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-cache")], body).into_response());
@@ -212,19 +255,21 @@ impl Handler for Projector {
         matches!(event, DomainEvent::PostCreated(_) | DomainEvent::CommentCreated(_) | DomainEvent::CommentUpdated(_))
     }
 
-    fn apply(&self, conn: &Connection, _: &Event, event: &DomainEvent) -> rusqlite::Result<()> {
+    fn apply(&self, conn: &Connection, envelope: &Event, event: &DomainEvent) -> rusqlite::Result<()> {
+        let seq = sequenced(envelope);
         match event {
             DomainEvent::PostCreated(post) => {
-                let pos: Option<i64> = conn
-                    .prepare_cached("INSERT OR IGNORE INTO post (id, title) VALUES (?1, ?2) RETURNING pos")?
-                    .query_row([&post.id, &post.title], |row| row.get(0))
-                    .optional()?;
-                if let Some(pos) = pos {
-                    self.view.stage_post(&post.id, pos);
-                }
+                let ord = upsert_post(conn, post, seq)?;
+                self.view.stage_post(&post.id, ord);
             }
-            DomainEvent::CommentCreated(comment) => self.stage_comment(conn, comment, false)?,
-            DomainEvent::CommentUpdated(comment) => self.stage_comment(conn, comment, true)?,
+            DomainEvent::CommentCreated(comment) => {
+                let ord = upsert_comment(conn, comment, false, seq)?;
+                self.view.stage_comment(&comment.id, ord);
+            }
+            DomainEvent::CommentUpdated(comment) => {
+                let ord = upsert_comment(conn, comment, true, seq)?;
+                self.view.stage_comment(&comment.id, ord);
+            }
             _ => {}
         }
         Ok(())
@@ -245,29 +290,42 @@ impl Handler for Projector {
     }
 }
 
-impl Projector {
-    fn stage_comment(&self, conn: &Connection, comment: &CommentData, is_update: bool) -> rusqlite::Result<()> {
-        if let Some(pos) = upsert_comment(conn, comment, is_update)? {
-            self.view.stage_comment(&comment.id, pos);
-        }
-        Ok(())
-    }
+/// Inserts the post once; a repeat keeps the title and moves the post only
+/// to an earlier key. Returns the post's order key.
+fn upsert_post(conn: &Connection, post: &PostCreated, seq: Option<i64>) -> rusqlite::Result<i64> {
+    let sql = format!(
+        "INSERT INTO post (id, title, ord) VALUES (:id, :title, {})
+         ON CONFLICT (id) DO UPDATE SET ord = min(ord, excluded.ord) RETURNING ord",
+        order_key("post")
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(named_params! {":id": post.id, ":title": post.title, ":seq": seq, ":unsequenced": UNSEQUENCED}, |row| row.get(0))
 }
 
 /// Inserts the comment or updates it; only an update carries a status that
-/// may replace the stored one, and never with `pending`. Returns the comment's
-/// position when the statement touched it.
-fn upsert_comment(conn: &Connection, comment: &CommentData, is_update: bool) -> rusqlite::Result<Option<i64>> {
-    let sql = if is_update && comment.status != CommentStatus::Pending {
-        "INSERT INTO comment (id, post_id, content, status) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status, content = excluded.content RETURNING pos"
-    } else {
-        "INSERT INTO comment (id, post_id, content, status) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (id) DO NOTHING RETURNING pos"
-    };
-    conn.prepare_cached(sql)?
-        .query_row([&comment.id, &comment.post_id, &comment.content, comment.status.as_str()], |row| row.get(0))
-        .optional()
+/// may replace the stored one, and never with `pending`. Whichever of its
+/// events comes first creates it; a later one with a lower sequence number
+/// (its `CommentCreated`, after an update overtook it) moves it there.
+/// Returns the comment's order key.
+fn upsert_comment(conn: &Connection, comment: &CommentData, is_update: bool, seq: Option<i64>) -> rusqlite::Result<i64> {
+    let replace =
+        if is_update && comment.status != CommentStatus::Pending { ", status = excluded.status, content = excluded.content" } else { "" };
+    let sql = format!(
+        "INSERT INTO comment (id, post_id, content, status, ord) VALUES (:id, :post_id, :content, :status, {})
+         ON CONFLICT (id) DO UPDATE SET ord = min(ord, excluded.ord){replace} RETURNING ord",
+        order_key("comment")
+    );
+    conn.prepare_cached(&sql)?.query_row(
+        named_params! {
+            ":id": comment.id,
+            ":post_id": comment.post_id,
+            ":content": comment.content,
+            ":status": comment.status.as_str(),
+            ":seq": seq,
+            ":unsequenced": UNSEQUENCED,
+        },
+        |row| row.get(0),
+    )
 }
 
 #[cfg(test)]
@@ -325,6 +383,142 @@ mod tests {
         assert_eq!(view, r#"{"b":{"id":"b","title":"first","comments":[]},"a":{"id":"a","title":"second","comments":[]}}"#);
     }
 
+    /// A log as the bus numbers it: posts and comments interleaved, updates
+    /// after their creations, a post whose comments come later.
+    fn log() -> Vec<serde_json::Value> {
+        let post = |id: &str| json!({"type":"PostCreated","data":{"id":id,"title":format!("title {id}")}});
+        let comment = |kind: &str, id: &str, post: &str, status: &str| json!({"type":kind,"data":{"id":id,"content":format!("text {id}"),"postId":post,"status":status}});
+        let events = vec![
+            post("p1"),
+            post("p2"),
+            comment("CommentCreated", "c1", "p1", "pending"),
+            comment("CommentCreated", "c2", "p2", "pending"),
+            comment("CommentCreated", "c3", "p1", "pending"),
+            comment("CommentUpdated", "c3", "p1", "approved"),
+            comment("CommentUpdated", "c1", "p1", "rejected"),
+            post("p3"),
+            comment("CommentCreated", "c4", "p3", "pending"),
+            comment("CommentCreated", "c5", "p1", "pending"),
+            comment("CommentUpdated", "c5", "p1", "approved"),
+            comment("CommentUpdated", "c2", "p2", "rejected"),
+        ];
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut event)| {
+                event["seq"] = json!(i + 1);
+                event["id"] = json!(format!("e{}", i + 1));
+                event
+            })
+            .collect()
+    }
+
+    /// `log()` in the order of the seqs, as the original would serve it.
+    const IN_LOG_ORDER: &str = r#"{"p1":{"id":"p1","title":"title p1","comments":[{"id":"c1","content":"text c1","status":"rejected"},{"id":"c3","content":"text c3","status":"approved"},{"id":"c5","content":"text c5","status":"approved"}]},"p2":{"id":"p2","title":"title p2","comments":[{"id":"c2","content":"text c2","status":"rejected"}]},"p3":{"id":"p3","title":"title p3","comments":[{"id":"c4","content":"text c4","status":"pending"}]}}"#;
+
+    /// Deterministic shuffles (a fixed-seed linear congruential generator).
+    fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+        let mut items = items.to_vec();
+        let mut state = seed;
+        for i in (1..items.len()).rev() {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            items.swap(i, usize::try_from(state >> 33).unwrap() % (i + 1));
+        }
+        items
+    }
+
+    #[tokio::test]
+    async fn any_delivery_order_gives_the_order_of_the_seqs() {
+        let log = log();
+        assert_eq!(view_after(log.clone()).await, IN_LOG_ORDER, "delivered in order");
+        let mut reversed = log.clone();
+        reversed.reverse();
+        assert_eq!(view_after(reversed).await, IN_LOG_ORDER, "later seqs, updates and comments first");
+        // A rebuild: newer events pushed first, then the older ones caught up.
+        let (old, new) = log.split_at(5);
+        assert_eq!(view_after([new, old].concat()).await, IN_LOG_ORDER, "pushes ahead of the catch-up");
+        for seed in 1..=40 {
+            assert_eq!(view_after(shuffled(&log, seed)).await, IN_LOG_ORDER, "shuffle {seed}");
+        }
+    }
+
+    #[tokio::test]
+    async fn events_without_a_seq_come_after_every_sequenced_item_in_arrival_order() {
+        let unsequenced = |id: &str, event: serde_json::Value| {
+            let mut event = event;
+            event["id"] = json!(id);
+            event
+        };
+        let post = |id: &str| json!({"type":"PostCreated","data":{"id":id,"title":id}});
+        let comment = |id: &str| json!({"type":"CommentCreated","data":{"id":id,"content":id,"postId":"s2","status":"pending"}});
+        let view = view_after(vec![
+            unsequenced("u1", post("u1")),
+            json!({"id":"e9","seq":9,"type":"PostCreated","data":{"id":"s9","title":"s9"}}),
+            unsequenced("u2", comment("uc1")),
+            unsequenced("u0", post("u0")),
+            json!({"id":"e4","seq":4,"type":"CommentCreated","data":{"id":"sc4","content":"sc4","postId":"s2","status":"pending"}}),
+            // A hand-made event repeating a seq takes no one's place.
+            json!({"id":"x","seq":9,"type":"PostCreated","data":{"id":"dup","title":"dup"}}),
+            json!({"id":"e2","seq":2,"type":"PostCreated","data":{"id":"s2","title":"s2"}}),
+            // A seq beyond the sequenced keys is treated as none.
+            json!({"id":"big","seq":u64::MAX,"type":"PostCreated","data":{"id":"big","title":"big"}}),
+        ])
+        .await;
+        let post = |id: &str| format!(r#""{id}":{{"id":"{id}","title":"{id}","comments":[]}}"#);
+        let comments = r#"[{"id":"sc4","content":"sc4","status":"pending"},{"id":"uc1","content":"uc1","status":"pending"}]"#;
+        let expected = format!(
+            r#"{{"s2":{{"id":"s2","title":"s2","comments":{comments}}},{}}}"#,
+            ["s9", "u1", "u0", "dup", "big"].map(post).join(",")
+        );
+        assert_eq!(view, expected);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_order_keys_keeps_its_order_ahead_of_new_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = Store::open(dir.path(), "query", &MIGRATIONS[..1]).unwrap();
+        legacy
+            .write(|c| {
+                c.execute_batch(
+                    // Positions among the seqs to come: the new items must still come after.
+                    "INSERT INTO post (pos, id, title) VALUES (5, 'old2', 'old2'), (9, 'old1', 'old1');
+                     INSERT INTO comment (pos, id, post_id, content, status) VALUES (4, 'oc', 'old1', 'oc', 'pending');",
+                )
+                .map_err(StoreError::from)
+            })
+            .await
+            .unwrap();
+        drop(legacy);
+        let store = Store::open(dir.path(), "query", MIGRATIONS).unwrap();
+        store.write(|c| c.execute_batch(blog_common::inbox::SCHEMA).map_err(StoreError::from)).await.unwrap();
+        let view = Arc::new(store.read(|c| View::load(c, &Registry::default())).await.unwrap());
+        let inbox =
+            Inbox::new(store.clone(), Projector { live: broadcast::Sender::new(8), view: view.clone() }, None, &Registry::default());
+        for event in [
+            json!({"id":"e7","seq":7,"type":"PostCreated","data":{"id":"new","title":"new"}}),
+            json!({"id":"e2","seq":2,"type":"CommentCreated","data":{"id":"nc","content":"nc","postId":"old1","status":"pending"}}),
+            json!({"id":"e3","seq":3,"type":"CommentUpdated","data":{"id":"oc","content":"oc","postId":"old1","status":"approved"}}),
+        ] {
+            inbox.deliver(vec![Event::from_value(event).unwrap()]).await.unwrap();
+        }
+        let served = view.snapshot().await.json.clone();
+        let reloaded = store.read(|c| View::load(c, &Registry::default())).await.unwrap().snapshot().await.json.clone();
+        assert_eq!(served, reloaded, "memory and database disagree");
+        assert_eq!(
+            std::str::from_utf8(&served).unwrap(),
+            r#"{"old2":{"id":"old2","title":"old2","comments":[]},"old1":{"id":"old1","title":"old1","comments":[{"id":"oc","content":"oc","status":"approved"},{"id":"nc","content":"nc","status":"pending"}]},"new":{"id":"new","title":"new","comments":[]}}"#
+        );
+        let page: serde_json::Value = serde_json::from_slice(&view.page(1, None)).unwrap();
+        let (_, _, body) = get(
+            &AppState { view, live: broadcast::Sender::new(8), shutdown: Shutdown::new(std::future::pending()) },
+            &format!("/posts?limit=5&before={}", page["next"].as_str().unwrap()),
+            &[],
+        )
+        .await;
+        let older: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(older["posts"].as_array().unwrap().iter().map(|p| p["id"].clone()).collect::<Vec<_>>(), [json!("old1"), json!("old2")]);
+    }
+
     async fn get(state: &AppState, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Vec<u8>) {
         use http_body_util::BodyExt;
         use tower::ServiceExt;
@@ -341,7 +535,11 @@ mod tests {
         let (dir, state, store) = state().await;
         let inbox = Inbox::new(store, Projector { live: state.live.clone(), view: state.view.clone() }, None, &Registry::default());
         let events = (1..=count)
-            .map(|i| Event::from_value(json!({"type":"PostCreated","data":{"id":format!("p{i}"),"title":format!("t{i}")}})).unwrap())
+            .map(|i| {
+                let event =
+                    json!({"id":format!("e{i}"),"seq":i,"type":"PostCreated","data":{"id":format!("p{i}"),"title":format!("t{i}")}});
+                Event::from_value(event).unwrap()
+            })
             .collect();
         inbox.deliver(events).await.unwrap();
         (dir, state, inbox)
@@ -410,7 +608,7 @@ mod tests {
         assert_eq!(serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&body).unwrap().len(), 150);
 
         for bad in
-            ["limit=0", "limit=-1", "limit=ten", "limit=", "before=abc", "before=0", "limit=5&limit=6", "before=99999999999999999999"]
+            ["limit=0", "limit=-1", "limit=ten", "limit=", "before=abc", "before=1.5", "limit=5&limit=6", "before=99999999999999999999"]
         {
             let (status, headers, body) = get(&state, &format!("/posts?{bad}"), &[]).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");

@@ -8,10 +8,11 @@
 //!
 //! Concurrent deliveries may call `committed` in another order than they
 //! committed, so the memory side never depends on the call order: the
-//! position of each post and comment (the database's `pos`, which gives the
+//! order key of each post and comment (the database's `ord`, which gives the
 //! creation order) is noted while applying, inside the transaction
 //! ([`View::stage_post`], [`View::stage_comment`]), and the effects follow
-//! the same order-insensitive rules as the SQL upserts.
+//! the same order-insensitive rules as the SQL upserts (a key only moves
+//! down, so taking the keys in any order ends at the database's).
 //!
 //! `GET /posts` answers from a [`Snapshot`]: the whole view serialised once,
 //! shared by every reader through an `Arc`, rebuilt by the first reader after
@@ -54,13 +55,15 @@ struct PostEntry {
     title: String,
 }
 
-/// What the database holds, in memory, keyed by the database's positions.
+/// What the database holds, in memory, keyed by the database's order keys
+/// (`ord`: the bus sequence number of the creating event, see
+/// [`crate::order_key`]).
 #[derive(Debug, Default)]
 struct Projection {
-    /// Posts by `pos`: iteration is creation order.
+    /// Posts by `ord`: iteration is creation order.
     posts: BTreeMap<i64, PostEntry>,
     post_at: HashMap<String, i64>,
-    /// Comments by post id (the post may not have arrived yet), then `pos`.
+    /// Comments by post id (the post may not have arrived yet), then `ord`.
     comments: HashMap<String, BTreeMap<i64, CommentEntry>>,
     comment_at: HashMap<String, (String, i64)>,
     /// Bumped by every change; names the snapshot built from it.
@@ -68,45 +71,63 @@ struct Projection {
 }
 
 impl Projection {
-    fn add_post(&mut self, pos: i64, id: String, title: String) {
-        self.post_at.insert(id.clone(), pos);
-        self.posts.insert(pos, PostEntry { id, title });
+    fn add_post(&mut self, ord: i64, id: String, title: String) {
+        self.post_at.insert(id.clone(), ord);
+        self.posts.insert(ord, PostEntry { id, title });
     }
 
-    fn add_comment(&mut self, pos: i64, post_id: String, comment: CommentEntry) {
-        self.comment_at.insert(comment.id.clone(), (post_id.clone(), pos));
-        self.comments.entry(post_id).or_default().insert(pos, comment);
+    fn add_comment(&mut self, ord: i64, post_id: String, comment: CommentEntry) {
+        self.comment_at.insert(comment.id.clone(), (post_id.clone(), ord));
+        self.comments.entry(post_id).or_default().insert(ord, comment);
     }
 
-    /// `INSERT OR IGNORE` of a post; `pos` is where the database put it.
-    fn post_created(&mut self, post: &PostCreated, pos: Option<i64>) -> bool {
-        match pos {
-            Some(pos) if !self.post_at.contains_key(&post.id) => {
-                self.add_post(pos, post.id.clone(), post.title.clone());
+    /// The same rule as the SQL upsert: a post is inserted once, and a key
+    /// only ever moves down (an earlier creating event was seen late).
+    fn post_created(&mut self, post: &PostCreated, ord: Option<i64>) -> bool {
+        let Some(ord) = ord else { return false };
+        match self.post_at.get(&post.id).copied() {
+            None => {
+                self.add_post(ord, post.id.clone(), post.title.clone());
                 true
             }
-            _ => false,
+            Some(current) if ord < current => match self.posts.remove(&current) {
+                Some(entry) => {
+                    self.add_post(ord, entry.id, entry.title);
+                    true
+                }
+                None => false,
+            },
+            Some(_) => false,
         }
     }
 
     /// The same rule as the SQL upsert: a comment is inserted once; only an
-    /// update that is not `pending` replaces its status and content.
-    fn comment(&mut self, comment: &CommentData, is_update: bool, pos: Option<i64>) -> bool {
-        if let Some((post_id, pos)) = self.comment_at.get(&comment.id) {
-            let replaces = is_update && comment.status != CommentStatus::Pending;
-            return match self.comments.get_mut(post_id).and_then(|by_pos| by_pos.get_mut(pos)) {
-                Some(entry) if replaces => {
-                    entry.status = comment.status;
-                    entry.content.clone_from(&comment.content);
-                    true
-                }
-                _ => false,
-            };
+    /// update that is not `pending` replaces its status and content; its key
+    /// only ever moves down.
+    fn comment(&mut self, comment: &CommentData, is_update: bool, ord: Option<i64>) -> bool {
+        let Some((post_id, current)) = self.comment_at.get(&comment.id).cloned() else {
+            let Some(ord) = ord else { return false };
+            let entry = CommentEntry { id: comment.id.clone(), content: comment.content.clone(), status: comment.status };
+            self.add_comment(ord, comment.post_id.clone(), entry);
+            return true;
+        };
+        let Some(by_ord) = self.comments.get_mut(&post_id) else { return false };
+        let mut changed = false;
+        if is_update
+            && comment.status != CommentStatus::Pending
+            && let Some(entry) = by_ord.get_mut(&current)
+        {
+            entry.status = comment.status;
+            entry.content.clone_from(&comment.content);
+            changed = true;
         }
-        let Some(pos) = pos else { return false };
-        let entry = CommentEntry { id: comment.id.clone(), content: comment.content.clone(), status: comment.status };
-        self.add_comment(pos, comment.post_id.clone(), entry);
-        true
+        if let Some(ord) = ord.filter(|ord| *ord < current)
+            && let Some(entry) = by_ord.remove(&current)
+        {
+            self.add_comment(ord, post_id, entry);
+            changed = true;
+        }
+        changed
     }
 
     fn post_out<'a>(&'a self, post: &'a PostEntry) -> PostOut<'a> {
@@ -153,7 +174,7 @@ struct PageOut<'a> {
     next: Option<String>,
 }
 
-/// Positions noted inside the applying transaction, taken once it committed.
+/// Order keys noted inside the applying transaction, taken once it committed.
 #[derive(Debug, Default)]
 struct Staged {
     posts: HashMap<String, i64>,
@@ -224,12 +245,12 @@ impl View {
     /// Loads the view from the database.
     pub fn load(conn: &Connection, metrics: &Registry) -> Result<Self, StoreError> {
         let mut projection = Projection::default();
-        let mut posts = conn.prepare("SELECT pos, id, title FROM post ORDER BY pos")?;
+        let mut posts = conn.prepare("SELECT ord, id, title FROM post ORDER BY ord")?;
         let mut rows = posts.query([])?;
         while let Some(row) = rows.next()? {
             projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
         }
-        let mut comments = conn.prepare("SELECT pos, post_id, id, content, status FROM comment ORDER BY pos")?;
+        let mut comments = conn.prepare("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord")?;
         let mut rows = comments.query([])?;
         while let Some(row) = rows.next()? {
             let status: String = row.get(4)?;
@@ -251,14 +272,14 @@ impl View {
         })
     }
 
-    /// Notes where the applying transaction put a post.
-    pub fn stage_post(&self, id: &str, pos: i64) {
-        lock(&self.staged).posts.insert(id.to_owned(), pos);
+    /// Notes the order key the applying transaction left a post at.
+    pub fn stage_post(&self, id: &str, ord: i64) {
+        lock(&self.staged).posts.insert(id.to_owned(), ord);
     }
 
-    /// Notes where the applying transaction put (or found) a comment.
-    pub fn stage_comment(&self, id: &str, pos: i64) {
-        lock(&self.staged).comments.insert(id.to_owned(), pos);
+    /// Notes the order key the applying transaction left a comment at.
+    pub fn stage_comment(&self, id: &str, ord: i64) {
+        lock(&self.staged).comments.insert(id.to_owned(), ord);
     }
 
     /// Applies what a committed transaction changed; returns whether the view changed.
@@ -268,14 +289,14 @@ impl View {
         for change in changes {
             changed |= match change {
                 // Taken whether needed or not, so nothing stays behind: a
-                // position never changes once committed.
+                // key only moves down, so a missed or stale one is harmless.
                 Change::Post(post) => {
-                    let pos = lock(&self.staged).posts.remove(&post.id);
-                    projection.post_created(post, pos)
+                    let ord = lock(&self.staged).posts.remove(&post.id);
+                    projection.post_created(post, ord)
                 }
                 Change::Comment { comment, is_update } => {
-                    let pos = lock(&self.staged).comments.remove(&comment.id);
-                    projection.comment(comment, is_update, pos)
+                    let ord = lock(&self.staged).comments.remove(&comment.id);
+                    projection.comment(comment, is_update, ord)
                 }
             };
         }
@@ -324,7 +345,7 @@ impl View {
         let mut older = projection.posts.range(..before.unwrap_or(i64::MAX)).rev();
         let taken: Vec<(&i64, &PostEntry)> = older.by_ref().take(limit.min(MAX_PAGE)).collect();
         let next = match (older.next(), taken.last()) {
-            (Some(_), Some((pos, _))) => Some(pos.to_string()),
+            (Some(_), Some((ord, _))) => Some(ord.to_string()),
             _ => None,
         };
         let page = PageOut { posts: taken.into_iter().map(|(_, post)| projection.post_out(post)).collect(), next };
@@ -338,7 +359,9 @@ mod tests {
 
     fn view() -> View {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(crate::MIGRATIONS[0]).unwrap();
+        for migration in crate::MIGRATIONS {
+            conn.execute_batch(migration).unwrap();
+        }
         View::load(&conn, &Registry::default()).unwrap()
     }
 
@@ -379,6 +402,60 @@ mod tests {
         );
         let staged = lock(&view.staged);
         assert!(staged.posts.is_empty() && staged.comments.is_empty(), "noted positions are not kept: {staged:?}");
+    }
+
+    #[test]
+    fn keys_only_move_down_whatever_order_the_commits_come_in() {
+        // c's approval is seq 9, its creation seq 5; p's creation is seq 7
+        // and a copy of it seq 3. Whatever the delivery order, the database
+        // keeps the lowest key seen per item and returns it.
+        let (p, q) = (post("p"), post("q"));
+        let approved = comment("c", "p", CommentStatus::Approved);
+        let created = comment("c", "p", CommentStatus::Pending);
+        let d = comment("d", "p", CommentStatus::Pending);
+        let expected = r#"{"p":{"id":"p","title":"title p","comments":[{"id":"c","content":"text c","status":"approved"},{"id":"d","content":"text d","status":"pending"}]},"q":{"id":"q","title":"title q","comments":[]}}"#;
+        let log: Vec<(i64, Change<'_>)> = vec![
+            (9, Change::Comment { comment: &approved, is_update: true }),
+            (5, Change::Comment { comment: &created, is_update: false }),
+            (7, Change::Post(&p)),
+            (3, Change::Post(&p)),
+        ];
+        for (reversed, late_commits) in [(false, false), (true, false), (false, true), (true, true)] {
+            let view = view();
+            view.stage_post("q", 4);
+            view.commit([Change::Post(&q)]);
+            view.stage_comment("d", 6);
+            view.commit([Change::Comment { comment: &d, is_update: false }]);
+            let mut deliveries = log.clone();
+            if reversed {
+                deliveries.reverse();
+            }
+            let mut database: HashMap<String, i64> = HashMap::new();
+            for (seq, change) in &deliveries {
+                let id = match change {
+                    Change::Post(post) => &post.id,
+                    Change::Comment { comment, .. } => &comment.id,
+                };
+                let ord = *database.entry(id.clone()).and_modify(|ord| *ord = (*ord).min(*seq)).or_insert(*seq);
+                match change {
+                    Change::Post(_) => view.stage_post(id, ord),
+                    Change::Comment { .. } => view.stage_comment(id, ord),
+                }
+                if !late_commits {
+                    view.commit([*change]);
+                }
+            }
+            if late_commits {
+                // The calls after commit come in the other order.
+                for (_, change) in deliveries.iter().rev() {
+                    view.commit([*change]);
+                }
+            }
+            let case = format!("reversed: {reversed}, late commits: {late_commits}");
+            assert_eq!(text(&view), expected, "{case}");
+            let projection = lock(&view.projection);
+            assert_eq!((projection.post_at["p"], &projection.comment_at["c"]), (3, &("p".to_owned(), 5)), "{case}");
+        }
     }
 
     #[test]
