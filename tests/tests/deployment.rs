@@ -192,13 +192,31 @@ fn every_workload_is_locked_down_probed_sized_and_drains_in_time() {
 }
 
 #[test]
+fn the_kustomize_base_lists_every_manifest_file_once() {
+    let dir = root().join(k8s::MANIFEST_DIR);
+    let listed = k8s::kustomize_resources(&dir).expect("the base's kustomization lists files");
+    let mut on_disk: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml") && !p.ends_with(k8s::KUSTOMIZATION))
+        .collect();
+    on_disk.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), listed.len(), "a file is listed twice: {listed:?}");
+    assert_eq!(sorted, on_disk, "{}/{} must list every manifest file", k8s::MANIFEST_DIR, k8s::KUSTOMIZATION);
+    assert!(on_disk.iter().any(|p| p.ends_with("network-policies.yaml")), "the network policies are in the base");
+}
+
+#[test]
 fn skaffold_builds_the_base_first_and_every_requirement_exists() {
     let config = skaffold();
     let api = config["apiVersion"].as_str().unwrap();
     assert!(matches!(api, "skaffold/v4beta13" | "skaffold/v4beta14"), "{api}");
     assert_eq!(config["build"]["local"]["push"], false);
     assert!(config["build"]["artifacts"].as_array().unwrap().iter().all(|a| a.get("sync").is_none()), "no file sync for compiled code");
-    assert_eq!(config["manifests"]["rawYaml"], serde_json::json!(["infrastructure/k8s/*.yaml"]));
+    assert_eq!(config["manifests"], serde_json::json!({"kustomize": {"paths": [k8s::MANIFEST_DIR]}}));
 
     let artifacts = config["build"]["artifacts"].as_array().unwrap();
     let names: Vec<&str> = artifacts.iter().map(|a| a["image"].as_str().unwrap()).collect();

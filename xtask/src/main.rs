@@ -30,7 +30,8 @@ commands:
            --release           build and run release binaries
   test   build the service binaries, then run the whole test suite
            (extra arguments are passed to cargo test)
-  validate        check the Kubernetes manifests (kubernetes-validate --strict),
+  validate        render the kustomize base with kubectl and check every
+                    document (kubernetes-validate --strict),
                     skaffold.yaml (JSON schema), the Dockerfiles (hadolint) and
                     that the Ingress file matches the route table
   ingress         write infrastructure/k8s/ingress.yaml from the route table

@@ -27,6 +27,9 @@ use serde_json::Value;
 /// Where the manifests live, relative to the workspace root.
 pub const MANIFEST_DIR: &str = "infrastructure/k8s";
 
+/// The kustomize file of a manifest directory.
+pub const KUSTOMIZATION: &str = "kustomization.yaml";
+
 /// The generated Ingress file, relative to the workspace root.
 pub const INGRESS_FILE: &str = "infrastructure/k8s/ingress.yaml";
 
@@ -112,16 +115,12 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// Reads `dir/*.yaml` (not recursive), in file name order.
+    /// Reads the files a kustomize directory lists in its `resources`, in
+    /// that order (the documents `kubectl kustomize` renders, before any
+    /// transformation: the base has none). Only files are supported.
     pub fn load(dir: &Path) -> Result<Self, ManifestError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| ManifestError(format!("{}: {e}", dir.display())))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
-            .collect();
-        files.sort();
         let mut docs = Vec::new();
-        for file in files {
+        for file in kustomize_resources(dir)? {
             let text = std::fs::read_to_string(&file).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
             for doc in parse_documents(&text).map_err(|e| ManifestError(format!("{}: {e}", file.display())))? {
                 docs.push((file.clone(), doc));
@@ -160,6 +159,30 @@ impl Manifests {
             .ok_or_else(|| ManifestError(format!("workload {name} has no container named {name}")))?;
         Ok(Workload { manifests: self, doc, pod, container })
     }
+}
+
+/// The files listed in `resources` of `dir/kustomization.yaml`, as paths.
+/// Refuses a kustomization that transforms what it lists (patches, labels,
+/// generators...), since its documents would then differ from the files.
+pub fn kustomize_resources(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let file = dir.join(KUSTOMIZATION);
+    let text = std::fs::read_to_string(&file).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
+    let [kustomization] =
+        parse_documents(&text)?.try_into().map_err(|_| ManifestError(format!("{}: expected one document", file.display())))?;
+    let fields = kustomization.as_object().map(|o| o.keys().map(String::as_str).collect::<Vec<_>>()).unwrap_or_default();
+    if let Some(field) = fields.iter().find(|f| !matches!(**f, "apiVersion" | "kind" | "resources")) {
+        return error(format!("{}: `{field}` is not supported here (only resources)", file.display()));
+    }
+    let mut files = Vec::new();
+    for resource in kustomization["resources"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let name = resource.as_str().ok_or_else(|| ManifestError(format!("{}: resource {resource} is not a path", file.display())))?;
+        let path = dir.join(name);
+        if !path.is_file() {
+            return error(format!("{}: resource {name} is not a file", file.display()));
+        }
+        files.push(path);
+    }
+    Ok(files)
 }
 
 /// Parses a multi-document YAML text into JSON values, skipping empty documents.
