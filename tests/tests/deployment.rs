@@ -209,6 +209,59 @@ fn the_kustomize_base_lists_every_manifest_file_once() {
     assert!(on_disk.iter().any(|p| p.ends_with("network-policies.yaml")), "the network policies are in the base");
 }
 
+/// The recommended labels of one object or pod template: `name` (the
+/// service's `app` label when it has one), `part-of: blog` and a component.
+fn assert_recommended_labels(labels: &Value, what: &str) -> (String, String) {
+    let label = |key: &str| labels[format!("app.kubernetes.io/{key}")].as_str().unwrap_or_default().to_owned();
+    let (name, component) = (label("name"), label("component"));
+    assert_eq!(label("part-of"), "blog", "{what}: app.kubernetes.io/part-of");
+    assert!(!name.is_empty() && !component.is_empty(), "{what}: app.kubernetes.io/name and component: {labels}");
+    if let Some(app) = labels["app"].as_str() {
+        assert_eq!(name, app, "{what}: app.kubernetes.io/name is the app label");
+    }
+    (name, component)
+}
+
+#[test]
+fn every_object_and_pod_template_has_the_recommended_labels_and_selectors_stay_app() {
+    let manifests = manifests();
+    let mut components = std::collections::BTreeMap::new();
+    let mut templates = 0;
+    for (file, doc) in manifests.documents() {
+        let what = format!("{} {} ({})", doc["kind"], doc["metadata"]["name"], file.display());
+        let (name, component) = assert_recommended_labels(&doc["metadata"]["labels"], &what);
+        if doc["metadata"]["labels"].get("app").is_some() {
+            let known = components.entry(name.clone()).or_insert_with(|| component.clone());
+            assert_eq!(*known, component, "{what}: one component per service");
+        }
+        let template = &doc["spec"]["template"]["metadata"];
+        if template.is_object() {
+            templates += 1;
+            assert_eq!(assert_recommended_labels(&template["labels"], &what), (name.clone(), component));
+            // Selectors are immutable: they stay `app: <name>` so that existing
+            // workloads upgrade in place.
+            assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
+        }
+        if doc["kind"] == "Service" {
+            assert_eq!(doc["spec"]["selector"], serde_json::json!({ "app": name }), "{what}: selector");
+        }
+    }
+    assert_eq!(templates, Service::ALL.len(), "one pod template per service");
+}
+
+#[test]
+fn every_pod_template_tells_prometheus_where_its_metrics_are() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let workload = manifests.workload(service).unwrap();
+        let annotations = &workload.doc["spec"]["template"]["metadata"]["annotations"];
+        let port = workload.port().unwrap_or_else(|| panic!("{service}: no http port"));
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{service}");
+        assert_eq!(annotations["prometheus.io/port"], port.to_string(), "{service}: the http port");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{service}");
+    }
+}
+
 #[test]
 fn skaffold_builds_the_base_first_and_every_requirement_exists() {
     let config = skaffold();

@@ -86,7 +86,7 @@ pub fn ingress_yaml() -> Result<String, ManifestError> {
 
 fn push_ingress(out: &mut String, name: &str, annotations: &[(&str, String)], routes: &[&blog_common::routes::Route]) {
     out.push_str(&format!(
-        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/part-of: blog\n  annotations:\n"
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: blog\n    app.kubernetes.io/part-of: blog\n    app.kubernetes.io/component: ingress\n  annotations:\n"
     ));
     for (key, value) in annotations {
         out.push_str(&format!("    {key}: {}\n", quote(value)));
