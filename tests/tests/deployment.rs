@@ -61,6 +61,152 @@ fn ingress_routes_exactly_as_the_gateway_does() {
 }
 
 #[test]
+fn committed_gateway_api_files_are_the_ones_the_route_table_generates() {
+    for (path, generated) in k8s::gateway_api_files().expect("the route table makes the Gateway API files") {
+        let committed = std::fs::read_to_string(root().join(&path)).unwrap_or_default();
+        assert!(committed == generated, "{path} is out of date: run `cargo xtask ingress`");
+    }
+}
+
+/// The documents of the Gateway API component (gateway.yaml).
+fn gateway_api_documents() -> Vec<Value> {
+    let text = std::fs::read_to_string(root().join(k8s::GATEWAY_API_DIR).join("gateway.yaml")).expect("gateway.yaml exists");
+    k8s::parse_documents(&text).expect("gateway.yaml parses")
+}
+
+/// The backend Service an `HTTPRoute` sends `path` to, as a conformant
+/// gateway would: case-sensitive, `PathPrefix` on whole segments (longest
+/// first), `RegularExpression` over the whole path and, as Envoy Gateway
+/// orders them, before any prefix.
+fn gateway_backend(route: &Value, path: &str) -> Option<String> {
+    let mut candidates: Vec<(u8, usize, String)> = Vec::new();
+    for rule in route["spec"]["rules"].as_array().unwrap() {
+        let backend = rule["backendRefs"][0]["name"].as_str().unwrap().to_owned();
+        for matched in rule["matches"].as_array().unwrap() {
+            let value = matched["path"]["value"].as_str().unwrap();
+            let hit = match matched["path"]["type"].as_str().unwrap() {
+                "PathPrefix" => {
+                    let prefix = value.trim_end_matches('/');
+                    path == value || path.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                }
+                "RegularExpression" => regex::Regex::new(&format!("^(?:{value})$")).unwrap().is_match(path),
+                other => panic!("unexpected match type {other}"),
+            };
+            let rank = u8::from(matched["path"]["type"] == "RegularExpression");
+            if hit {
+                candidates.push((rank, value.len(), backend.clone()));
+            }
+        }
+    }
+    candidates.sort();
+    candidates.pop().map(|(_, _, backend)| backend)
+}
+
+#[test]
+fn the_http_route_sends_each_path_where_the_route_table_does_within_gateway_api_semantics() {
+    let documents = gateway_api_documents();
+    let gateway = documents.iter().find(|d| d["kind"] == "Gateway").expect("a Gateway");
+    let route = documents.iter().find(|d| d["kind"] == "HTTPRoute").expect("an HTTPRoute");
+    assert_eq!(gateway["spec"]["gatewayClassName"], k8s::GATEWAY_CLASS);
+    assert_eq!(gateway["spec"]["listeners"][0]["hostname"], HOST);
+    assert_eq!(route["spec"]["hostnames"], serde_json::json!([HOST]));
+    assert_eq!(route["spec"]["parentRefs"][0]["name"], gateway["metadata"]["name"]);
+    for document in &documents {
+        assert_recommended_labels(&document["metadata"]["labels"], &format!("{} in gateway.yaml", document["kind"]));
+    }
+
+    let table = RouteTable::standard();
+    let paths = [
+        "/posts/create",
+        "/posts/create/x",
+        "/posts/abc/comments",
+        "/posts/create/comments",
+        "/posts/stream",
+        "/posts",
+        "/posts/123",
+        "/",
+        "/app.js",
+    ];
+    for path in paths.into_iter().chain(blog_local::gateway::INTERNAL_PATHS.iter().copied()) {
+        let expected = table.route(path).expect("every path is routed").service.k8s_service();
+        assert_eq!(gateway_backend(route, path).as_deref(), Some(expected), "{path}");
+    }
+    // Where the semantics differ (documented in gateway.yaml): whole segments
+    // and case matter, so these reach the catch-all, not query or posts.
+    let client = Service::Client.k8s_service();
+    for path in ["/postsXYZ", "/POSTS/create", "/Posts"] {
+        assert_ne!(table.route(path).unwrap().service, Service::Client, "{path}: the Ingress routes it to a service");
+        assert_eq!(gateway_backend(route, path).as_deref(), Some(client), "{path}");
+    }
+
+    // Internal paths have no rule of their own; only the catch-all reaches them.
+    for rule in route["spec"]["rules"].as_array().unwrap() {
+        for matched in rule["matches"].as_array().unwrap() {
+            let value = matched["path"]["value"].as_str().unwrap();
+            assert!(
+                !blog_local::gateway::INTERNAL_PATHS.iter().any(|internal| value.starts_with(internal)),
+                "{value} routes an internal path"
+            );
+            // The CRD's CEL rules for a PathPrefix (not checked by the schema validation).
+            if matched["path"]["type"] == "PathPrefix" {
+                assert!(value.starts_with('/'), "{value}");
+                for bad in ["//", "/./", "/../", "%2f", "%2F", "#"] {
+                    assert!(!value.contains(bad), "{value} contains {bad}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
+    let documents = gateway_api_documents();
+    let route = documents.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
+    let rules = route["spec"]["rules"].as_array().unwrap();
+    for stream in blog_common::routes::ROUTES.iter().filter(|r| r.streaming) {
+        let rule = rules.iter().find(|rule| rule["matches"][0]["path"]["value"] == stream.path).expect("the stream has a rule");
+        assert_eq!(rule["timeouts"], serde_json::json!({ "request": "0s" }), "{}: Envoy cuts it at 15 s otherwise", stream.path);
+    }
+    let lifted = rules.iter().filter(|rule| rule.get("timeouts").is_some()).count();
+    assert_eq!(lifted, blog_common::routes::ROUTES.iter().filter(|r| r.streaming).count(), "ordinary routes keep the default timeout");
+}
+
+#[test]
+fn the_gateway_api_component_admits_the_gateway_to_each_routed_service_and_drops_the_ingress() {
+    let text = std::fs::read_to_string(root().join(k8s::GATEWAY_API_DIR).join(k8s::KUSTOMIZATION)).unwrap();
+    let component = k8s::parse_documents(&text).unwrap().remove(0);
+    assert_eq!(component["kind"], "Component");
+    let patches = component["patches"].as_array().unwrap();
+    assert!(
+        patches
+            .iter()
+            .any(|p| p["target"] == serde_json::json!({ "kind": "Ingress" }) && p["patch"].as_str().unwrap().contains("$patch: delete"))
+    );
+    let manifests = manifests();
+    let mut routed: Vec<Service> = Vec::new();
+    for route in blog_common::routes::ROUTES {
+        if !routed.contains(&route.service) {
+            routed.push(route.service);
+        }
+    }
+    for service in routed {
+        let name = k8s::network_policy_name(service);
+        let policy = manifests.named("NetworkPolicy", &name).unwrap_or_else(|| panic!("no NetworkPolicy {name} to patch"));
+        assert_eq!(policy["spec"]["podSelector"]["matchLabels"], serde_json::json!({ "app": service.name() }));
+        let patch = patches.iter().find(|p| p["target"]["name"] == name.as_str()).unwrap_or_else(|| panic!("{name} is not patched"));
+        let operations: Value = k8s::parse_documents(patch["patch"].as_str().unwrap()).unwrap().remove(0);
+        let rule = &operations[0]["value"];
+        assert_eq!(operations[0]["path"], "/spec/ingress/-");
+        assert_eq!(rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], k8s::GATEWAY_NAMESPACE);
+        assert_eq!(rule["ports"][0]["port"], u64::from(service.default_port()), "{name}");
+    }
+    let overlay = std::fs::read_to_string(root().join(k8s::GATEWAY_API_OVERLAY).join(k8s::KUSTOMIZATION)).unwrap();
+    let overlay = k8s::parse_documents(&overlay).unwrap().remove(0);
+    assert_eq!(overlay["resources"], serde_json::json!(["../../k8s"]));
+    assert_eq!(overlay["components"], serde_json::json!(["../../k8s/gateway-api"]));
+}
+
+#[test]
 fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
     let paths = k8s::ingress_paths(&manifests()).unwrap();
     for stream in blog_common::routes::ROUTES.iter().filter(|r| r.streaming) {
@@ -192,13 +338,84 @@ fn every_workload_is_locked_down_probed_sized_and_drains_in_time() {
 }
 
 #[test]
+fn the_kustomize_base_lists_every_manifest_file_once() {
+    let dir = root().join(k8s::MANIFEST_DIR);
+    let listed = k8s::kustomize_resources(&dir).expect("the base's kustomization lists files");
+    let mut on_disk: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml") && !p.ends_with(k8s::KUSTOMIZATION))
+        .collect();
+    on_disk.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), listed.len(), "a file is listed twice: {listed:?}");
+    assert_eq!(sorted, on_disk, "{}/{} must list every manifest file", k8s::MANIFEST_DIR, k8s::KUSTOMIZATION);
+    assert!(on_disk.iter().any(|p| p.ends_with("network-policies.yaml")), "the network policies are in the base");
+}
+
+/// The recommended labels of one object or pod template: `name` (the
+/// service's `app` label when it has one), `part-of: blog` and a component.
+fn assert_recommended_labels(labels: &Value, what: &str) -> (String, String) {
+    let label = |key: &str| labels[format!("app.kubernetes.io/{key}")].as_str().unwrap_or_default().to_owned();
+    let (name, component) = (label("name"), label("component"));
+    assert_eq!(label("part-of"), "blog", "{what}: app.kubernetes.io/part-of");
+    assert!(!name.is_empty() && !component.is_empty(), "{what}: app.kubernetes.io/name and component: {labels}");
+    if let Some(app) = labels["app"].as_str() {
+        assert_eq!(name, app, "{what}: app.kubernetes.io/name is the app label");
+    }
+    (name, component)
+}
+
+#[test]
+fn every_object_and_pod_template_has_the_recommended_labels_and_selectors_stay_app() {
+    let manifests = manifests();
+    let mut components = std::collections::BTreeMap::new();
+    let mut templates = 0;
+    for (file, doc) in manifests.documents() {
+        let what = format!("{} {} ({})", doc["kind"], doc["metadata"]["name"], file.display());
+        let (name, component) = assert_recommended_labels(&doc["metadata"]["labels"], &what);
+        if doc["metadata"]["labels"].get("app").is_some() {
+            let known = components.entry(name.clone()).or_insert_with(|| component.clone());
+            assert_eq!(*known, component, "{what}: one component per service");
+        }
+        let template = &doc["spec"]["template"]["metadata"];
+        if template.is_object() {
+            templates += 1;
+            assert_eq!(assert_recommended_labels(&template["labels"], &what), (name.clone(), component));
+            // Selectors are immutable: they stay `app: <name>` so that existing
+            // workloads upgrade in place.
+            assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
+        }
+        if doc["kind"] == "Service" {
+            assert_eq!(doc["spec"]["selector"], serde_json::json!({ "app": name }), "{what}: selector");
+        }
+    }
+    assert_eq!(templates, Service::ALL.len(), "one pod template per service");
+}
+
+#[test]
+fn every_pod_template_tells_prometheus_where_its_metrics_are() {
+    let manifests = manifests();
+    for service in Service::ALL {
+        let workload = manifests.workload(service).unwrap();
+        let annotations = &workload.doc["spec"]["template"]["metadata"]["annotations"];
+        let port = workload.port().unwrap_or_else(|| panic!("{service}: no http port"));
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{service}");
+        assert_eq!(annotations["prometheus.io/port"], port.to_string(), "{service}: the http port");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{service}");
+    }
+}
+
+#[test]
 fn skaffold_builds_the_base_first_and_every_requirement_exists() {
     let config = skaffold();
     let api = config["apiVersion"].as_str().unwrap();
     assert!(matches!(api, "skaffold/v4beta13" | "skaffold/v4beta14"), "{api}");
     assert_eq!(config["build"]["local"]["push"], false);
     assert!(config["build"]["artifacts"].as_array().unwrap().iter().all(|a| a.get("sync").is_none()), "no file sync for compiled code");
-    assert_eq!(config["manifests"]["rawYaml"], serde_json::json!(["infrastructure/k8s/*.yaml"]));
+    assert_eq!(config["manifests"], serde_json::json!({"kustomize": {"paths": [k8s::MANIFEST_DIR]}}));
 
     let artifacts = config["build"]["artifacts"].as_array().unwrap();
     let names: Vec<&str> = artifacts.iter().map(|a| a["image"].as_str().unwrap()).collect();

