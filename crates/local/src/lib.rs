@@ -8,6 +8,7 @@
 
 pub mod gateway;
 pub mod k8s;
+pub mod postgres;
 pub mod supervisor;
 
 use std::{
@@ -104,7 +105,7 @@ impl Suite {
                     format!("{} is missing; build the workspace first", program.display()),
                 ));
             }
-            supervisor.add(ProcessSpec { name: service.name().to_owned(), program, env: options.env_for(service) });
+            supervisor.add(ProcessSpec::new(service.name(), program, options.env_for(service)));
         }
         let listener = TcpListener::bind(options.gateway_addr).await?;
         let gateway_addr = listener.local_addr()?;

@@ -15,6 +15,8 @@ use std::{
 };
 
 use rustix::process::{Pid, Signal, kill_process};
+
+use crate::postgres::Account;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -39,7 +41,20 @@ pub enum LogSink {
 pub struct ProcessSpec {
     pub name: String,
     pub program: PathBuf,
+    pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Another account to run as (we are root, the program refuses to be).
+    pub run_as: Option<Account>,
+    /// What asks it to stop: SIGTERM for our services, SIGINT for PostgreSQL
+    /// (its fast shutdown: SIGTERM would wait for every client to disconnect).
+    pub stop_signal: Signal,
+}
+
+impl ProcessSpec {
+    /// `program` with no arguments, stopped by SIGTERM, as this account.
+    pub fn new(name: impl Into<String>, program: PathBuf, env: Vec<(String, String)>) -> Self {
+        Self { name: name.into(), program, args: Vec::new(), env, run_as: None, stop_signal: Signal::TERM }
+    }
 }
 
 struct Managed {
@@ -185,7 +200,7 @@ async fn supervise(spec: ProcessSpec, managed: Arc<Managed>, dir: PathBuf, log: 
                 continue;
             }
             Some(_) => {}
-            None => terminate(&mut child, pid).await,
+            None => terminate(&mut child, pid, spec.stop_signal).await,
         }
         finish(&managed, &pid_file).await;
     }
@@ -197,10 +212,10 @@ async fn finish(managed: &Managed, pid_file: &PathBuf) {
     managed.running.send_replace(false);
 }
 
-/// SIGTERM, then SIGKILL if the process outlives [`GRACE`].
-async fn terminate(child: &mut Child, pid: Option<u32>) {
+/// `signal` (SIGTERM), then SIGKILL if the process outlives [`GRACE`].
+async fn terminate(child: &mut Child, pid: Option<u32>, signal: Signal) {
     if let Some(pid) = pid {
-        send(pid, Signal::TERM);
+        send(pid, signal);
     }
     if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
         let _ = child.kill().await;
@@ -217,13 +232,18 @@ fn restart_delay(failures: u32) -> Duration {
 }
 
 fn spawn(spec: &ProcessSpec, log: &LogSink) -> std::io::Result<Child> {
-    let mut child = Command::new(&spec.program)
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    if let Some(account) = spec.run_as {
+        command.uid(account.uid).gid(account.gid);
+    }
+    let mut child = command.spawn()?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(forward(out, spec.name.clone(), log.clone()));
     }
