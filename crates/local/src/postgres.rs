@@ -125,6 +125,7 @@ impl Postgres {
             env: vec![("LC_ALL".to_owned(), "C".to_owned())],
             run_as: self.run_as,
             stop_signal: Signal::INT,
+            stops_last: true,
         }
     }
 
@@ -142,7 +143,8 @@ impl Postgres {
         format!("postgres://{ROLE}@127.0.0.1:{}/{database}", self.port)
     }
 
-    async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    /// A session on `database` (its connection driven by a task of its own).
+    pub async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) = tokio_postgres::connect(&self.url(database), tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {

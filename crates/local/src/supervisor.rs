@@ -48,12 +48,15 @@ pub struct ProcessSpec {
     /// What asks it to stop: SIGTERM for our services, SIGINT for PostgreSQL
     /// (its fast shutdown: SIGTERM would wait for every client to disconnect).
     pub stop_signal: Signal,
+    /// A server the others use (PostgreSQL): at shutdown it is stopped only
+    /// once every other process has exited, so none of them loses it while draining.
+    pub stops_last: bool,
 }
 
 impl ProcessSpec {
     /// `program` with no arguments, stopped by SIGTERM, as this account.
     pub fn new(name: impl Into<String>, program: PathBuf, env: Vec<(String, String)>) -> Self {
-        Self { name: name.into(), program, args: Vec::new(), env, run_as: None, stop_signal: Signal::TERM }
+        Self { name: name.into(), program, args: Vec::new(), env, run_as: None, stop_signal: Signal::TERM, stops_last: false }
     }
 }
 
@@ -64,6 +67,7 @@ struct Managed {
     running: watch::Sender<bool>,
     pid: Mutex<Option<u32>>,
     starts: Mutex<u64>,
+    stops_last: bool,
 }
 
 pub struct Supervisor {
@@ -86,6 +90,7 @@ impl Supervisor {
             running: watch::Sender::new(false),
             pid: Mutex::new(None),
             starts: Mutex::new(0),
+            stops_last: spec.stops_last,
         });
         self.order.push(spec.name.clone());
         self.processes.insert(spec.name.clone(), managed.clone());
@@ -146,13 +151,17 @@ impl Supervisor {
         false
     }
 
-    /// Stops every process, last started first.
+    /// Stops every process, last started first, and those that
+    /// [stop last](ProcessSpec::stops_last) once the others have exited.
     pub async fn shutdown(&self) {
-        for name in self.order.iter().rev() {
-            self.get(name).wanted.send_replace(false);
-        }
-        for name in self.order.iter().rev() {
-            self.stop(name).await;
+        for last in [false, true] {
+            let names: Vec<&String> = self.order.iter().rev().filter(|name| self.get(name).stops_last == last).collect();
+            for name in &names {
+                self.get(name).wanted.send_replace(false);
+            }
+            for name in names {
+                self.stop(name).await;
+            }
         }
     }
 }
