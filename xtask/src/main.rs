@@ -28,6 +28,11 @@ commands:
            --data-dir DIR      where services keep their data (default ./.data)
            --gateway-port N    gateway port on 127.0.0.1 (default 8080)
            --release           build and run release binaries
+           --scale N           N replicas of every service but the bus, on
+                                 PostgreSQL (installed with apt when missing);
+                                 refused until the services read DATABASE_URL
+                                 (BLOG_EXPERIMENTAL_SCALE=1: start anyway)
+           --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
            (extra arguments are passed to cargo test)
   validate        render the kustomize base and the Gateway API overlay with

@@ -302,6 +302,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scaled_out_every_service_but_the_bus_has_named_replicas_and_unscaled_nothing_changes() {
+        let mut options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        let unscaled: Vec<_> = Service::ALL.into_iter().map(|s| options.processes(s)).collect();
+        for (service, processes) in Service::ALL.into_iter().zip(&unscaled) {
+            assert_eq!(processes, &[(service.name().to_owned(), service.default_port())]);
+        }
+        assert_eq!(scale_supported(&options), Ok(()));
+        options.scale(1, 5433, |_, _| unreachable!("one replica is the usual suite"));
+        assert!(options.replicas.is_empty() && options.postgres_port.is_none());
+
+        options.scale(3, 5433, |s, i| s.default_port() + 100 * i as u16);
+        assert_eq!(options.processes(Service::EventBus), [("event-bus".to_owned(), 4005)]);
+        assert_eq!(
+            options.processes(Service::Posts),
+            [("posts-1".to_owned(), 4100), ("posts-2".to_owned(), 4200), ("posts-3".to_owned(), 4300)]
+        );
+        assert_eq!(options.process_urls(Service::Client), ["http://127.0.0.1:3100", "http://127.0.0.1:3200", "http://127.0.0.1:3300"]);
+        assert_eq!(options.url(Service::Posts), "http://127.0.0.1:4000", "peers keep the service's address");
+        let env = options.env_for_process(Service::Posts, "posts-2", 4200);
+        let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(value("PORT").as_deref(), Some("4200"));
+        assert_eq!(value("DATA_DIR").as_deref(), Some("data/posts-2"));
+        assert_eq!(value("EVENT_BUS_URL").as_deref(), Some("http://127.0.0.1:4005"));
+
+        let refused = scale_supported(&options).unwrap_err();
+        assert!(refused.contains("DATABASE_URL") && refused.contains(EXPERIMENTAL_SCALE_ENV), "{refused}");
+        options.experimental_scale = true;
+        assert_eq!(scale_supported(&options), Ok(()));
+    }
+
+    #[test]
     fn every_service_but_the_client_gets_this_runs_secret() {
         let options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
         let secret_of = |service| {

@@ -49,7 +49,9 @@ pub struct ProcessSpec {
     /// (its fast shutdown: SIGTERM would wait for every client to disconnect).
     pub stop_signal: Signal,
     /// A server the others use (PostgreSQL): at shutdown it is stopped only
-    /// once every other process has exited, so none of them loses it while draining.
+    /// once every other process has exited, so none of them loses it while
+    /// draining. It runs in a process group of its own, so a terminal's
+    /// Ctrl-C (sent to the whole foreground group) does not stop it first.
     pub stops_last: bool,
 }
 
@@ -252,6 +254,9 @@ fn spawn(spec: &ProcessSpec, log: &LogSink) -> std::io::Result<Child> {
     if let Some(account) = spec.run_as {
         command.uid(account.uid).gid(account.gid);
     }
+    if spec.stops_last {
+        command.process_group(0);
+    }
     let mut child = command.spawn()?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(forward(out, spec.name.clone(), log.clone()));
@@ -296,6 +301,39 @@ fn color(name: &str) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shell that, asked to stop, waits `linger` then appends `name` to `log`.
+    fn recorder(name: &str, log: &std::path::Path, linger: &str, stops_last: bool) -> ProcessSpec {
+        let script = format!("trap 'sleep {linger}; echo {name} >> \"$LOG\"; exit 0' TERM; while :; do sleep 0.05; done");
+        let mut spec = ProcessSpec::new(name, PathBuf::from("/bin/sh"), vec![("LOG".into(), log.display().to_string())]);
+        spec.args = vec!["-c".into(), script];
+        spec.stops_last = stops_last;
+        spec
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_the_others_use_stops_after_them_and_in_a_group_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stopped");
+        let mut supervisor = Supervisor::new(dir.path().to_owned(), LogSink::Dir(dir.path().to_owned()));
+        supervisor.add(recorder("server", &log, "0", true));
+        supervisor.add(recorder("client", &log, "0.3", false));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while supervisor.pid("server").is_none() || supervisor.pid("client").is_none() {
+            assert!(Instant::now() < deadline, "both started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let group_of = |name: &str| {
+            let pid = Pid::from_raw(i32::try_from(supervisor.pid(name).unwrap()).unwrap()).unwrap();
+            rustix::process::getpgid(Some(pid)).unwrap()
+        };
+        let ours = rustix::process::getpgid(None).unwrap();
+        assert_eq!(group_of("client"), ours, "an ordinary process shares our group");
+        assert_ne!(group_of("server"), ours, "the server has a group of its own");
+        supervisor.shutdown().await;
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "client\nserver\n");
+        assert!(!dir.path().join("server.pid").exists() && !dir.path().join("client.pid").exists());
+    }
 
     #[test]
     fn restart_delay_backs_off_to_ten_seconds() {
