@@ -106,8 +106,8 @@ impl Options {
         }
     }
 
-    /// Runs `replicas` replicas of every service but the bus, replica i (from
-    /// 1) of a service on `port(service, i)`, and PostgreSQL on
+    /// Runs `replicas` replicas of every service but the bus, replica `i`
+    /// (from 1) of a service on `port(service, i)`, and PostgreSQL on
     /// `postgres_port`. One replica is the usual suite.
     pub fn scale(&mut self, replicas: usize, postgres_port: u16, mut port: impl FnMut(Service, usize) -> u16) {
         if replicas <= 1 {
