@@ -252,6 +252,9 @@ impl Server {
 /// The PostgreSQL binaries, installing Debian's `postgresql` with apt when
 /// they are missing and this process may (root, apt-get present).
 pub fn ensure_installed() -> io::Result<PathBuf> {
+    // Tests starting servers in parallel must not run apt-get twice at once (dpkg's lock).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     if let Ok(bin) = binaries(None) {
         return Ok(bin);
     }
