@@ -446,6 +446,19 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn replicas_take_turns_and_one_that_refused_goes_last_until_it_answers() {
+        let replicas = Replicas::new(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(replicas.order(), [0, 1, 2]);
+        assert_eq!(replicas.order(), [1, 2, 0]);
+        replicas.refused(2);
+        assert_eq!(replicas.order(), [0, 1, 2]);
+        assert_eq!(replicas.order(), [0, 1, 2], "its turn passes to the next");
+        assert_eq!(replicas.order(), [1, 0, 2]);
+        replicas.answered(2);
+        assert_eq!(replicas.order(), [2, 0, 1]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_are_shared_among_replicas_and_a_dead_one_loses_none() {
         let (a, seen_a) = replica("a").await;
