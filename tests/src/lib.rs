@@ -5,6 +5,7 @@
 //! reads as arrange, act, assert. Waiting is always polling with a deadline.
 
 pub mod load;
+pub mod postgres;
 
 use std::{
     collections::BTreeMap,

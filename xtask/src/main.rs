@@ -28,7 +28,13 @@ commands:
            --data-dir DIR      where services keep their data (default ./.data)
            --gateway-port N    gateway port on 127.0.0.1 (default 8080)
            --release           build and run release binaries
+           --scale N           N replicas of every service but the bus, on
+                                 PostgreSQL (installed with apt when missing);
+                                 refused until the services read DATABASE_URL
+                                 (BLOG_EXPERIMENTAL_SCALE=1: start anyway)
+           --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
+           (installs Chromium and PostgreSQL with apt when missing, as root)
            (extra arguments are passed to cargo test)
   validate        render the kustomize base and the Gateway API overlay with
                     kubectl and check every document (kubernetes-validate
@@ -123,6 +129,7 @@ pub fn run(command: &mut Command) -> Result {
 
 fn test(args: pico_args::Arguments) -> Result {
     ensure_browser()?;
+    blog_local::postgres::ensure_installed()?;
     build_all(false)?;
     let mut test = cargo();
     test.args(["test", "--locked", "--workspace"]);

@@ -1,29 +1,65 @@
 //! `cargo xtask up`: the whole suite on this machine, one OS process per
-//! service, behind a gateway that routes like the Ingress.
+//! service, behind a gateway that routes like the Ingress. With `--scale N`,
+//! N replicas of every service but the bus on PostgreSQL (see
+//! `blog_local::Options::scale`).
 
 use std::{path::PathBuf, time::Duration};
 
 use blog_common::{Service, routes, server::shutdown_signal};
-use blog_local::{Options, Suite, supervisor::LogSink};
+use blog_local::{EXPERIMENTAL_SCALE_ENV, Options, Suite, postgres, scale_supported, supervisor::LogSink};
+
+/// Replicas `--scale` accepts: replica i of a service listens on its usual
+/// port + 100 × i, which stays clear of the other services' ports up to 9.
+const MAX_REPLICAS: usize = 9;
+/// The suite's own PostgreSQL, clear of a system server on 5432.
+const POSTGRES_PORT: u16 = 5433;
 
 pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     let data_dir: PathBuf = args.opt_value_from_str("--data-dir")?.unwrap_or_else(|| PathBuf::from(".data"));
     let gateway_port: u16 = args.opt_value_from_str("--gateway-port")?.unwrap_or(8080);
+    let replicas: usize = args.opt_value_from_str("--scale")?.unwrap_or(1);
+    let postgres_port: u16 = args.opt_value_from_str("--postgres-port")?.unwrap_or(POSTGRES_PORT);
     let release = args.contains("--release");
     let rest = args.finish();
     if !rest.is_empty() {
         return Err(format!("unexpected arguments: {rest:?}").into());
     }
-    let bin_dir = crate::build_services(release)?;
+    if !(1..=MAX_REPLICAS).contains(&replicas) {
+        return Err(format!("--scale takes 1 to {MAX_REPLICAS} replicas").into());
+    }
     let data_dir = std::path::absolute(data_dir)?;
+    let mut options = Options::standard(PathBuf::new(), data_dir.clone(), gateway_port, LogSink::Stdout);
+    options.scale(replicas, postgres_port, |service, i| service.default_port() + 100 * i as u16);
+    options.experimental_scale = std::env::var(EXPERIMENTAL_SCALE_ENV).is_ok_and(|v| v == "1");
+    scale_supported(&options)?;
+    if options.postgres_port.is_some() {
+        postgres::ensure_installed()?;
+    }
+    options.bin_dir = crate::build_services(release)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let suite = Suite::launch(Options::standard(bin_dir, data_dir.clone(), gateway_port, LogSink::Stdout)).await?;
+        let suite = Suite::launch(options).await?;
         let ready = suite.wait_ready(Duration::from_secs(30)).await;
         println!("\nblog suite is up (data in {}):", data_dir.display());
         println!("  {:<11} http://{}  (routes as the Ingress for {})", "gateway", suite.gateway_addr, routes::HOST);
         for service in Service::ALL {
-            println!("  {:<11} {}", service.name(), suite.options.url(service));
+            let processes = suite.options.processes(service);
+            if processes.len() == 1 && processes[0].0 == service.name() {
+                println!("  {:<11} {}", service.name(), suite.options.url(service));
+            } else {
+                let replicas: Vec<String> = processes.iter().map(|(name, port)| format!("{name} :{port}")).collect();
+                println!("  {:<11} {}  (balanced over {})", service.name(), suite.options.url(service), replicas.join(", "));
+            }
+        }
+        if let Some(postgres) = &suite.postgres {
+            let databases: Vec<&str> = postgres::database_services().map(Service::name).collect();
+            println!("  {:<11} {}  (databases {})", "postgres", postgres.display_url(""), databases.join(", "));
+            println!(
+                "  {:<11} cluster in {}, password in {}",
+                "",
+                data_dir.join("postgres").display(),
+                data_dir.join("postgres.password").display()
+            );
         }
         match ready {
             Ok(()) => println!("open http://{} in a browser; Ctrl-C stops everything\n", suite.gateway_addr),

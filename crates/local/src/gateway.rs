@@ -22,17 +22,45 @@
 //! hides one of them. The services' internal routes ([`INTERNAL_PATHS`]) are
 //! refused for every upstream, so the catch-all route cannot reach the
 //! client's own `/metrics` either.
+//!
+//! A service may run as several replicas (`cargo xtask up --scale N`): the
+//! gateway takes them in turn (round robin), and a replica it could not
+//! connect to is skipped for [`EJECT_FOR`] (tried again only when no other
+//! is left). Failover is only ever for a request that was never sent: when
+//! the connection to a replica is refused (or cannot be made in time), the
+//! same request goes to the next one. Once a connection is made, nothing is
+//! resent, because the replica may have processed it (a `POST` answered by a
+//! crash after its commit would otherwise be done twice): a request cut off
+//! there is a JSON 502, as before. With no replica reachable the answer is a
+//! JSON 503 with `Retry-After` (nothing was sent, so a retry is safe). The
+//! live stream balances like any other request. [`Gateway::for_service`]
+//! makes the same balancer pass everything, internal routes included, to one
+//! service: the suite's stand-in for a Kubernetes `Service` address in front
+//! of the replicas, which the bus and the other services call.
 
-use std::{collections::BTreeMap, io, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
     body::Body,
     extract::{Request, State},
     http::{HeaderMap, HeaderName, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::Response,
 };
-use blog_common::{Service, error::error_response, routes::RouteTable, server::Shutdown};
+use blog_common::{
+    Service,
+    error::{error_response, retry_later},
+    routes::RouteTable,
+    server::Shutdown,
+};
 use tokio::net::TcpListener;
 
 /// Longest the gateway waits for an upstream's response head: past each
@@ -45,18 +73,51 @@ pub const UPSTREAM_HEADERS_TIMEOUT: std::time::Duration =
 /// Largest request body passed on (ingress-nginx's default `client_max_body_size`).
 pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
+/// How long a replica that refused a connection is passed over.
+pub const EJECT_FOR: Duration = Duration::from_secs(1);
+
+/// Largest request body passed on to one service by [`Gateway::for_service`]:
+/// an internal event batch may be as large as a consumer takes.
+pub const MAX_INTERNAL_BODY: usize = blog_common::inbox::MAX_EVENTS_BODY;
+
+/// What the gateway answers for.
+#[derive(Debug, Clone, Copy)]
+enum Front {
+    /// The public front door: routed by the table, internal routes refused.
+    Public,
+    /// One service's own address: every path and method, to its replicas.
+    Service(Service),
+}
+
 #[derive(Debug)]
 pub struct Gateway {
+    front: Front,
     table: RouteTable,
-    upstreams: BTreeMap<Service, String>,
+    upstreams: BTreeMap<Service, Replicas>,
     http: reqwest::Client,
 }
 
 impl Gateway {
     /// `upstreams` maps each service to its base URL.
     pub fn new(upstreams: BTreeMap<Service, String>) -> Arc<Self> {
+        Self::balanced(upstreams.into_iter().map(|(service, base)| (service, vec![base])).collect())
+    }
+
+    /// `upstreams` maps each service to the base URLs of its replicas.
+    pub fn balanced(upstreams: BTreeMap<Service, Vec<String>>) -> Arc<Self> {
+        Self::with_front(Front::Public, upstreams)
+    }
+
+    /// Every request, internal routes included, to one of `replicas` of
+    /// `service`: the address the other services know it by.
+    pub fn for_service(service: Service, replicas: Vec<String>) -> Arc<Self> {
+        Self::with_front(Front::Service(service), BTreeMap::from([(service, replicas)]))
+    }
+
+    fn with_front(front: Front, upstreams: BTreeMap<Service, Vec<String>>) -> Arc<Self> {
         let http = blog_common::bus_client::build_client(|builder| builder.pool_max_idle_per_host(512));
-        Arc::new(Self { table: RouteTable::standard(), upstreams, http })
+        let upstreams = upstreams.into_iter().map(|(service, bases)| (service, Replicas::new(bases))).collect();
+        Arc::new(Self { front, table: RouteTable::standard(), upstreams, http })
     }
 
     pub fn router(self: Arc<Self>) -> Router {
@@ -66,6 +127,49 @@ impl Gateway {
 
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) -> io::Result<()> {
     blog_common::server::serve(listener, gateway.router(), shutdown).await
+}
+
+/// A service's replicas, taken in turn, those that recently refused a
+/// connection last.
+#[derive(Debug)]
+struct Replicas {
+    bases: Vec<String>,
+    next: AtomicUsize,
+    /// Per replica, until when it is passed over (ms since `epoch`; 0: never refused).
+    ejected_until: Vec<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Replicas {
+    fn new(bases: Vec<String>) -> Self {
+        let ejected_until = bases.iter().map(|_| AtomicU64::new(0)).collect();
+        Self { bases, next: AtomicUsize::new(0), ejected_until, epoch: Instant::now() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The order to try the replicas in for one request: each in turn
+    /// starts, and ejected ones go to the end (still tried: better a replica
+    /// that may be back than no answer).
+    fn order(&self) -> Vec<usize> {
+        let count = self.bases.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let mut order: Vec<usize> = (0..count).map(|k| (start + k) % count).collect();
+        order.sort_by_key(|&i| self.ejected_until[i].load(Ordering::Relaxed) > now);
+        order
+    }
+
+    fn refused(&self, replica: usize) {
+        let until = self.now_ms().saturating_add(u64::try_from(EJECT_FOR.as_millis()).unwrap_or(u64::MAX));
+        self.ejected_until[replica].store(until, Ordering::Relaxed);
+    }
+
+    fn answered(&self, replica: usize) {
+        self.ejected_until[replica].store(0, Ordering::Relaxed);
+    }
 }
 
 /// Routes every service answers for the cluster itself (the bus, probes,
@@ -130,28 +234,25 @@ pub fn checked_path(raw: &str) -> Result<String, PathRefusal> {
     Ok(path)
 }
 
-/// Most of an oversized body read and thrown away before answering 413.
-const DRAIN_LIMIT: usize = 8 * MAX_REQUEST_BODY;
-
-/// The whole body, or `None` past [`MAX_REQUEST_BODY`]. An oversized body is
-/// still read (up to [`DRAIN_LIMIT`]) before the 413, as nginx's lingering
-/// close does: answering with unread data in the connection gets it reset,
-/// and the client would see the reset instead of the answer.
-async fn read_body(body: Body) -> Option<axum::body::Bytes> {
+/// The whole body, or `None` past `max` bytes. An oversized body is still
+/// read (up to 8 times `max`) before the 413, as nginx's lingering close
+/// does: answering with unread data in the connection gets it reset, and the
+/// client would see the reset instead of the answer.
+async fn read_body(body: Body, max: usize) -> Option<axum::body::Bytes> {
     use futures_util::StreamExt;
     let mut stream = body.into_data_stream();
     let mut buffer = Vec::new();
     let mut seen = 0;
     while let Some(Ok(chunk)) = stream.next().await {
         seen += chunk.len();
-        if seen > DRAIN_LIMIT {
+        if seen > max.saturating_mul(8) {
             break;
         }
-        if seen <= MAX_REQUEST_BODY {
+        if seen <= max {
             buffer.extend_from_slice(&chunk);
         }
     }
-    (seen <= MAX_REQUEST_BODY).then(|| buffer.into())
+    (seen <= max).then(|| buffer.into())
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -175,55 +276,75 @@ fn forwardable(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &axum:
 }
 
 async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    let path = match checked_path(request.uri().path()) {
-        Ok(path) => path,
-        Err(PathRefusal::Malformed(why)) => return error_response(StatusCode::BAD_REQUEST, why),
-        Err(PathRefusal::Internal) => return error_response(StatusCode::NOT_FOUND, "no such route"),
+    let (service, path, max_body) = match gateway.front {
+        Front::Service(service) => (service, request.uri().path().to_owned(), MAX_INTERNAL_BODY),
+        Front::Public => {
+            let path = match checked_path(request.uri().path()) {
+                Ok(path) => path,
+                Err(PathRefusal::Malformed(why)) => return error_response(StatusCode::BAD_REQUEST, why),
+                Err(PathRefusal::Internal) => return error_response(StatusCode::NOT_FOUND, "no such route"),
+            };
+            let Some(route) = gateway.table.route(&path) else {
+                return error_response(StatusCode::NOT_FOUND, &format!("no route for {path}"));
+            };
+            (route.service, path, MAX_REQUEST_BODY)
+        }
     };
-    let Some(route) = gateway.table.route(&path) else {
-        return error_response(StatusCode::NOT_FOUND, &format!("no route for {path}"));
-    };
-    let service = route.service;
-    let Some(base) = gateway.upstreams.get(&service) else {
+    let Some(replicas) = gateway.upstreams.get(&service).filter(|r| !r.bases.is_empty()) else {
         return error_response(StatusCode::BAD_GATEWAY, &format!("no upstream for {service}"));
     };
-    let target = match request.uri().query() {
-        Some(query) => format!("{base}{path}?{query}"),
-        None => format!("{base}{path}"),
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
     };
     let (parts, body) = request.into_parts();
-    let Some(body) = read_body(body).await else {
+    let Some(body) = read_body(body, max_body).await else {
         return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large");
     };
-    let mut upstream = gateway.http.request(parts.method, target);
+    let mut headers = HeaderMap::new();
     for (name, value) in forwardable(&parts.headers) {
         if name != header::HOST {
-            upstream = upstream.header(name, value);
+            headers.append(name, value.clone());
         }
     }
     if let Some(host) = parts.headers.get(header::HOST) {
-        upstream = upstream.header("x-forwarded-host", host);
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
     }
-    let upstream = upstream.header("x-forwarded-proto", "http").body(body);
-    let Ok(sent) = tokio::time::timeout(UPSTREAM_HEADERS_TIMEOUT, upstream.send()).await else {
-        tracing::warn!(%service, "upstream did not answer in time");
-        return error_response(StatusCode::GATEWAY_TIMEOUT, &format!("{service} did not answer in time"));
-    };
-    match sent {
-        Ok(answer) => {
-            let mut response = Response::builder().status(answer.status());
-            for (name, value) in forwardable(answer.headers()) {
-                response = response.header(name, value);
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), axum::http::HeaderValue::from_static("http"));
+    for replica in replicas.order() {
+        let upstream = gateway
+            .http
+            .request(parts.method.clone(), format!("{}{path_and_query}", replicas.bases[replica]))
+            .headers(headers.clone())
+            .body(body.clone());
+        let Ok(sent) = tokio::time::timeout(UPSTREAM_HEADERS_TIMEOUT, upstream.send()).await else {
+            tracing::warn!(%service, replica, "upstream did not answer in time");
+            return error_response(StatusCode::GATEWAY_TIMEOUT, &format!("{service} did not answer in time"));
+        };
+        match sent {
+            Ok(answer) => {
+                replicas.answered(replica);
+                let mut response = Response::builder().status(answer.status());
+                for (name, value) in forwardable(answer.headers()) {
+                    response = response.header(name, value);
+                }
+                return response
+                    .body(Body::from_stream(answer.bytes_stream()))
+                    .unwrap_or_else(|_| error_response(StatusCode::BAD_GATEWAY, "unreadable upstream response"));
             }
-            response
-                .body(Body::from_stream(answer.bytes_stream()))
-                .unwrap_or_else(|_| error_response(StatusCode::BAD_GATEWAY, "unreadable upstream response"))
-        }
-        Err(e) => {
-            tracing::warn!(%service, error = %e, "upstream unavailable");
-            (StatusCode::BAD_GATEWAY, error_response(StatusCode::BAD_GATEWAY, &format!("{service} is unavailable"))).into_response()
+            // No connection, so not one byte of the request went out: the next replica may have it.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(%service, replica, error = %e, "upstream refused the connection; trying another replica");
+                replicas.refused(replica);
+            }
+            // Sent, at least in part: it may have been processed, so it is never sent again.
+            Err(e) => {
+                tracing::warn!(%service, replica, error = %e, "upstream unavailable");
+                return error_response(StatusCode::BAD_GATEWAY, &format!("{service} is unavailable"));
+            }
         }
     }
+    retry_later(&format!("no replica of {service} is reachable; nothing was sent, try again"), 1)
 }
 
 #[cfg(test)]
@@ -245,6 +366,186 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert!(body["error"].as_str().is_some_and(|e| e.contains("did not answer")), "{body}");
         drop(hung);
+    }
+
+    /// A replica on a real socket: answers every request with its name and counts them.
+    async fn replica(name: &'static str) -> (String, Arc<AtomicUsize>) {
+        use axum::response::IntoResponse;
+        use futures_util::StreamExt;
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let app = Router::new().fallback(move |request: Request| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                if request.uri().path() == "/posts/stream" {
+                    let events = futures_util::stream::iter([Ok::<_, io::Error>(format!("data: {name}\n\n"))])
+                        .chain(futures_util::stream::pending());
+                    return ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response();
+                }
+                let status = if request.method() == axum::http::Method::POST { StatusCode::CREATED } else { StatusCode::OK };
+                (status, axum::Json(serde_json::json!({ "replica": name }))).into_response()
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (base, seen)
+    }
+
+    /// The address of a replica that is down: nothing listens there.
+    fn dead_replica() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    /// A replica that accepts a request, reads it whole and dies before answering.
+    async fn dying_replica() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Ok(n @ 1..) = socket.read(&mut buffer).await {
+                    request.extend_from_slice(&buffer[..n]);
+                    if request.windows(7).any(|w| w == b"\"post\"}") {
+                        break;
+                    }
+                }
+                if !request.is_empty() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                drop(socket);
+            }
+        });
+        (base, seen)
+    }
+
+    fn every_service(overrides: &[(Service, Vec<String>)]) -> BTreeMap<Service, Vec<String>> {
+        let mut upstreams: BTreeMap<Service, Vec<String>> = Service::ALL.into_iter().map(|s| (s, vec![dead_replica()])).collect();
+        upstreams.extend(overrides.iter().cloned());
+        upstreams
+    }
+
+    async fn call(router: &Router, request: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
+        use tower::ServiceExt;
+        let answer = router.clone().oneshot(request).await.unwrap();
+        let status = answer.status();
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    fn create_post() -> axum::http::Request<Body> {
+        axum::http::Request::post("/posts/create")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"title":"post"}"#))
+            .unwrap()
+    }
+
+    #[test]
+    fn replicas_take_turns_and_one_that_refused_goes_last_until_it_answers() {
+        let replicas = Replicas::new(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(replicas.order(), [0, 1, 2]);
+        assert_eq!(replicas.order(), [1, 2, 0]);
+        replicas.refused(2);
+        assert_eq!(replicas.order(), [0, 1, 2]);
+        assert_eq!(replicas.order(), [0, 1, 2], "its turn passes to the next");
+        assert_eq!(replicas.order(), [1, 0, 2]);
+        replicas.answered(2);
+        assert_eq!(replicas.order(), [2, 0, 1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_are_shared_among_replicas_and_a_dead_one_loses_none() {
+        let (a, seen_a) = replica("a").await;
+        let (b, seen_b) = replica("b").await;
+        let (c, seen_c) = replica("c").await;
+        let router =
+            Gateway::balanced(every_service(&[(Service::Query, vec![a, b]), (Service::Posts, vec![dead_replica(), c, dead_replica()])]))
+                .router();
+        for _ in 0..10 {
+            let (status, _) = call(&router, axum::http::Request::get("/posts").body(Body::empty()).unwrap()).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!((seen_a.load(Ordering::SeqCst), seen_b.load(Ordering::SeqCst)), (5, 5), "round robin");
+        // Writes too: a refused connection means nothing was sent, so the next replica gets it.
+        for _ in 0..20 {
+            let (status, body) = call(&router, create_post()).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            assert_eq!(body["replica"], "c");
+        }
+        assert_eq!(seen_c.load(Ordering::SeqCst), 20, "each write reached the live replica exactly once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_a_replica_may_have_processed_is_never_sent_again() {
+        let (dying, seen_dying) = dying_replica().await;
+        let (live, seen_live) = replica("live").await;
+        let router = Gateway::balanced(every_service(&[(Service::Posts, vec![dying, live])])).router();
+        let (mut cut_off, mut created) = (0, 0);
+        for _ in 0..10 {
+            match call(&router, create_post()).await {
+                (StatusCode::BAD_GATEWAY, body) => {
+                    assert!(body["error"].as_str().is_some_and(|e| e.contains("posts is unavailable")), "{body}");
+                    cut_off += 1;
+                }
+                (StatusCode::CREATED, _) => created += 1,
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert!(cut_off >= 1, "the dying replica got its turn");
+        assert_eq!(cut_off + created, 10);
+        assert_eq!(seen_dying.load(Ordering::SeqCst), cut_off, "each cut-off request reached the dying replica once");
+        assert_eq!(seen_live.load(Ordering::SeqCst), created, "and none of them was resent to the live one");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_no_replica_reachable_the_answer_is_a_json_503_to_retry() {
+        let router = Gateway::balanced(every_service(&[(Service::Posts, vec![dead_replica(), dead_replica()])])).router();
+        use tower::ServiceExt;
+        let answer = router.oneshot(create_post()).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("no replica of posts")), "{body}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_streams_are_balanced_too() {
+        use futures_util::StreamExt;
+        use tower::ServiceExt;
+        let (a, _) = replica("a").await;
+        let (b, _) = replica("b").await;
+        let router = Gateway::balanced(every_service(&[(Service::Query, vec![a, dead_replica(), b])])).router();
+        let mut names = Vec::new();
+        let mut streams = Vec::new();
+        for _ in 0..4 {
+            let answer = router.clone().oneshot(axum::http::Request::get("/posts/stream").body(Body::empty()).unwrap()).await.unwrap();
+            assert_eq!(answer.status(), StatusCode::OK);
+            let mut body = answer.into_body().into_data_stream();
+            let first = body.next().await.unwrap().unwrap();
+            names.push(String::from_utf8(first.to_vec()).unwrap());
+            streams.push(body); // kept open, as a browser keeps its stream
+        }
+        names.sort();
+        assert_eq!(names, ["data: a\n\n", "data: a\n\n", "data: b\n\n", "data: b\n\n"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_service_address_passes_internal_routes_to_its_replicas() {
+        let (a, seen_a) = replica("a").await;
+        let router = Gateway::for_service(Service::Query, vec![dead_replica(), a]).router();
+        for path in ["/events", "/readyz", "/metrics"] {
+            let request = axum::http::Request::post(path).body(Body::from(vec![b' '; 2 * MAX_REQUEST_BODY])).unwrap();
+            let (status, body) = call(&router, request).await;
+            assert_eq!(status, StatusCode::CREATED, "{path}: {body}");
+        }
+        assert_eq!(seen_a.load(Ordering::SeqCst), 3);
     }
 
     #[test]

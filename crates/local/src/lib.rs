@@ -5,9 +5,19 @@
 //! logs, clean stop) and puts a [`gateway`] in front that routes exactly as
 //! the Kubernetes Ingress does, from the same route table. `cargo xtask up`
 //! and the integration tests both use it, so the tests run what users run.
+//!
+//! Scaled out ([`Options::scale`], `cargo xtask up --scale N`), every service
+//! but the bus runs as N replicas, `<service>-<i>` (i from 1), each on a port
+//! of its own; the data-owning ones get `DATABASE_URL` of their database on
+//! the suite's own PostgreSQL ([`postgres`]), started first. The gateway
+//! balances over the replicas, and each service's usual address becomes a
+//! balancer over its replicas too ([`gateway::Gateway::for_service`], what a
+//! Kubernetes `Service` is to its pods), so the bus and the other services
+//! reach whichever replica is alive.
 
 pub mod gateway;
 pub mod k8s;
+pub mod postgres;
 pub mod supervisor;
 
 use std::{
@@ -37,6 +47,46 @@ pub struct Options {
     pub env: Vec<(Service, String, String)>,
     /// `INTERNAL_SECRET` of this run, given to every service but the client.
     pub internal_secret: String,
+    /// The ports of each replicated service's replicas (see [`Options::scale`]);
+    /// a service not here runs as one process on its port, as always.
+    pub replicas: BTreeMap<Service, Vec<u16>>,
+    /// Port of the suite's own PostgreSQL, when it runs one (scaled out).
+    pub postgres_port: Option<u16>,
+    /// Scale out even though the services do not keep their data in
+    /// PostgreSQL yet (see [`scale_supported`]): for testing the launcher.
+    pub experimental_scale: bool,
+}
+
+/// Whether the services keep their data in PostgreSQL when given
+/// `DATABASE_URL`. Until they do, replicas of a service would each keep a
+/// SQLite database of their own and split the data, so scaling out is refused.
+pub const SERVICES_USE_DATABASE_URL: bool = false;
+
+/// `BLOG_EXPERIMENTAL_SCALE=1` lets `cargo xtask up --scale` start anyway
+/// (each replica on its own SQLite database: for trying the launcher only).
+pub const EXPERIMENTAL_SCALE_ENV: &str = "BLOG_EXPERIMENTAL_SCALE";
+
+/// Whether `options` may scale out, or why not.
+pub fn scale_supported(options: &Options) -> Result<(), String> {
+    if options.replicas.is_empty() || SERVICES_USE_DATABASE_URL || options.experimental_scale {
+        return Ok(());
+    }
+    Err(format!(
+        "--scale needs the services to keep their data in PostgreSQL (DATABASE_URL), which they do not yet (issue 11): \
+         replicas would each keep a SQLite database of their own and disagree. \
+         {EXPERIMENTAL_SCALE_ENV}=1 starts them anyway, for trying the launcher only."
+    ))
+}
+
+/// The services that run as replicas when scaled out: all but the bus,
+/// which stays one process with its embedded log.
+pub fn scales(service: Service) -> bool {
+    service != Service::EventBus
+}
+
+/// The supervisor's name for replica `i` (from 1) of `service`; its pid file is `<name>.pid`.
+pub fn replica_name(service: Service, i: usize) -> String {
+    format!("{}-{i}", service.name())
 }
 
 impl Options {
@@ -50,6 +100,31 @@ impl Options {
             log,
             env: Vec::new(),
             internal_secret: fresh_secret(),
+            replicas: BTreeMap::new(),
+            postgres_port: None,
+            experimental_scale: false,
+        }
+    }
+
+    /// Runs `replicas` replicas of every service but the bus, replica `i`
+    /// (from 1) of a service on `port(service, i)`, and PostgreSQL on
+    /// `postgres_port`. One replica is the usual suite.
+    pub fn scale(&mut self, replicas: usize, postgres_port: u16, mut port: impl FnMut(Service, usize) -> u16) {
+        if replicas <= 1 {
+            self.replicas.clear();
+            self.postgres_port = None;
+            return;
+        }
+        self.replicas =
+            Service::ALL.into_iter().filter(|s| scales(*s)).map(|s| (s, (1..=replicas).map(|i| port(s, i)).collect())).collect();
+        self.postgres_port = Some(postgres_port);
+    }
+
+    /// The processes of `service`: `(name, port)` of each replica, or of the one process.
+    pub fn processes(&self, service: Service) -> Vec<(String, u16)> {
+        match self.replicas.get(&service) {
+            Some(ports) => ports.iter().enumerate().map(|(i, port)| (replica_name(service, i + 1), *port)).collect(),
+            None => vec![(service.name().to_owned(), self.ports[&service])],
         }
     }
 
@@ -57,11 +132,17 @@ impl Options {
     /// every peer's URL and, for all but the client (which only reads the
     /// bus), the run's internal secret.
     pub fn env_for(&self, service: Service) -> Vec<(String, String)> {
+        self.env_for_process(service, service.name(), self.ports[&service])
+    }
+
+    /// The same for one process of `service` (a replica) named `name` on `port`:
+    /// a data directory of its own and, scaled out, its service's `DATABASE_URL`.
+    fn env_for_process(&self, service: Service, name: &str, port: u16) -> Vec<(String, String)> {
         let mut env = vec![
             // glibc gives threads malloc arenas of their own; two keep idle memory small.
             ("MALLOC_ARENA_MAX".to_owned(), "2".to_owned()),
-            ("PORT".to_owned(), self.ports[&service].to_string()),
-            ("DATA_DIR".to_owned(), self.data_dir.join(service.name()).display().to_string()),
+            ("PORT".to_owned(), port.to_string()),
+            ("DATA_DIR".to_owned(), self.data_dir.join(name).display().to_string()),
         ];
         for peer in Service::ALL {
             env.push((peer.url_env().to_owned(), self.url(peer)));
@@ -73,8 +154,14 @@ impl Options {
         env
     }
 
+    /// The address of `service`: its one process, or the balancer over its replicas.
     pub fn url(&self, service: Service) -> String {
         format!("http://127.0.0.1:{}", self.ports[&service])
+    }
+
+    /// The base URLs of the processes of `service`.
+    pub fn process_urls(&self, service: Service) -> Vec<String> {
+        self.processes(service).into_iter().map(|(_, port)| format!("http://127.0.0.1:{port}")).collect()
     }
 }
 
@@ -88,14 +175,17 @@ pub struct Suite {
     pub options: Options,
     pub supervisor: Supervisor,
     pub gateway_addr: SocketAddr,
+    /// The suite's PostgreSQL, when scaled out.
+    pub postgres: Option<postgres::Postgres>,
     stop_gateway: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Suite {
-    /// Starts every service and the gateway; does not wait for readiness.
+    /// Starts every service and the gateway; does not wait for the services'
+    /// readiness. Scaled out, PostgreSQL is started first and waited for.
     pub async fn launch(options: Options) -> io::Result<Self> {
+        scale_supported(&options).map_err(io::Error::other)?;
         std::fs::create_dir_all(&options.data_dir)?;
-        let mut supervisor = Supervisor::new(options.data_dir.clone(), options.log.clone());
         for service in Service::ALL {
             let program = options.bin_dir.join(service.name());
             if !program.exists() {
@@ -104,35 +194,70 @@ impl Suite {
                     format!("{} is missing; build the workspace first", program.display()),
                 ));
             }
-            supervisor.add(ProcessSpec { name: service.name().to_owned(), program, env: options.env_for(service) });
         }
-        let listener = TcpListener::bind(options.gateway_addr).await?;
-        let gateway_addr = listener.local_addr()?;
-        let upstreams = Service::ALL.iter().map(|s| (*s, options.url(*s))).collect();
+        let mut supervisor = Supervisor::new(options.data_dir.clone(), options.log.clone());
+        let postgres = match options.postgres_port {
+            Some(port) => {
+                postgres::ensure_installed()?;
+                match postgres::start(&mut supervisor, &options.data_dir, port).await {
+                    Ok(postgres) => Some(postgres),
+                    Err(e) => {
+                        supervisor.shutdown().await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
         let (stop_gateway, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
         });
-        tokio::spawn(gateway::serve(listener, gateway::Gateway::new(upstreams), shutdown));
-        Ok(Self { options, supervisor, gateway_addr, stop_gateway })
+        // Bind every address first, so a taken port fails the launch before anything runs.
+        let listener = TcpListener::bind(options.gateway_addr).await?;
+        let gateway_addr = listener.local_addr()?;
+        let mut service_addresses = Vec::new();
+        for service in options.replicas.keys() {
+            let address = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.ports[service]))).await?;
+            service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
+        }
+        for service in Service::ALL {
+            let program = options.bin_dir.join(service.name());
+            for (name, port) in options.processes(service) {
+                let mut env = options.env_for_process(service, &name, port);
+                if let Some(postgres) = postgres.as_ref().filter(|_| postgres::database_services().any(|s| s == service)) {
+                    env.push(("DATABASE_URL".to_owned(), postgres.url(service.name())));
+                }
+                supervisor.add(ProcessSpec::new(name, program.clone(), env));
+            }
+        }
+        for (address, balancer) in service_addresses {
+            tokio::spawn(gateway::serve(address, balancer, shutdown.clone()));
+        }
+        let upstreams = Service::ALL.iter().map(|s| (*s, options.process_urls(*s))).collect();
+        tokio::spawn(gateway::serve(listener, gateway::Gateway::balanced(upstreams), shutdown));
+        Ok(Self { options, supervisor, gateway_addr, postgres, stop_gateway })
     }
 
-    /// Waits until every running service answers `/readyz`.
+    /// Waits until every running service process answers `/readyz`.
     pub async fn wait_ready(&self, within: Duration) -> io::Result<()> {
         let http = blog_common::bus_client::http_client(Duration::from_secs(1));
         let deadline = Instant::now() + within;
         for service in Service::ALL {
-            if !self.supervisor.is_wanted(service.name()) {
-                continue;
+            for (name, port) in self.options.processes(service) {
+                if !self.supervisor.is_wanted(&name) {
+                    continue;
+                }
+                wait_ready(&http, &format!("http://127.0.0.1:{port}"), deadline)
+                    .await
+                    .map_err(|e| io::Error::new(io::ErrorKind::TimedOut, format!("{name}: {e}")))?;
             }
-            wait_ready(&http, &self.options.url(service), deadline)
-                .await
-                .map_err(|e| io::Error::new(io::ErrorKind::TimedOut, format!("{service}: {e}")))?;
         }
         Ok(())
     }
 
-    /// Stops the gateway and every service (SIGTERM, then SIGKILL after a grace period).
+    /// Stops the gateway, every service (SIGTERM, then SIGKILL after a grace
+    /// period) and, last, PostgreSQL.
     pub async fn stop(self) {
         let _ = self.stop_gateway.send(());
         self.supervisor.shutdown().await;
@@ -175,6 +300,37 @@ pub fn cargo_command() -> std::process::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scaled_out_every_service_but_the_bus_has_named_replicas_and_unscaled_nothing_changes() {
+        let mut options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        let unscaled: Vec<_> = Service::ALL.into_iter().map(|s| options.processes(s)).collect();
+        for (service, processes) in Service::ALL.into_iter().zip(&unscaled) {
+            assert_eq!(processes, &[(service.name().to_owned(), service.default_port())]);
+        }
+        assert_eq!(scale_supported(&options), Ok(()));
+        options.scale(1, 5433, |_, _| unreachable!("one replica is the usual suite"));
+        assert!(options.replicas.is_empty() && options.postgres_port.is_none());
+
+        options.scale(3, 5433, |s, i| s.default_port() + 100 * i as u16);
+        assert_eq!(options.processes(Service::EventBus), [("event-bus".to_owned(), 4005)]);
+        assert_eq!(
+            options.processes(Service::Posts),
+            [("posts-1".to_owned(), 4100), ("posts-2".to_owned(), 4200), ("posts-3".to_owned(), 4300)]
+        );
+        assert_eq!(options.process_urls(Service::Client), ["http://127.0.0.1:3100", "http://127.0.0.1:3200", "http://127.0.0.1:3300"]);
+        assert_eq!(options.url(Service::Posts), "http://127.0.0.1:4000", "peers keep the service's address");
+        let env = options.env_for_process(Service::Posts, "posts-2", 4200);
+        let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(value("PORT").as_deref(), Some("4200"));
+        assert_eq!(value("DATA_DIR").as_deref(), Some("data/posts-2"));
+        assert_eq!(value("EVENT_BUS_URL").as_deref(), Some("http://127.0.0.1:4005"));
+
+        let refused = scale_supported(&options).unwrap_err();
+        assert!(refused.contains("DATABASE_URL") && refused.contains(EXPERIMENTAL_SCALE_ENV), "{refused}");
+        options.experimental_scale = true;
+        assert_eq!(scale_supported(&options), Ok(()));
+    }
 
     #[test]
     fn every_service_but_the_client_gets_this_runs_secret() {

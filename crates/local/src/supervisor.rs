@@ -15,6 +15,8 @@ use std::{
 };
 
 use rustix::process::{Pid, Signal, kill_process};
+
+use crate::postgres::Account;
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -39,7 +41,25 @@ pub enum LogSink {
 pub struct ProcessSpec {
     pub name: String,
     pub program: PathBuf,
+    pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Another account to run as (we are root, the program refuses to be).
+    pub run_as: Option<Account>,
+    /// What asks it to stop: SIGTERM for our services, SIGINT for PostgreSQL
+    /// (its fast shutdown: SIGTERM would wait for every client to disconnect).
+    pub stop_signal: Signal,
+    /// A server the others use (PostgreSQL): at shutdown it is stopped only
+    /// once every other process has exited, so none of them loses it while
+    /// draining. It runs in a process group of its own, so a terminal's
+    /// Ctrl-C (sent to the whole foreground group) does not stop it first.
+    pub stops_last: bool,
+}
+
+impl ProcessSpec {
+    /// `program` with no arguments, stopped by SIGTERM, as this account.
+    pub fn new(name: impl Into<String>, program: PathBuf, env: Vec<(String, String)>) -> Self {
+        Self { name: name.into(), program, args: Vec::new(), env, run_as: None, stop_signal: Signal::TERM, stops_last: false }
+    }
 }
 
 struct Managed {
@@ -49,6 +69,7 @@ struct Managed {
     running: watch::Sender<bool>,
     pid: Mutex<Option<u32>>,
     starts: Mutex<u64>,
+    stops_last: bool,
 }
 
 pub struct Supervisor {
@@ -71,6 +92,7 @@ impl Supervisor {
             running: watch::Sender::new(false),
             pid: Mutex::new(None),
             starts: Mutex::new(0),
+            stops_last: spec.stops_last,
         });
         self.order.push(spec.name.clone());
         self.processes.insert(spec.name.clone(), managed.clone());
@@ -131,13 +153,17 @@ impl Supervisor {
         false
     }
 
-    /// Stops every process, last started first.
+    /// Stops every process, last started first, and those that
+    /// [stop last](ProcessSpec::stops_last) once the others have exited.
     pub async fn shutdown(&self) {
-        for name in self.order.iter().rev() {
-            self.get(name).wanted.send_replace(false);
-        }
-        for name in self.order.iter().rev() {
-            self.stop(name).await;
+        for last in [false, true] {
+            let names: Vec<&String> = self.order.iter().rev().filter(|name| self.get(name).stops_last == last).collect();
+            for name in &names {
+                self.get(name).wanted.send_replace(false);
+            }
+            for name in names {
+                self.stop(name).await;
+            }
         }
     }
 }
@@ -185,7 +211,7 @@ async fn supervise(spec: ProcessSpec, managed: Arc<Managed>, dir: PathBuf, log: 
                 continue;
             }
             Some(_) => {}
-            None => terminate(&mut child, pid).await,
+            None => terminate(&mut child, pid, spec.stop_signal).await,
         }
         finish(&managed, &pid_file).await;
     }
@@ -197,10 +223,10 @@ async fn finish(managed: &Managed, pid_file: &PathBuf) {
     managed.running.send_replace(false);
 }
 
-/// SIGTERM, then SIGKILL if the process outlives [`GRACE`].
-async fn terminate(child: &mut Child, pid: Option<u32>) {
+/// `signal` (SIGTERM), then SIGKILL if the process outlives [`GRACE`].
+async fn terminate(child: &mut Child, pid: Option<u32>, signal: Signal) {
     if let Some(pid) = pid {
-        send(pid, Signal::TERM);
+        send(pid, signal);
     }
     if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
         let _ = child.kill().await;
@@ -217,13 +243,21 @@ fn restart_delay(failures: u32) -> Duration {
 }
 
 fn spawn(spec: &ProcessSpec, log: &LogSink) -> std::io::Result<Child> {
-    let mut child = Command::new(&spec.program)
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+        .kill_on_drop(true);
+    if let Some(account) = spec.run_as {
+        command.uid(account.uid).gid(account.gid);
+    }
+    if spec.stops_last {
+        command.process_group(0);
+    }
+    let mut child = command.spawn()?;
     if let Some(out) = child.stdout.take() {
         tokio::spawn(forward(out, spec.name.clone(), log.clone()));
     }
@@ -267,6 +301,39 @@ fn color(name: &str) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shell that, asked to stop, waits `linger` then appends `name` to `log`.
+    fn recorder(name: &str, log: &std::path::Path, linger: &str, stops_last: bool) -> ProcessSpec {
+        let script = format!("trap 'sleep {linger}; echo {name} >> \"$LOG\"; exit 0' TERM; while :; do sleep 0.05; done");
+        let mut spec = ProcessSpec::new(name, PathBuf::from("/bin/sh"), vec![("LOG".into(), log.display().to_string())]);
+        spec.args = vec!["-c".into(), script];
+        spec.stops_last = stops_last;
+        spec
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_the_others_use_stops_after_them_and_in_a_group_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stopped");
+        let mut supervisor = Supervisor::new(dir.path().to_owned(), LogSink::Dir(dir.path().to_owned()));
+        supervisor.add(recorder("server", &log, "0", true));
+        supervisor.add(recorder("client", &log, "0.3", false));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while supervisor.pid("server").is_none() || supervisor.pid("client").is_none() {
+            assert!(Instant::now() < deadline, "both started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let group_of = |name: &str| {
+            let pid = Pid::from_raw(i32::try_from(supervisor.pid(name).unwrap()).unwrap()).unwrap();
+            rustix::process::getpgid(Some(pid)).unwrap()
+        };
+        let ours = rustix::process::getpgid(None).unwrap();
+        assert_eq!(group_of("client"), ours, "an ordinary process shares our group");
+        assert_ne!(group_of("server"), ours, "the server has a group of its own");
+        supervisor.shutdown().await;
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "client\nserver\n");
+        assert!(!dir.path().join("server.pid").exists() && !dir.path().join("client.pid").exists());
+    }
 
     #[test]
     fn restart_delay_backs_off_to_ten_seconds() {
