@@ -1,7 +1,8 @@
 //! Every kind of bad input gets a clear 4xx with a JSON `{"error": ...}` body,
 //! never a panic or a 5xx, and nothing from outside can inject events.
 
-use blog_common::{DomainEvent, Event, Service, inbox::MAX_BATCH, internal::REFUSAL_HEADER};
+use blog_domain::{DomainEvent, Event, EventKind, Service};
+use blog_kit::{internal::REFUSAL_HEADER, messaging::inbox::MAX_BATCH};
 use blog_tests::{Answer, Auth, Signal, TestSuite};
 use serde_json::{Value, json};
 
@@ -219,7 +220,7 @@ async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation() {
         .await;
     let cause = Event::from_value(created).expect("an event");
     let data = json!({"id": comment.id, "postId": post.id, "content": comment.content, "status": "approved"});
-    let decision = DomainEvent::parse("CommentModerated", data.as_object().unwrap()).unwrap();
+    let decision = DomainEvent::parse(&EventKind::CommentModerated, data.as_object().unwrap()).unwrap();
     // The very id moderation's real decision will carry.
     let forged = serde_json::to_value(Event::caused_by(&cause, &decision)).unwrap();
     for auth in [Auth::Missing, Auth::Wrong] {
@@ -239,7 +240,7 @@ fn services_refuse_to_start_with_bad_configuration_and_name_the_variable() {
     let bin_dir = blog_tests::binaries();
     let secret = ("INTERNAL_SECRET", "0123456789abcdef0123");
     type Case<'a> = (Service, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (Service::EventBus, vec![], "INTERNAL_SECRET"),
         (Service::Posts, vec![], "INTERNAL_SECRET"),
         (Service::Comments, vec![], "INTERNAL_SECRET"),

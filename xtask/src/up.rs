@@ -3,8 +3,9 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use blog_common::{Service, routes, server::shutdown_signal};
-use blog_local::{Options, Suite, supervisor::LogSink};
+use blog_domain::Service;
+use blog_kit::shutdown::shutdown_signal;
+use blog_local::{Options, Suite, routes, supervisor::LogSink};
 
 pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     let data_dir: PathBuf = args.opt_value_from_str("--data-dir")?.unwrap_or_else(|| PathBuf::from(".data"));

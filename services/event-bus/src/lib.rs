@@ -19,16 +19,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use blog_common::{
-    ApiError, Json, Service,
-    bus_client::http_client,
+use blog_domain::{
+    Event, Service,
     config::{self, ConfigError},
-    error::Query,
-    inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
+};
+use blog_kit::{
+    ApiError, BoxError, Json, Shutdown,
+    http::{Query, RequestId, client::http_client, layers, serve::serve, sse},
     internal::{self, InternalSecret},
+    messaging::inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
     metrics::{self, Registry},
-    node::BoxError,
-    server::{self, RequestId, Shutdown},
     store::Store,
 };
 use delivery::{Deliverer, SharedStatus, Subscriber, SubscriberStatus};
@@ -57,8 +57,11 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let default_subscribers =
-            Service::SUBSCRIBERS.iter().map(|s| format!("{}={}/events", s.name(), config::peer_url(*s))).collect::<Vec<_>>().join(",");
+        let default_subscribers = Service::SUBSCRIBERS
+            .iter()
+            .map(|s| Ok(format!("{}={}", s.name(), config::endpoint(&config::peer_url(*s)?, "/events"))))
+            .collect::<Result<Vec<_>, ConfigError>>()?
+            .join(",");
         Ok(Self {
             port: config::var("PORT", Service::EventBus.default_port())?,
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
@@ -90,7 +93,7 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
     let subscribers = items
         .iter()
         .map(|item| match item.split_once('=') {
-            Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("http") => {
+            Some((name, url)) if !name.trim().is_empty() && config::parse_base_url("SUBSCRIBERS", url.trim()).is_ok() => {
                 Ok(Subscriber { name: name.trim().to_owned(), url: url.trim().to_owned() })
             }
             _ => {
@@ -150,8 +153,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
     store.register_metrics(&metrics);
-    let app = server::standard(app(state), Some(store), metrics);
-    server::serve(listener, app, shutdown).await?;
+    let app = layers::standard(app(state), Some(store), metrics);
+    serve(listener, app, shutdown).await?;
     Ok(())
 }
 
@@ -171,8 +174,8 @@ pub fn app(state: AppState) -> Router {
 
 async fn flow_stream(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let stream = server::live_stream(state.log.flow().subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
-    (server::streaming_headers(), stream).into_response()
+    let stream = sse::live_stream(state.log.flow().subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
+    (sse::streaming_headers(), stream).into_response()
 }
 
 async fn publish(
@@ -203,7 +206,7 @@ struct Page {
     limit: Option<u32>,
 }
 
-async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Result<Json<Vec<blog_common::Event>>, ApiError> {
+async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Result<Json<Vec<Event>>, ApiError> {
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}")));
@@ -285,9 +288,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "event-bus", log::MIGRATIONS).unwrap();
         let log = EventLog::open(store).await.unwrap();
-        let event = |id: &str| {
-            blog_common::Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
-        };
+        let event =
+            |id: &str| Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap();
         let first = log.append(vec![event("a"), event("b")]).await.unwrap();
         // A publisher that lost the answer sends the same batch again, then more.
         let again = log.append(vec![event("a"), event("b"), event("c")]).await.unwrap();

@@ -29,14 +29,12 @@ use std::{
     },
 };
 
-use blog_common::{
-    CommentStatus,
-    events::{CommentData, PostCreated},
+use blog_domain::{CommentData, CommentStatus, PostCreated};
+use blog_kit::{
+    StoreError, Tx,
     metrics::{Counter, Registry},
-    store::StoreError,
 };
 use bytes::Bytes;
-use rusqlite::Connection;
 use serde::{Serialize, Serializer, ser::SerializeMap, ser::SerializeSeq};
 
 /// Most posts one page holds.
@@ -243,25 +241,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl View {
     /// Loads the view from the database.
-    pub fn load(conn: &Connection, metrics: &Registry) -> Result<Self, StoreError> {
+    pub fn load(tx: &Tx<'_>, metrics: &Registry) -> Result<Self, StoreError> {
         let mut projection = Projection::default();
-        let mut posts = conn.prepare("SELECT ord, id, title FROM post ORDER BY ord")?;
-        let mut rows = posts.query([])?;
-        while let Some(row) = rows.next()? {
+        tx.for_each("SELECT ord, id, title FROM post ORDER BY ord", &[], |row| {
             projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
-        }
-        let mut comments = conn.prepare("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord")?;
-        let mut rows = comments.query([])?;
-        while let Some(row) = rows.next()? {
-            let status: String = row.get(4)?;
-            let entry = CommentEntry {
-                id: row.get(2)?,
-                content: row.get(3)?,
-                status: CommentStatus::parse(&status).unwrap_or(CommentStatus::Pending),
-            };
+            Ok(())
+        })?;
+        tx.for_each("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord", &[], |row| {
+            let entry = CommentEntry { id: row.get(2)?, content: row.get(3)?, status: row.parse(4)? };
             projection.add_comment(row.get(0)?, row.get(1)?, entry);
-        }
-        Ok(Self {
+            Ok(())
+        })?;
+        Ok(Self::with(projection, metrics))
+    }
+
+    fn with(projection: Projection, metrics: &Registry) -> Self {
+        Self {
             projection: Mutex::new(projection),
             staged: Mutex::default(),
             version: AtomicU64::new(0),
@@ -269,7 +264,7 @@ impl View {
             building: tokio::sync::Mutex::new(()),
             epoch: uuid::Uuid::new_v4().as_u64_pair().0,
             builds: metrics.counter("blog_query_snapshot_builds_total", "Serialisations of the whole view (one per version read)."),
-        })
+        }
     }
 
     /// Notes the order key the applying transaction left a post at.
@@ -358,11 +353,7 @@ mod tests {
     use super::*;
 
     fn view() -> View {
-        let conn = Connection::open_in_memory().unwrap();
-        for migration in crate::MIGRATIONS {
-            conn.execute_batch(migration).unwrap();
-        }
-        View::load(&conn, &Registry::default()).unwrap()
+        View::with(Projection::default(), &Registry::default())
     }
 
     fn post(id: &str) -> PostCreated {

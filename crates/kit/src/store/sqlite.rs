@@ -1,4 +1,5 @@
-//! One embedded SQLite database per service, written with group commit.
+//! The SQLite engine behind [`super::Tx`]: one embedded database per
+//! service, written with group commit.
 //!
 //! Every write goes to a single writer thread that owns the write connection.
 //! It takes whatever jobs are queued, runs each inside its own savepoint (so a
@@ -7,10 +8,10 @@
 //! lone write commits at once. Reads run on a small pool of read-only
 //! connections, which WAL lets proceed alongside the writer.
 //!
-//! Two kinds of write: [`Store::write`] is durable (`synchronous=FULL`: the
+//! Two kinds of write: a durable one (`synchronous=FULL`: the
 //! commit is fsynced before anyone is answered), for what a caller is told is
 //! kept: a user's 201, the bus's acknowledgement to a publisher.
-//! [`Store::write_relaxed`] skips the fsync (`synchronous=NORMAL` in WAL mode:
+//! A relaxed one ([`Store::write_relaxed`]) skips the fsync (`synchronous=NORMAL` in WAL mode:
 //! safe against a process crash, consistent after a power loss but possibly
 //! without the last commits), for what can be derived again: a consumer's
 //! effects roll back together with its cursor and are replayed from the bus,
@@ -38,6 +39,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+use super::Tx;
+
 /// Most jobs one commit takes; bounds the latency of the last job in a batch.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
@@ -57,6 +60,12 @@ pub enum StoreError {
     Full(String),
     #[error("read task failed: {0}")]
     Join(String),
+    /// A stored value the code does not know (a corrupt row, a foreign writer).
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
+    /// A plain write published events; only a unit of work may.
+    #[error("events published outside a unit of work would be lost")]
+    Unpublished,
 }
 
 impl StoreError {
@@ -173,29 +182,33 @@ impl Store {
     /// rest of the batch commits without them.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
-        self.submit(true, f).await
+        self.submit(true, unpublishing(f), |_| {}).await
     }
 
     /// Like [`Store::write`], answered once committed but without waiting for
     /// the disk: for writes that can be derived again (see the module docs).
     pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
-        self.submit(false, f).await
+        self.submit(false, unpublishing(f), |_| {}).await
     }
 
-    async fn submit<T, E, F>(&self, durable: bool, f: F) -> Result<T, E>
+    /// Runs `f` in the next group commit; once the batch is committed (on
+    /// disk if `durable`), `on_commit` runs on the writer thread, in commit
+    /// order, before the caller hears of it.
+    pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        H: FnOnce(&mut T) + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
         let run = Box::new(move |conn: &Connection| -> Ran {
@@ -203,7 +216,10 @@ impl Store {
             let failed = outcome.is_err();
             let completion: Completion = Box::new(move |commit_error: Option<&CommitError>| {
                 let result = match (outcome, commit_error) {
-                    (Ok(value), None) => Ok(value),
+                    (Ok(mut value), None) => {
+                        on_commit(&mut value);
+                        Ok(value)
+                    }
                     (Ok(_), Some(CommitError::Storage(e))) => Err(StoreError::Full(e.clone()).into()),
                     (Ok(_), Some(CommitError::Other(e))) => Err(StoreError::Commit(e.clone()).into()),
                     (Err(e), _) => Err(e),
@@ -219,9 +235,9 @@ impl Store {
     /// Runs `f` on a read-only connection off the async runtime.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -230,7 +246,7 @@ impl Store {
                 Some(conn) => conn,
                 None => open_reader(&inner.path)?,
             };
-            let result = f(&conn);
+            let result = f(&Tx::new(&conn));
             let mut readers = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
             if readers.len() < READ_POOL {
                 readers.push(conn);
@@ -253,7 +269,7 @@ impl Store {
             let _ = self.write_relaxed(|_| Ok::<_, StoreError>(())).await;
             return !self.inner.degraded.load(Ordering::SeqCst);
         }
-        self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
+        self.read(|tx| tx.query_row("SELECT 1", &[], |row| row.get::<i64>(0))).await.is_ok()
     }
 
     /// Gauges of the database's size on disk, its cap and the free space of
@@ -317,15 +333,27 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
     Ok(())
 }
 
+/// `f` must not publish: a plain write has no outbox to take the events.
+fn unpublishing<T, E, F>(f: F) -> impl FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+    E: From<StoreError>,
+{
+    move |tx| {
+        let value = f(tx)?;
+        if tx.take_published().is_empty() { Ok(value) } else { Err(StoreError::Unpublished.into()) }
+    }
+}
+
 fn run_in_savepoint<T, E, F>(conn: &Connection, f: F) -> Result<T, E>
 where
-    F: FnOnce(&Connection) -> Result<T, E>,
-    E: From<rusqlite::Error>,
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
+    E: From<StoreError>,
 {
-    conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
+    conn.execute_batch("SAVEPOINT job").map_err(StoreError::from)?;
+    match f(&mut Tx::new(conn)) {
         Ok(value) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.execute_batch("RELEASE job").map_err(StoreError::from)?;
             Ok(value)
         }
         Err(e) => {
@@ -433,16 +461,11 @@ mod tests {
     const SCHEMA: &[&str] = &["CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"];
 
     async fn insert(store: &Store, name: &'static str) -> Result<i64, StoreError> {
-        store
-            .write(move |c| {
-                c.execute("INSERT INTO item (name) VALUES (?1)", [name])?;
-                Ok(c.last_insert_rowid())
-            })
-            .await
+        store.write(move |c| c.query_row("INSERT INTO item (name) VALUES ($1) RETURNING id", &[&name], |r| r.get(0))).await
     }
 
     async fn count(store: &Store) -> i64 {
-        store.read(|c| c.query_row("SELECT count(*) FROM item", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap()
+        store.read(|c| c.query_row("SELECT count(*) FROM item", &[], |r| r.get(0))).await.unwrap()
     }
 
     #[tokio::test]
@@ -461,13 +484,11 @@ mod tests {
             let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
             let relaxed = |name: &'static str| {
                 let store = store.clone();
-                async move {
-                    store.write_relaxed(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
-                }
+                async move { store.write_relaxed(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await }
             };
             let (a, b, c) = tokio::join!(relaxed("r1"), insert(&store, "d1"), relaxed("r2"));
             assert!(a.is_ok() && b.is_ok() && c.is_ok());
-            let mode: i64 = store.write(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+            let mode: i64 = store.write(|c| c.query_row("PRAGMA synchronous", &[], |r| r.get(0))).await.unwrap();
             assert_eq!(mode, 2, "a batch with a durable job commits with synchronous=FULL");
         }
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
@@ -483,9 +504,7 @@ mod tests {
                 .map(|i| {
                     let store = store.clone();
                     tokio::spawn(async move {
-                        store
-                            .write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [format!("n{i}")]).map_err(StoreError::from))
-                            .await
+                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("n{i}")])).await
                     })
                 })
                 .collect();
@@ -506,7 +525,7 @@ mod tests {
             let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(64 * 1024)).unwrap();
             let error = loop {
                 let name = format!("{kept:0>400}");
-                match store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await {
+                match store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await {
                     Ok(_) => kept += 1,
                     Err(e) => break e,
                 }
@@ -514,7 +533,7 @@ mod tests {
             };
             assert!(error.is_storage_failure(), "{error}");
             // A write that needs no new page still commits; the store stays not ready.
-            store.write(|c| c.execute("UPDATE item SET name = name WHERE id = 1", []).map_err(StoreError::from)).await.unwrap();
+            store.write(|c| c.execute("UPDATE item SET name = name WHERE id = 1", &[])).await.unwrap();
             assert!(!store.ping().await, "a full store is not ready");
             assert_eq!(count(&store).await, kept, "the refused write left nothing behind");
             let metrics = crate::metrics::Registry::default();
@@ -542,9 +561,7 @@ mod tests {
                 .map(|i| {
                     let store = store.clone();
                     let name = format!("{round}-{i}-{}", "x".repeat(if i % 3 == 0 { 3_000 } else { 20 }));
-                    tokio::spawn(async move {
-                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
-                    })
+                    tokio::spawn(async move { store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await })
                 })
                 .collect();
             for write in writes {
