@@ -417,6 +417,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bad_bodies_and_methods_get_json_errors_and_change_nothing() {
+        let (test, state) = state(&["p1"], 8).await;
+        let consumer = state.consumer();
+        let app = test.app(test.kit.serve(app(state)).consumer(consumer));
+        let raw = |content_type: &str, body: &str| {
+            Request::post("/posts/p1/comments").header("content-type", content_type).body(Body::from(body.to_owned())).unwrap()
+        };
+        for (what, content_type, body, expected) in [
+            ("malformed JSON", "application/json", r#"{"content":"#, StatusCode::BAD_REQUEST),
+            ("wrong content type", "text/plain", r#"{"content":"x"}"#, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("not an object", "application/json", "[1,2]", StatusCode::BAD_REQUEST),
+            ("empty object", "application/json", "{}", StatusCode::BAD_REQUEST),
+            ("wrong field type", "application/json", r#"{"content":5}"#, StatusCode::BAD_REQUEST),
+            ("empty content", "application/json", r#"{"content":"  "}"#, StatusCode::BAD_REQUEST),
+            ("no body", "application/json", "", StatusCode::BAD_REQUEST),
+            ("too long", "application/json", &json!({"content": "x".repeat(MAX_CONTENT + 1)}).to_string(), StatusCode::BAD_REQUEST),
+            ("oversized", "application/json", &json!({"content": "x".repeat(100_000)}).to_string(), StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let response = app.clone().oneshot(raw(content_type, body)).await.unwrap();
+            assert_eq!(response.status(), expected, "{what}");
+            assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/json"), "{what}");
+            let answer: Value = serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
+            assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{what}: {answer}");
+        }
+        let (status, body) = send(&app, "DELETE", "/posts/p1/comments", "").await;
+        assert_eq!((status, body["error"].is_string()), (StatusCode::METHOD_NOT_ALLOWED, true));
+        let (status, listed) = send(&app, "GET", "/posts/p1/comments", "").await;
+        assert_eq!((status, listed), (StatusCode::OK, json!([])), "none of it created anything");
+        assert!(test.bus.events().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_corrupt_status_fails_the_read_loudly() {
         let (test, state) = state(&["p1"], 8).await;
         test.kit

@@ -68,6 +68,8 @@ async fn bad_bodies_get_a_json_400_and_publish_nothing() {
         (r#"{"title":7}"#, "invalid request body"),
         (r#"{"title":"#, "malformed JSON"),
         (r"{}", "invalid request body"),
+        ("[1,2]", "invalid request body"),
+        ("", "malformed JSON"),
     ] {
         let (status, answer) = send(&app, create(body)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");

@@ -595,6 +595,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_whole_service_answers_wrong_methods_and_stray_events_in_json() {
+        let (test, state) = state().await;
+        let consumer = state.consumer();
+        let app = test.app(test.kit.serve(app(state.clone())).consumer(consumer));
+        let call = |request: axum::http::Request<axum::body::Body>| {
+            let app = app.clone();
+            async move {
+                use tower::ServiceExt;
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+            }
+        };
+        let (status, body) = call(axum::http::Request::delete("/posts").body(axum::body::Body::empty()).unwrap()).await;
+        assert_eq!((status, body["error"].is_string()), (StatusCode::METHOD_NOT_ALLOWED, true), "{body}");
+        let events = |body: &str| {
+            axum::http::Request::post("/events")
+                .header("content-type", "application/json")
+                .header("authorization", test.bearer())
+                .body(axum::body::Body::from(body.to_owned()))
+                .unwrap()
+        };
+        let (status, report) = call(events(r#"{"id":"e1","seq":1,"type":"PostCreated","data":{"id":"p1","title":"t"}}"#)).await;
+        assert_eq!((status, report["applied"].as_u64()), (StatusCode::OK, Some(1)), "{report}");
+        let (status, report) = call(events(
+            r#"{"id":"e2","seq":2,"type":"CommentModerated","data":{"id":"c","content":"x","postId":"p1","status":"approved"}}"#,
+        ))
+        .await;
+        assert_eq!((status, report["ignored"].as_u64()), (StatusCode::OK, Some(1)), "query keeps no decisions: {report}");
+        let (status, _) = call(events(r#"{"type":"CommentUpdated","data":{"id":"c","content":"x","postId":"p1","status":"maybe"}}"#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(state.view.snapshot().await.json.as_ref(), br#"{"p1":{"id":"p1","title":"t","comments":[]}}"#);
+    }
+
+    #[tokio::test]
     async fn pages_are_bounded_and_bad_parameters_get_a_json_400() {
         let (_dir, state, _) = with_posts(150).await;
         let page = |body: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&body).unwrap();
