@@ -5,7 +5,7 @@
 //! ago may arrive before that event does, so a comment on an unknown post id
 //! gets a short bounded wait for it before the 404 ([`known_posts`]: in
 //! memory, capped, waking only that post's waiters); a read never waits. The
-//! single database writer only inserts the comment and stages its event; the
+//! single database writer only inserts the comment and publishes its event; the
 //! answer's comment list is read afterwards on the read path. A
 //! `CommentModerated` decision is stored and re-published as `CommentUpdated`
 //! in the same transaction, once.

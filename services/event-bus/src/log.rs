@@ -66,7 +66,7 @@ impl EventLog {
         &self.flow
     }
 
-    /// The highest sequence number stored; changes wake the deliverers.
+    /// The highest sequence number stored; deliverers watch it for changes.
     pub fn head(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }

@@ -11,7 +11,7 @@
 //!
 //! Posts and each post's comments are ordered by the bus sequence number of
 //! their creating event ([`order_key`]), not by when query received it: the
-//! relay publishes each writer's outbox in commit order, so the log's order is
+//! kit's relay publishes each writer's events in commit order, so the log's order is
 //! the writer's creation order, and a view rebuilt from the bus while new
 //! events are pushed ahead of the catch-up comes out in the same order as one
 //! built live.
@@ -268,15 +268,15 @@ impl Consumer for Projector {
         match event {
             DomainEvent::PostCreated(post) => {
                 let ord = upsert_post(tx, post, seq)?;
-                self.view.stage_post(&post.id, ord);
+                self.view.note_post(&post.id, ord);
             }
             DomainEvent::CommentCreated(comment) => {
                 let ord = upsert_comment(tx, comment, false, seq)?;
-                self.view.stage_comment(&comment.id, ord);
+                self.view.note_comment(&comment.id, ord);
             }
             DomainEvent::CommentUpdated(comment) => {
                 let ord = upsert_comment(tx, comment, true, seq)?;
-                self.view.stage_comment(&comment.id, ord);
+                self.view.note_comment(&comment.id, ord);
             }
             _ => return Ok(Outcome::Ignored),
         }
