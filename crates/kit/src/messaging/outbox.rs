@@ -338,3 +338,170 @@ impl Handover for Publisher<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashSet,
+        sync::atomic::{AtomicBool, Ordering},
+    };
+
+    use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::post};
+    use blog_domain::{DomainEvent, PostCreated};
+
+    use super::*;
+    use crate::{http::client::http_client, internal::InternalSecret};
+
+    const SECRET: &str = "outbox-test-secret-0123456789";
+
+    /// A bus that records the ids it accepts, answers 503 while `down`, and
+    /// refuses (as the real bus does, marked) any batch holding the id "bad".
+    #[derive(Clone, Default)]
+    struct Bus {
+        ids: Arc<Mutex<Vec<String>>>,
+        down: Arc<AtomicBool>,
+    }
+
+    async fn receive(State(bus): State<Bus>, Json(events): Json<Vec<Event>>) -> axum::response::Response {
+        if bus.down.load(Ordering::SeqCst) {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        if events.iter().any(|e| e.id == "bad") {
+            return crate::internal::mark_refusal(StatusCode::BAD_REQUEST.into_response());
+        }
+        bus.ids.lock().unwrap().extend(events.into_iter().map(|e| e.id));
+        StatusCode::OK.into_response()
+    }
+
+    impl Bus {
+        async fn start(&self, shutdown: Shutdown) -> BusClient {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+            let app = Router::new().route("/events", post(receive)).with_state(self.clone());
+            tokio::spawn(crate::http::serve::serve(listener, app, shutdown));
+            BusClient::new(http_client(Duration::from_secs(5)), &url, InternalSecret::parse(SECRET).unwrap())
+        }
+
+        fn ids(&self) -> Vec<String> {
+            self.ids.lock().unwrap().clone()
+        }
+
+        /// Waits (polling, with a deadline) until `count` distinct ids arrived.
+        async fn wait_for(&self, count: usize) -> Vec<String> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let ids = self.ids();
+                if ids.iter().collect::<HashSet<_>>().len() >= count {
+                    return ids;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{} of {count} events arrived", ids.len());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    fn event(id: &str) -> Event {
+        let mut event = Event::new(&DomainEvent::PostCreated(PostCreated { id: id.to_owned(), title: "t".to_owned() }), None);
+        event.id = id.to_owned();
+        event
+    }
+
+    async fn outbox() -> (tempfile::TempDir, Store, Outbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "outbox", &["CREATE TABLE item (id TEXT PRIMARY KEY);"]).unwrap();
+        crate::messaging::install(&store).await.unwrap();
+        let outbox = Outbox::new(store.clone(), &Registry::default());
+        (dir, store, outbox)
+    }
+
+    async fn publish(outbox: &Outbox, ids: Vec<String>) {
+        outbox
+            .commit(true, move |tx| {
+                for id in &ids {
+                    tx.execute("INSERT INTO item (id) VALUES ($1)", &[id])?;
+                    tx.publish(&event(id))?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn rows(store: &Store, table: &'static str) -> i64 {
+        store.read(move |tx| tx.query_row(&format!("SELECT count(*) FROM {table}"), &[], |r| r.get(0))).await.unwrap()
+    }
+
+    fn never() -> Shutdown {
+        Shutdown::new(std::future::pending())
+    }
+
+    #[tokio::test]
+    async fn what_a_crash_left_goes_out_first_then_new_commits_in_commit_order() {
+        let (_dir, store, outbox) = outbox().await;
+        // Committed by an earlier run whose relay never got to them.
+        publish(&outbox, vec!["e1".into(), "e2".into()]).await;
+        publish(&outbox, vec!["e3".into()]).await;
+        let bus = Bus::default();
+        let client = bus.start(never()).await;
+        tokio::spawn(outbox.clone().relay(client, never()));
+        publish(&outbox, vec!["e4".into()]).await;
+        publish(&outbox, vec!["e5".into(), "e6".into()]).await;
+        assert_eq!(bus.wait_for(6).await, ["e1", "e2", "e3", "e4", "e5", "e6"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while rows(&store, "outbox").await > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "acknowledged rows are deleted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_set_aside_and_the_rest_of_its_batch_goes_through() {
+        let (_dir, store, outbox) = outbox().await;
+        let bus = Bus::default();
+        tokio::spawn(outbox.clone().relay(bus.start(never()).await, never()));
+        publish(&outbox, vec!["a".into(), "bad".into(), "c".into()]).await;
+        assert_eq!(bus.wait_for(2).await, ["a", "c"]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while rows(&store, "outbox_refused").await != 1 || rows(&store, "outbox").await != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the refused event is parked, nothing else stays");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_overflows_memory_and_every_event_still_arrives_once_in_order() {
+        let (_dir, _store, outbox) = outbox().await;
+        let bus = Bus::default();
+        bus.down.store(true, Ordering::SeqCst);
+        tokio::spawn(outbox.clone().relay(bus.start(never()).await, never()));
+        let total = QUEUE_CAP + 3 * BATCH + 7;
+        let ids: Vec<String> = (0..total).map(|i| format!("e{i:06}")).collect();
+        for chunk in ids.chunks(1_000) {
+            publish(&outbox, chunk.to_vec()).await;
+        }
+        assert!(outbox.queue().behind, "past {QUEUE_CAP} waiting events the queue stops taking hand-offs");
+        bus.down.store(false, Ordering::SeqCst);
+        let arrived = bus.wait_for(total).await;
+        let mut first_seen = Vec::new();
+        let mut seen = HashSet::new();
+        for id in &arrived {
+            if seen.insert(id.clone()) {
+                first_seen.push(id.clone());
+            }
+        }
+        assert_eq!(first_seen, ids, "each event arrives, in commit order");
+    }
+
+    #[tokio::test]
+    async fn a_plain_write_that_publishes_fails_rather_than_lose_the_event() {
+        let (_dir, store, _outbox) = outbox().await;
+        let result = store
+            .write(|tx| {
+                tx.execute("INSERT INTO item (id) VALUES ('x')", &[])?;
+                tx.publish(&event("lost"))
+            })
+            .await;
+        assert!(matches!(result, Err(StoreError::Unpublished)), "{result:?}");
+        assert_eq!(rows(&store, "item").await, 0, "and writes nothing");
+    }
+}
