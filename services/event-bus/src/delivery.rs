@@ -185,3 +185,97 @@ impl Handover for Deliverer {
         self.advance(std::slice::from_ref(event), 1).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicU16, Ordering},
+        time::Duration,
+    };
+
+    use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::post};
+    use blog_kit::{http::client::http_client, store::Store};
+    use serde_json::Value;
+
+    use super::*;
+
+    const SECRET: &str = "delivery-test-secret-0123456789";
+
+    /// A subscriber recording what it acknowledges; it answers `answer` (200
+    /// by default) and refuses, marked, any request holding the id "bad".
+    #[derive(Clone, Default)]
+    struct Subscriber {
+        acknowledged: Arc<Mutex<Vec<String>>>,
+        answer: Arc<AtomicU16>,
+    }
+
+    async fn receive(State(subscriber): State<Subscriber>, Json(body): Json<Value>) -> axum::response::Response {
+        let answer = StatusCode::from_u16(subscriber.answer.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK);
+        if answer != StatusCode::OK {
+            return answer.into_response();
+        }
+        let events = match body {
+            Value::Array(items) => items,
+            single => vec![single],
+        };
+        let ids: Vec<String> = events.iter().map(|e| e["id"].as_str().unwrap_or_default().to_owned()).collect();
+        if ids.iter().any(|id| id == "bad") {
+            return blog_kit::internal::mark_refusal(StatusCode::BAD_REQUEST.into_response());
+        }
+        subscriber.acknowledged.lock().unwrap().extend(ids);
+        StatusCode::OK.into_response()
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn event(id: &str) -> Event {
+        Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_skipped_a_misdirected_answer_retried_and_the_rest_delivered_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(Store::open(dir.path(), "event-bus", crate::log::MIGRATIONS).unwrap()).await.unwrap();
+        let subscriber = Subscriber::default();
+        subscriber.answer.store(404, Ordering::SeqCst);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let shutdown = Shutdown::new(std::future::pending());
+        tokio::spawn(blog_kit::http::serve::serve(
+            listener,
+            Router::new().route("/events", post(receive)).with_state(subscriber.clone()),
+            shutdown.clone(),
+        ));
+        let status = SharedStatus::default();
+        let deliverer = Deliverer {
+            subscriber: super::Subscriber { name: "query".into(), url },
+            log: log.clone(),
+            http: http_client(Duration::from_secs(5)),
+            secret: InternalSecret::parse(SECRET).unwrap(),
+            status: status.clone(),
+            flow: log.flow().clone(),
+            batch: 16,
+            cursor: 0,
+        };
+        tokio::spawn(deliverer.run(shutdown));
+        log.append(vec![event("a"), event("bad"), event("c")]).await.unwrap();
+
+        let read = || status.lock().unwrap().clone();
+        until("a wrong URL is counted and retried", || read().misdirected >= 2).await;
+        assert!(subscriber.acknowledged.lock().unwrap().is_empty());
+        assert_eq!(read().cursor, 0, "nothing is skipped for a fault of the path");
+        subscriber.answer.store(200, Ordering::SeqCst);
+        until("the subscriber has what it accepts", || read().cursor == 3).await;
+        assert_eq!(*subscriber.acknowledged.lock().unwrap(), ["a", "c"]);
+        let done = read();
+        assert_eq!((done.delivered, done.rejected, done.lag, done.last_error), (2, 1, 0, None));
+        assert!(done.retries >= 2);
+        assert_eq!(log.cursors().await.unwrap(), [("query".to_owned(), 3)], "the cursor is persisted");
+    }
+}
