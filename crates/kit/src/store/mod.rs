@@ -9,10 +9,12 @@
 //! [`Value`], columns anything [`Column`]: the kit's names for what the engine
 //! can bind and read.
 //!
-//! [`Store`] is the engine behind it: today SQLite ([`sqlite`]: one writer
-//! thread with group commit, a pool of readers). A PostgreSQL store
-//! implements the same `Tx` over its connection and the same
-//! `write`/`read`/`ping`; nothing above this module changes but the choice.
+//! [`Store`] chooses the engine: today only SQLite (`sqlite.rs`: one writer
+//! thread with group commit, a pool of readers). The choice is an enum at
+//! each level (the store's engine, the transaction's connection, the row,
+//! [`Value`]'s conversion), so a PostgreSQL engine is one more variant and
+//! the compiler lists every arm it must fill; nothing above this module
+//! changes but the constructor a service is opened with.
 //!
 //! A [`Tx`] also collects the events a unit of work publishes
 //! ([`Tx::publish`]); only the outbox's unit of work
@@ -21,16 +23,122 @@
 
 mod sqlite;
 
-use std::{borrow::Cow, fmt::Display, str::FromStr};
+use std::{borrow::Cow, fmt::Display, path::Path, str::FromStr};
 
 use blog_domain::Event;
 use rusqlite::{
     Connection,
     types::{FromSql, ToSql, ToSqlOutput},
 };
-pub use sqlite::{Store, StoreError};
+pub use sqlite::StoreError;
 
-/// What can be bound to a `$n` parameter.
+/// A service's database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store(Engine);
+
+/// The engines a [`Store`] can run on; each arm below is what a second one
+/// must provide.
+#[derive(Debug, Clone)]
+enum Engine {
+    Sqlite(sqlite::Sqlite),
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database `<dir>/<name>.db` and
+    /// applies `migrations`: migration `i` runs once, when the schema version
+    /// is below `i + 1`.
+    pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
+        sqlite::Sqlite::open(dir, name, migrations).map(|db| Store(Engine::Sqlite(db)))
+    }
+
+    /// Like [`Store::open`], with the database capped at `max_bytes`
+    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk, loudly and
+    /// recoverably (raise the cap) before the filesystem itself fills.
+    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
+        sqlite::Sqlite::open_capped(dir, name, migrations, max_bytes).map(|db| Store(Engine::Sqlite(db)))
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        let Engine::Sqlite(db) = &self.0;
+        db.path()
+    }
+
+    /// Runs `f` in one transaction and returns its result once the commit is
+    /// on disk. If `f` fails, its changes are rolled back. `f` must not
+    /// publish: only a unit of work ([`crate::Kit::commit`]) takes events.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(true, unpublishing(f), |_| {}).await
+    }
+
+    /// Like [`Store::write`], answered once committed but without waiting for
+    /// the disk: for writes that can be derived again (a consumer's effects
+    /// and watermark, a relay's deletions).
+    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(false, unpublishing(f), |_| {}).await
+    }
+
+    /// Runs `f` in a transaction; once it is committed (on disk if
+    /// `durable`), `on_commit` runs, in commit order, before the caller hears
+    /// of it.
+    pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        H: FnOnce(&mut T) + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let Engine::Sqlite(db) = &self.0;
+        db.submit(durable, f, on_commit).await
+    }
+
+    /// Runs `f` on a read-only connection off the async runtime.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let Engine::Sqlite(db) = &self.0;
+        db.read(f).await
+    }
+
+    /// Whether the store can take writes: the readiness check.
+    pub async fn ping(&self) -> bool {
+        let Engine::Sqlite(db) = &self.0;
+        db.ping().await
+    }
+
+    /// Gauges of the database's size, cap, free space and health.
+    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+        let Engine::Sqlite(db) = &self.0;
+        db.register_metrics(metrics);
+    }
+}
+
+/// `f` must not publish: a plain write has no outbox to take the events.
+fn unpublishing<T, E, F>(f: F) -> impl FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+    E: From<StoreError>,
+{
+    move |tx| {
+        let value = f(tx)?;
+        if tx.take_published().is_empty() { Ok(value) } else { Err(StoreError::Unpublished.into()) }
+    }
+}
+
+/// What can be bound to a `$n` parameter: one conversion per engine.
 pub trait Value: Sync {
     #[doc(hidden)]
     fn sqlite(&self) -> rusqlite::Result<ToSqlOutput<'_>>;
@@ -42,7 +150,7 @@ impl<T: ToSql + Sync + ?Sized> Value for T {
     }
 }
 
-/// What a column can be read as.
+/// What a column can be read as (each engine's conversion a bound).
 pub trait Column: FromSql {}
 
 impl<T: FromSql> Column for T {}
@@ -59,12 +167,17 @@ impl ToSql for Bind<'_> {
 }
 
 /// One row of a result.
-pub struct Row<'a, 'r>(&'a rusqlite::Row<'r>);
+pub struct Row<'a, 'r>(RowOf<'a, 'r>);
+
+enum RowOf<'a, 'r> {
+    Sqlite(&'a rusqlite::Row<'r>),
+}
 
 impl Row<'_, '_> {
     /// Column `index` (from 0).
     pub fn get<T: Column>(&self, index: usize) -> Result<T, StoreError> {
-        Ok(self.0.get(index)?)
+        let RowOf::Sqlite(row) = &self.0;
+        Ok(row.get(index)?)
     }
 
     /// Column `index` read as text and parsed: a value the type does not
@@ -81,23 +194,30 @@ impl Row<'_, '_> {
 
 /// A transaction (a write's savepoint in a group commit) or a read.
 pub struct Tx<'c> {
-    conn: &'c Connection,
+    conn: Conn<'c>,
     published: Vec<Event>,
 }
 
+/// The engine's connection under a [`Tx`].
+enum Conn<'c> {
+    Sqlite(&'c Connection),
+}
+
 impl<'c> Tx<'c> {
-    fn new(conn: &'c Connection) -> Self {
-        Self { conn, published: Vec::new() }
+    fn sqlite(conn: &'c Connection) -> Self {
+        Self { conn: Conn::Sqlite(conn), published: Vec::new() }
     }
 
     /// Runs one statement; returns the rows it changed.
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<usize, StoreError> {
-        Ok(self.conn.prepare_cached(&dialect(sql))?.execute(bind(params))?)
+        let Conn::Sqlite(conn) = self.conn;
+        Ok(conn.prepare_cached(&dialect(sql))?.execute(bind(params))?)
     }
 
     /// Runs statements without parameters (a schema).
     pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.conn.execute_batch(sql)?)
+        let Conn::Sqlite(conn) = self.conn;
+        Ok(conn.execute_batch(sql)?)
     }
 
     /// The first row, if any, mapped by `map`.
@@ -107,10 +227,11 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         map: impl FnOnce(&Row<'_, '_>) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&dialect(sql))?;
+        let Conn::Sqlite(conn) = self.conn;
+        let mut stmt = conn.prepare_cached(&dialect(sql))?;
         let mut rows = stmt.query(bind(params))?;
         match rows.next()? {
-            Some(row) => map(&Row(row)).map(Some),
+            Some(row) => map(&Row(RowOf::Sqlite(row))).map(Some),
             None => Ok(None),
         }
     }
@@ -132,10 +253,11 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         mut f: impl FnMut(&Row<'_, '_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached(&dialect(sql))?;
+        let Conn::Sqlite(conn) = self.conn;
+        let mut stmt = conn.prepare_cached(&dialect(sql))?;
         let mut rows = stmt.query(bind(params))?;
         while let Some(row) = rows.next()? {
-            f(&Row(row))?;
+            f(&Row(RowOf::Sqlite(row)))?;
         }
         Ok(())
     }

@@ -102,9 +102,9 @@ struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
 }
 
-/// A service's database. Cheap to clone.
+/// The SQLite engine of a [`super::Store`]. Cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub(super) struct Sqlite {
     inner: Arc<Inner>,
 }
 
@@ -120,16 +120,16 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for Sqlite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish()
+        f.debug_struct("Sqlite").field("path", &self.inner.path).finish()
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
     /// migration `i` runs once, when the schema version is below `i + 1`.
-    pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
+    pub(super) fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
         Self::open_capped(dir, name, migrations, None)
     }
 
@@ -137,7 +137,7 @@ impl Store {
     /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk. Capping a
     /// database below its volume's size makes it fail loudly, and recoverably
     /// (raise the cap), before the filesystem itself fills.
-    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
+    pub(super) fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         let path = dir.join(format!("{name}.db"));
         let mut conn = Connection::open(&path)?;
@@ -173,37 +173,14 @@ impl Store {
         Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()) }) })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.inner.path
-    }
-
-    /// Runs `f` in the next group commit and returns its result once the
-    /// commit is on disk. If `f` fails, its changes are rolled back and the
-    /// rest of the batch commits without them.
-    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        self.submit(true, unpublishing(f), |_| {}).await
-    }
-
-    /// Like [`Store::write`], answered once committed but without waiting for
-    /// the disk: for writes that can be derived again (see the module docs).
-    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        self.submit(false, unpublishing(f), |_| {}).await
     }
 
     /// Runs `f` in the next group commit; once the batch is committed (on
     /// disk if `durable`), `on_commit` runs on the writer thread, in commit
     /// order, before the caller hears of it.
-    pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
+    pub(super) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         H: FnOnce(&mut T) + Send + 'static,
@@ -233,7 +210,7 @@ impl Store {
     }
 
     /// Runs `f` on a read-only connection off the async runtime.
-    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    pub(super) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -246,7 +223,7 @@ impl Store {
                 Some(conn) => conn,
                 None => open_reader(&inner.path)?,
             };
-            let result = f(&Tx::new(&conn));
+            let result = f(&Tx::sqlite(&conn));
             let mut readers = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
             if readers.len() < READ_POOL {
                 readers.push(conn);
@@ -260,13 +237,13 @@ impl Store {
     /// Whether the store can take writes: the readiness check. False when
     /// the writer thread has died, the database does not answer, or storage
     /// failed a write and a probe write still cannot allocate space.
-    pub async fn ping(&self) -> bool {
+    pub(super) async fn ping(&self) -> bool {
         if !self.inner.writer_alive.load(Ordering::SeqCst) {
             return false;
         }
         if self.inner.degraded.load(Ordering::SeqCst) {
             // An empty job: after it the writer probes for room again.
-            let _ = self.write_relaxed(|_| Ok::<_, StoreError>(())).await;
+            let _ = self.submit(false, |_| Ok::<_, StoreError>(()), |_| {}).await;
             return !self.inner.degraded.load(Ordering::SeqCst);
         }
         self.read(|tx| tx.query_row("SELECT 1", &[], |row| row.get::<i64>(0))).await.is_ok()
@@ -274,7 +251,7 @@ impl Store {
 
     /// Gauges of the database's size on disk, its cap and the free space of
     /// the filesystem holding it.
-    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+    pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
         let inner = self.inner.clone();
         metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
             let size = |suffix: &str| {
@@ -333,25 +310,13 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
     Ok(())
 }
 
-/// `f` must not publish: a plain write has no outbox to take the events.
-fn unpublishing<T, E, F>(f: F) -> impl FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static
-where
-    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-    E: From<StoreError>,
-{
-    move |tx| {
-        let value = f(tx)?;
-        if tx.take_published().is_empty() { Ok(value) } else { Err(StoreError::Unpublished.into()) }
-    }
-}
-
 fn run_in_savepoint<T, E, F>(conn: &Connection, f: F) -> Result<T, E>
 where
     F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
     E: From<StoreError>,
 {
     conn.execute_batch("SAVEPOINT job").map_err(StoreError::from)?;
-    match f(&mut Tx::new(conn)) {
+    match f(&mut Tx::sqlite(conn)) {
         Ok(value) => {
             conn.execute_batch("RELEASE job").map_err(StoreError::from)?;
             Ok(value)
@@ -457,6 +422,7 @@ fn can_allocate(conn: &Connection) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     const SCHEMA: &[&str] = &["CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"];
 
