@@ -46,10 +46,7 @@ impl BusClient {
         if events.is_empty() {
             return Ok(());
         }
-        // Always an array, so the bus's answer has one shape whatever the count.
-        let response =
-            self.http.post(&self.events).header(reqwest::header::AUTHORIZATION, self.secret.bearer()).json(events).send().await?;
-        check(response).await.map(drop)
+        post_events(&self.http, &self.events, &self.secret, events, None).await
     }
 
     /// Up to `limit` stored events with a sequence number above `after`.

@@ -362,7 +362,11 @@ mod tests {
         down: Arc<AtomicBool>,
     }
 
-    async fn receive(State(bus): State<Bus>, Json(events): Json<Vec<Event>>) -> axum::response::Response {
+    async fn receive(State(bus): State<Bus>, Json(body): Json<serde_json::Value>) -> axum::response::Response {
+        let events: Vec<Event> = match body {
+            serde_json::Value::Array(items) => items.into_iter().map(|item| Event::from_value(item).unwrap()).collect(),
+            single => vec![Event::from_value(single).unwrap()],
+        };
         if bus.down.load(Ordering::SeqCst) {
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
