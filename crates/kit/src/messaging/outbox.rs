@@ -435,6 +435,15 @@ mod tests {
         store.read(move |tx| tx.query_row(&format!("SELECT count(*) FROM {table}"), &[], |r| r.get(0))).await.unwrap()
     }
 
+    /// Waits (polling, with a deadline) until the tables hold `pending` and `refused` rows.
+    async fn settles_at(store: &Store, pending: i64, refused: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while rows(store, "outbox").await != pending || rows(store, "outbox_refused").await != refused {
+            assert!(tokio::time::Instant::now() < deadline, "the outbox never held {pending} rows and {refused} refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn never() -> Shutdown {
         Shutdown::new(std::future::pending())
     }
@@ -451,11 +460,7 @@ mod tests {
         publish(&outbox, vec!["e4".into()]).await;
         publish(&outbox, vec!["e5".into(), "e6".into()]).await;
         assert_eq!(bus.wait_for(6).await, ["e1", "e2", "e3", "e4", "e5", "e6"]);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while rows(&store, "outbox").await > 0 {
-            assert!(tokio::time::Instant::now() < deadline, "acknowledged rows are deleted");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settles_at(&store, 0, 0).await;
     }
 
     #[tokio::test]
@@ -465,11 +470,7 @@ mod tests {
         tokio::spawn(outbox.clone().relay(bus.start(never()).await, never()));
         publish(&outbox, vec!["a".into(), "bad".into(), "c".into()]).await;
         assert_eq!(bus.wait_for(2).await, ["a", "c"]);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while rows(&store, "outbox_refused").await != 1 || rows(&store, "outbox").await != 0 {
-            assert!(tokio::time::Instant::now() < deadline, "the refused event is parked, nothing else stays");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settles_at(&store, 0, 1).await;
     }
 
     #[tokio::test]
