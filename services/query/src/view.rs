@@ -3,7 +3,7 @@
 //! SQLite stays the source of truth: at start the view is loaded from the
 //! database, and afterwards every delivery changes it only once the
 //! transaction that applied it has committed ([`View::commit`], called from
-//! `Handler::committed`), so a reader never sees what was rolled back and
+//! `Consumer::committed`), so a reader never sees what was rolled back and
 //! sees each change as soon as its commit is done.
 //!
 //! Concurrent deliveries may call `committed` in another order than they
