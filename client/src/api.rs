@@ -32,10 +32,11 @@ use axum::{
     response::{IntoResponse, Response, sse::Event},
     routing::get,
 };
-use blog_common::{
-    Service,
-    error::error_response,
-    server::{self, Shutdown},
+use blog_domain::Service;
+use blog_kit::{
+    Shutdown,
+    http::{error_response, sse},
+    messaging::retry::backoff,
 };
 use futures_util::{Stream, StreamExt, stream};
 use serde_json::{Map, Value, json};
@@ -76,8 +77,8 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(urls: BTreeMap<Service, String>, shutdown: Shutdown) -> Self {
-        let http = blog_common::bus_client::http_client(PEER_TIMEOUT);
-        let streaming = blog_common::bus_client::build_client(|builder| builder);
+        let http = blog_kit::http::client::http_client(PEER_TIMEOUT);
+        let streaming = blog_kit::http::client::build_client(|builder| builder);
         let hub = FlowHub {
             events: broadcast::channel(FLOW_BUFFER).0,
             connected: AtomicBool::new(false),
@@ -170,7 +171,7 @@ async fn flow(State(peers): State<Peers>) -> Response {
     if !open {
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "the event bus is unavailable");
     }
-    match server::live_stream(watcher, peers.shutdown.clone(), |event: Event| event) {
+    match sse::live_stream(watcher, peers.shutdown.clone(), |event: Event| event) {
         // ingress-nginx buffers responses unless told not to; a buffered
         // event stream would arrive in lumps.
         Ok(sse) => ([("x-accel-buffering", "no")], sse).into_response(),
@@ -203,7 +204,7 @@ async fn relay_flow(peers: Peers) {
                 let _ = hub.events.send(Event::default().event("resync").data("{}"));
             }
             attempt += 1;
-            if peers.shutdown.sleep(blog_common::outbox::backoff(attempt)).await {
+            if peers.shutdown.sleep(backoff(attempt)).await {
                 hub.running.store(false, Ordering::SeqCst);
                 return;
             }

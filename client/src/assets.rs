@@ -20,7 +20,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
-use blog_common::error::error_response;
+use blog_kit::http::error_response;
 
 /// An embedded file.
 #[derive(Debug)]

@@ -23,13 +23,11 @@ use axum::{
     response::Response,
     routing::get,
 };
-use blog_common::{
+use blog_domain::{
     Service,
     config::{self, ConfigError},
-    metrics::Registry,
-    node::BoxError,
-    server::{self, Shutdown},
 };
+use blog_kit::{BoxError, Shutdown, http::serve::serve, metrics::Registry};
 use tokio::net::TcpListener;
 use tower_http::compression::CompressionLayer;
 
@@ -43,7 +41,12 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let peers = Service::ALL.into_iter().filter(|s| *s != Service::Client).map(|s| (s, config::peer_url(s))).collect();
+        let peers = Service::ALL
+            .into_iter()
+            .filter(|s| *s != Service::Client)
+            .map(|s| (s, config::peer_url(s)))
+            .map(|(s, url)| Ok((s, config::endpoint(&url?, ""))))
+            .collect::<Result<_, ConfigError>>()?;
         Ok(Self { port: config::var("PORT", Service::Client.default_port())?, peers })
     }
 }
@@ -54,7 +57,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let peers = api::Peers::new(config.peers, shutdown.clone());
-    server::serve(listener, service(peers), shutdown).await?;
+    serve(listener, service(peers), shutdown).await?;
     Ok(())
 }
 
@@ -64,7 +67,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
 /// this its metrics would be public; ingress-nginx and the local gateway
 /// always add forwarding headers, the kubelet's probes and Prometheus never do.
 pub fn service(peers: api::Peers) -> Router {
-    server::standard(app(peers), None, Registry::default()).layer(middleware::from_fn(internal_only_direct))
+    blog_kit::http::layers::standard(app(peers), None, Registry::default()).layer(middleware::from_fn(internal_only_direct))
 }
 
 const INTERNAL_ROUTES: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
@@ -73,7 +76,7 @@ const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "x-forwarded-host", "x
 async fn internal_only_direct(request: axum::extract::Request, next: middleware::Next) -> Response {
     let internal = INTERNAL_ROUTES.iter().any(|route| request.uri().path().trim_end_matches('/').eq_ignore_ascii_case(route));
     if internal && FORWARDING_HEADERS.iter().any(|name| request.headers().contains_key(*name)) {
-        return blog_common::error::error_response(axum::http::StatusCode::NOT_FOUND, "no such route");
+        return blog_kit::http::error_response(axum::http::StatusCode::NOT_FOUND, "no such route");
     }
     next.run(request).await
 }

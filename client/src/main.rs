@@ -1,5 +1,5 @@
-use blog_common::{Service, server};
+use blog_domain::Service;
 
 fn main() -> std::process::ExitCode {
-    server::main(Service::Client, client::Config::from_env, |c| c.port, client::run)
+    blog_kit::service::main(Service::Client, client::Config::from_env, |c| c.port, client::run)
 }

@@ -12,7 +12,8 @@ use axum::{
     response::{IntoResponse, Response},
     routing,
 };
-use blog_common::{Service, server::Shutdown};
+use blog_domain::Service;
+use blog_kit::Shutdown;
 use client::{api::Peers, assets};
 use serde_json::{Value, json};
 use tower::ServiceExt;

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_local::{Options, Suite, supervisor::LogSink};
 pub use rustix::process::Signal;
 use serde::Deserialize;
@@ -114,7 +114,7 @@ impl TestSuite {
         configure(&mut options);
         let suite = Suite::launch(options).await.expect("the suite launches");
         let gateway = format!("http://{}", suite.gateway_addr);
-        let this = Self { suite: Some(suite), dir, http: blog_common::bus_client::http_client(Duration::from_secs(15)), gateway };
+        let this = Self { suite: Some(suite), dir, http: blog_kit::http::client::http_client(Duration::from_secs(15)), gateway };
         if let Err(e) = this.suite().wait_ready(DEADLINE).await {
             panic!("suite not ready: {e}\n{}", this.logs());
         }

@@ -70,7 +70,7 @@ mod tests {
         time::{Duration, Instant},
     };
 
-    use blog_common::Service;
+    use blog_domain::Service;
     use blog_local::{Options, Suite, postgres::database_services, replica_name};
     use rustix::process::Signal;
 
@@ -137,7 +137,7 @@ mod tests {
         assert_eq!(databases, ["comments", "moderation", "postgres", "posts", "query"]);
 
         // Through the gateway with one replica of posts stopped: every write still lands.
-        let http = blog_common::bus_client::http_client(Duration::from_secs(15));
+        let http = blog_kit::http::client::http_client(Duration::from_secs(15));
         let gateway = format!("http://{}", suite.gateway_addr);
         suite.supervisor.stop(&replica_name(Service::Posts, 1)).await;
         for n in 0..10 {

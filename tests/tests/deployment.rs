@@ -11,12 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use blog_common::{
-    Service,
+use blog_domain::Service;
+use blog_kit::http::layers::REQUEST_TIMEOUT;
+use blog_local::{
+    k8s::{self, Manifests, Mount},
     routes::{HOST, RouteTable},
-    server::REQUEST_TIMEOUT,
 };
-use blog_local::k8s::{self, Manifests, Mount};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -163,12 +163,12 @@ fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
     let documents = gateway_api_documents();
     let route = documents.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
     let rules = route["spec"]["rules"].as_array().unwrap();
-    for stream in blog_common::routes::ROUTES.iter().filter(|r| r.streaming) {
+    for stream in blog_local::routes::ROUTES.iter().filter(|r| r.streaming) {
         let rule = rules.iter().find(|rule| rule["matches"][0]["path"]["value"] == stream.path).expect("the stream has a rule");
         assert_eq!(rule["timeouts"], serde_json::json!({ "request": "0s" }), "{}: Envoy cuts it at 15 s otherwise", stream.path);
     }
     let lifted = rules.iter().filter(|rule| rule.get("timeouts").is_some()).count();
-    assert_eq!(lifted, blog_common::routes::ROUTES.iter().filter(|r| r.streaming).count(), "ordinary routes keep the default timeout");
+    assert_eq!(lifted, blog_local::routes::ROUTES.iter().filter(|r| r.streaming).count(), "ordinary routes keep the default timeout");
 }
 
 #[test]
@@ -184,7 +184,7 @@ fn the_gateway_api_component_admits_the_gateway_to_each_routed_service_and_drops
     );
     let manifests = manifests();
     let mut routed: Vec<Service> = Vec::new();
-    for route in blog_common::routes::ROUTES {
+    for route in blog_local::routes::ROUTES {
         if !routed.contains(&route.service) {
             routed.push(route.service);
         }
@@ -209,7 +209,7 @@ fn the_gateway_api_component_admits_the_gateway_to_each_routed_service_and_drops
 #[test]
 fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
     let paths = k8s::ingress_paths(&manifests()).unwrap();
-    for stream in blog_common::routes::ROUTES.iter().filter(|r| r.streaming) {
+    for stream in blog_local::routes::ROUTES.iter().filter(|r| r.streaming) {
         let path = paths.iter().find(|p| p.path == stream.path).expect("the stream is routed");
         assert!(path.directives.iter().any(|d| d == "proxy_buffering off;"), "{:?}", path.directives);
         assert!(path.directives.iter().any(|d| d.starts_with("proxy_read_timeout 3600")), "{:?}", path.directives);

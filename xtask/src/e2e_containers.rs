@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_local::k8s::{self, Manifests, Mount};
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
@@ -308,7 +308,7 @@ async fn scenario() -> Result {
     let published = docker_output(&["port", INGRESS, "80/tcp"])?;
     let port = published.lines().next().and_then(|l| l.rsplit(':').next()).ok_or("the ingress port is not published")?.to_owned();
     let ingress = Ingress {
-        http: blog_common::bus_client::client_builder().timeout(Duration::from_secs(15)).no_proxy().build()?,
+        http: blog_kit::http::client::client_builder().timeout(Duration::from_secs(15)).no_proxy().build()?,
         base: format!("http://127.0.0.1:{port}"),
     };
     println!("ingress (nginx from {}) on {}", k8s::INGRESS_FILE, ingress.base);

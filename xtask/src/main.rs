@@ -8,6 +8,10 @@
 //!   containers.rs, e2e_containers.rs).
 //! - `bench`: the benchmark (`crates/bench`), in release mode.
 
+// A binary: `pub` in its modules marks each module's interface to `main`,
+// not an export; the workspace's `unreachable_pub` is for the libraries.
+#![allow(unreachable_pub)]
+
 mod containers;
 mod deployment;
 mod e2e_containers;
@@ -18,7 +22,7 @@ use std::{
     process::{Command, ExitCode},
 };
 
-use blog_common::Service;
+use blog_domain::Service;
 
 const HELP: &str = "\
 cargo xtask <command> [options]

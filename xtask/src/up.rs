@@ -5,8 +5,9 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use blog_common::{Service, routes, server::shutdown_signal};
-use blog_local::{EXPERIMENTAL_SCALE_ENV, Options, Suite, postgres, scale_supported, supervisor::LogSink};
+use blog_domain::Service;
+use blog_kit::shutdown::shutdown_signal;
+use blog_local::{EXPERIMENTAL_SCALE_ENV, Options, Suite, postgres, routes, scale_supported, supervisor::LogSink};
 
 /// Replicas `--scale` accepts: replica i of a service listens on its usual
 /// port + 100 × i, which stays clear of the other services' ports up to 9.

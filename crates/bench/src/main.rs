@@ -23,7 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::{Service, bus_client::client_builder};
+use blog_domain::Service;
+use blog_kit::http::client::client_builder;
 use blog_local::{Options, Suite, supervisor::LogSink};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -78,8 +79,8 @@ fn baseline(port: u16, view: Option<(Vec<u8>, Vec<u8>)>) -> Result<(), Error> {
                     std::future::ready(([(header::CONTENT_TYPE, "application/json"), (header::CONTENT_ENCODING, "gzip")], gzip.clone()))
                 }),
             );
-        let never = blog_common::server::Shutdown::new(std::future::pending());
-        blog_common::server::serve(listener, app, never).await?;
+        let never = blog_kit::Shutdown::new(std::future::pending());
+        blog_kit::http::serve::serve(listener, app, never).await?;
         Ok(())
     })
 }

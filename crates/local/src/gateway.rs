@@ -1,6 +1,6 @@
 //! The local stand-in for ingress-nginx: every request goes to the service
 //! the shared route table names for its path, with the Ingress's matching
-//! rules (see [`blog_common::routes`]). It answers whatever `Host` a request
+//! rules (see [`crate::routes`]). It answers whatever `Host` a request
 //! carries, so a browser at `http://127.0.0.1:8080` and
 //! `curl -H 'Host: posts.com'` both work. Request bodies are read whole, up to
 //! 1 MiB like ingress-nginx's default `client_max_body_size` (413 beyond): a
@@ -8,7 +8,7 @@
 //! have been closed by the service (as it does after refusing an oversized
 //! body), where a streamed one would fail. Responses stream, so the live
 //! update stream passes through like any other response. Connections are
-//! served by [`blog_common::server::serve`] (a client has 10 s to send its
+//! served by [`blog_kit::http::serve::serve`] (a client has 10 s to send its
 //! request head), an upstream has 2 s to accept a connection and
 //! [`UPSTREAM_HEADERS_TIMEOUT`] to answer.
 //!
@@ -55,12 +55,13 @@ use axum::{
     http::{HeaderMap, HeaderName, StatusCode, header},
     response::Response,
 };
-use blog_common::{
-    Service,
-    error::{error_response, retry_later},
-    routes::RouteTable,
-    server::Shutdown,
+use blog_domain::Service;
+use blog_kit::{
+    Shutdown,
+    http::error::{error_response, retry_later},
 };
+
+use crate::routes::RouteTable;
 use tokio::net::TcpListener;
 
 /// Longest the gateway waits for an upstream's response head: past each
@@ -68,7 +69,7 @@ use tokio::net::TcpListener;
 /// 503 first; a hung upstream gets a JSON 504. A response body (the live
 /// update stream included) is not bounded once its head has arrived.
 pub const UPSTREAM_HEADERS_TIMEOUT: std::time::Duration =
-    blog_common::server::REQUEST_TIMEOUT.saturating_add(std::time::Duration::from_secs(5));
+    blog_kit::http::layers::REQUEST_TIMEOUT.saturating_add(std::time::Duration::from_secs(5));
 
 /// Largest request body passed on (ingress-nginx's default `client_max_body_size`).
 pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -78,7 +79,7 @@ pub const EJECT_FOR: Duration = Duration::from_secs(1);
 
 /// Largest request body passed on to one service by [`Gateway::for_service`]:
 /// an internal event batch may be as large as a consumer takes.
-pub const MAX_INTERNAL_BODY: usize = blog_common::inbox::MAX_EVENTS_BODY;
+pub const MAX_INTERNAL_BODY: usize = blog_kit::messaging::inbox::MAX_EVENTS_BODY;
 
 /// What the gateway answers for.
 #[derive(Debug, Clone, Copy)]
@@ -115,7 +116,7 @@ impl Gateway {
     }
 
     fn with_front(front: Front, upstreams: BTreeMap<Service, Vec<String>>) -> Arc<Self> {
-        let http = blog_common::bus_client::build_client(|builder| builder.pool_max_idle_per_host(512));
+        let http = blog_kit::http::client::build_client(|builder| builder.pool_max_idle_per_host(512));
         let upstreams = upstreams.into_iter().map(|(service, bases)| (service, Replicas::new(bases))).collect();
         Arc::new(Self { front, table: RouteTable::standard(), upstreams, http })
     }
@@ -126,7 +127,7 @@ impl Gateway {
 }
 
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) -> io::Result<()> {
-    blog_common::server::serve(listener, gateway.router(), shutdown).await
+    blog_kit::http::serve::serve(listener, gateway.router(), shutdown).await
 }
 
 /// A service's replicas, taken in turn, those that recently refused a

@@ -19,10 +19,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use blog_common::{
-    Service,
-    routes::{HOST, ROUTES, RouteTable},
-};
+use blog_domain::Service;
+
+use crate::routes::{HOST, ROUTES, RouteTable};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -84,7 +83,7 @@ pub fn ingress_yaml() -> Result<String, ManifestError> {
     Ok(out)
 }
 
-fn push_ingress(out: &mut String, name: &str, annotations: &[(&str, String)], routes: &[&blog_common::routes::Route]) {
+fn push_ingress(out: &mut String, name: &str, annotations: &[(&str, String)], routes: &[&crate::routes::Route]) {
     out.push_str(&format!(
         "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: blog\n    app.kubernetes.io/part-of: blog\n    app.kubernetes.io/component: ingress\n  annotations:\n"
     ));

@@ -18,6 +18,7 @@
 pub mod gateway;
 pub mod k8s;
 pub mod postgres;
+pub mod routes;
 pub mod supervisor;
 
 use std::{
@@ -28,7 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::{Service, server::Shutdown};
+use blog_domain::Service;
+use blog_kit::Shutdown;
 use supervisor::{LogSink, ProcessSpec, Supervisor};
 use tokio::net::TcpListener;
 
@@ -148,7 +150,7 @@ impl Options {
             env.push((peer.url_env().to_owned(), self.url(peer)));
         }
         if service != Service::Client {
-            env.push((blog_common::internal::SECRET_ENV.to_owned(), self.internal_secret.clone()));
+            env.push((blog_kit::internal::SECRET_ENV.to_owned(), self.internal_secret.clone()));
         }
         env.extend(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k.clone(), v.clone())));
         env
@@ -241,7 +243,7 @@ impl Suite {
 
     /// Waits until every running service process answers `/readyz`.
     pub async fn wait_ready(&self, within: Duration) -> io::Result<()> {
-        let http = blog_common::bus_client::http_client(Duration::from_secs(1));
+        let http = blog_kit::http::client::http_client(Duration::from_secs(1));
         let deadline = Instant::now() + within;
         for service in Service::ALL {
             for (name, port) in self.options.processes(service) {
@@ -335,16 +337,15 @@ mod tests {
     #[test]
     fn every_service_but_the_client_gets_this_runs_secret() {
         let options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
-        let secret_of = |service| {
-            options.env_for(service).into_iter().find(|(name, _)| name == blog_common::internal::SECRET_ENV).map(|(_, value)| value)
-        };
+        let secret_of =
+            |service| options.env_for(service).into_iter().find(|(name, _)| name == blog_kit::internal::SECRET_ENV).map(|(_, value)| value);
         for service in Service::ALL {
             match service {
                 Service::Client => assert_eq!(secret_of(service), None, "the client only reads the bus"),
                 _ => assert_eq!(secret_of(service).as_deref(), Some(options.internal_secret.as_str()), "{service}"),
             }
         }
-        assert!(blog_common::internal::InternalSecret::parse(&options.internal_secret).is_ok());
+        assert!(blog_kit::internal::InternalSecret::parse(&options.internal_secret).is_ok());
         let another = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
         assert_ne!(options.internal_secret, another.internal_secret, "a fresh secret per run");
     }

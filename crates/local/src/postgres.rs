@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::Service;
+use blog_domain::Service;
 use rustix::process::Signal;
 
 use crate::supervisor::{LogSink, ProcessSpec, Supervisor};

@@ -3,7 +3,7 @@
 //! A comment may arrive a moment before its post's `PostCreated` does, so a
 //! `POST` for an unknown post waits briefly. The wait must stay cheap: the
 //! check is a set lookup (no database, no blocking pool), a `PostCreated`
-//! wakes only the requests waiting for that post, and the number of waiting
+//! releases only the requests waiting for that post, and the number of waiting
 //! requests is capped, so a flood of comments on made-up ids cannot pile up.
 //!
 //! The set holds every post id, the same data as the `post` table (loaded
@@ -56,7 +56,7 @@ impl KnownPosts {
         self.lock().ids.contains(id)
     }
 
-    /// Records a committed post and wakes the requests waiting for it.
+    /// Records a committed post and releases the requests waiting for it.
     pub fn insert(&self, id: &str) {
         let mut state = self.lock();
         state.ids.insert(id.to_owned());
@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_post_wakes_only_its_own_waiters_and_unknown_ones_time_out() {
+    async fn a_post_releases_only_its_own_waiters_and_unknown_ones_time_out() {
         let known = KnownPosts::new(["old".to_owned()], 10);
         assert_eq!(known.wait_for("old", Duration::from_secs(60)).await, Ok(()));
         let waiting = {
@@ -147,7 +147,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         known.insert("unrelated");
-        assert_eq!(known.waiting(), 2, "another post wakes no one");
+        assert_eq!(known.waiting(), 2, "another post releases no one");
         known.insert("new");
         assert_eq!(waiting.await.unwrap(), Ok(()));
         assert_eq!(known.waiting(), 1);

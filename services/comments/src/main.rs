@@ -1,5 +1,5 @@
-use blog_common::{Service, server};
+use blog_domain::Service;
 
 fn main() -> std::process::ExitCode {
-    server::main(Service::Comments, comments::Config::from_env, |c| c.common.port, comments::run)
+    blog_kit::service::main(Service::Comments, comments::Config::from_env, |c| c.common.port, comments::run)
 }

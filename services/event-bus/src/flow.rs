@@ -6,6 +6,7 @@
 use std::time::SystemTime;
 
 use axum::response::sse;
+use blog_domain::EventKind;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -23,7 +24,7 @@ pub struct Published {
     pub seq: u64,
     pub id: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EventKind,
     pub data: Map<String, Value>,
     pub timestamp: String,
 }
@@ -34,7 +35,7 @@ pub struct Delivered {
     pub seq: u64,
     pub id: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EventKind,
     pub subscriber: String,
     /// From the event being stored to the subscriber acknowledging it.
     pub lag_ms: u64,

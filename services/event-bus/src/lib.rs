@@ -19,16 +19,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use blog_common::{
-    ApiError, Json, Service,
-    bus_client::http_client,
+use blog_domain::{
+    Event, Service,
     config::{self, ConfigError},
-    error::Query,
-    inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
+};
+use blog_kit::{
+    ApiError, BoxError, Json, Shutdown,
+    http::{Query, RequestId, client::http_client, layers, serve::serve, sse},
     internal::{self, InternalSecret},
+    messaging::inbox::{EventsError, MAX_BATCH, MAX_EVENTS_BODY, parse_events},
     metrics::{self, Registry},
-    node::BoxError,
-    server::{self, RequestId, Shutdown},
     store::Store,
 };
 use delivery::{Deliverer, SharedStatus, Subscriber, SubscriberStatus};
@@ -57,8 +57,11 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let default_subscribers =
-            Service::SUBSCRIBERS.iter().map(|s| format!("{}={}/events", s.name(), config::peer_url(*s))).collect::<Vec<_>>().join(",");
+        let default_subscribers = Service::SUBSCRIBERS
+            .iter()
+            .map(|s| Ok(format!("{}={}", s.name(), config::endpoint(&config::peer_url(*s)?, "/events"))))
+            .collect::<Result<Vec<_>, ConfigError>>()?
+            .join(",");
         Ok(Self {
             port: config::var("PORT", Service::EventBus.default_port())?,
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
@@ -90,7 +93,7 @@ pub fn parse_subscribers(items: &[String]) -> Result<Vec<Subscriber>, ConfigErro
     let subscribers = items
         .iter()
         .map(|item| match item.split_once('=') {
-            Some((name, url)) if !name.trim().is_empty() && url.trim().starts_with("http") => {
+            Some((name, url)) if !name.trim().is_empty() && config::parse_base_url("SUBSCRIBERS", url.trim()).is_ok() => {
                 Ok(Subscriber { name: name.trim().to_owned(), url: url.trim().to_owned() })
             }
             _ => {
@@ -150,8 +153,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
     store.register_metrics(&metrics);
-    let app = server::standard(app(state), Some(store), metrics);
-    server::serve(listener, app, shutdown).await?;
+    let app = layers::standard(app(state), Some(store), metrics);
+    serve(listener, app, shutdown).await?;
     Ok(())
 }
 
@@ -171,8 +174,8 @@ pub fn app(state: AppState) -> Router {
 
 async fn flow_stream(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let stream = server::live_stream(state.log.flow().subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
-    (server::streaming_headers(), stream).into_response()
+    let stream = sse::live_stream(state.log.flow().subscribe(), state.shutdown.clone(), |record: Flow| record.to_sse());
+    (sse::streaming_headers(), stream).into_response()
 }
 
 async fn publish(
@@ -203,7 +206,7 @@ struct Page {
     limit: Option<u32>,
 }
 
-async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Result<Json<Vec<blog_common::Event>>, ApiError> {
+async fn events(State(state): State<AppState>, Query(page): Query<Page>) -> Result<Json<Vec<Event>>, ApiError> {
     let limit = page.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(format!("`limit` must be between 1 and {MAX_PAGE}")));
@@ -278,16 +281,115 @@ fn registry(state: &AppState) -> Registry {
 
 #[cfg(test)]
 mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
     use super::*;
+
+    const SECRET: &str = "bus-test-secret-0123456789";
+
+    /// The bus's whole router (standard layers included) over a temporary log.
+    async fn bus() -> (tempfile::TempDir, AppState, Router) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "event-bus", log::MIGRATIONS).unwrap();
+        let log = EventLog::open(store.clone()).await.unwrap();
+        let status = SharedStatus::new(std::sync::Mutex::new(SubscriberStatus { name: "query".into(), ..SubscriberStatus::default() }));
+        let state = AppState {
+            log,
+            subscribers: Arc::new(vec![status]),
+            shutdown: Shutdown::new(std::future::pending()),
+            secret: InternalSecret::parse(SECRET).unwrap(),
+        };
+        let router = layers::standard(app(state.clone()), Some(store), registry(&state));
+        (dir, state, router)
+    }
+
+    async fn call(router: &Router, request: Request<Body>) -> (axum::http::StatusCode, axum::http::HeaderMap, Value) {
+        let response = router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    fn publish_request(auth: Option<&str>, body: &Value) -> Request<Body> {
+        let request = Request::post("/events").header("content-type", "application/json").header("x-request-id", "req-1");
+        let request = match auth {
+            Some(auth) => request.header("authorization", auth),
+            None => request,
+        };
+        request.body(Body::from(body.to_string())).unwrap()
+    }
+
+    fn get(uri: &str) -> Request<Body> {
+        Request::get(uri).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn publishing_needs_the_secret_and_stores_each_id_once_with_its_request_id() {
+        let (_dir, state, router) = bus().await;
+        let bearer = format!("Bearer {SECRET}");
+        let post = json!({"id": "e1", "type": "PostCreated", "data": {"id": "p1", "title": "t"}});
+        assert_eq!(call(&router, publish_request(None, &post)).await.0, axum::http::StatusCode::UNAUTHORIZED);
+        assert_eq!(call(&router, publish_request(Some("Bearer wrong-0123456789abcdef"), &post)).await.0, axum::http::StatusCode::FORBIDDEN);
+        assert_eq!(state.log.head_now(), 0, "a refused request stores nothing");
+
+        let (status, _, single) = call(&router, publish_request(Some(&bearer), &post)).await;
+        assert_eq!((status, single), (axum::http::StatusCode::OK, json!({"status": "OK", "id": "e1", "seq": 1})));
+        let unknown = json!({"id": "e2", "type": "PostLiked", "data": {"id": "p1"}});
+        let (_, _, batch) = call(&router, publish_request(Some(&bearer), &json!([post, unknown]))).await;
+        assert_eq!(batch, json!({"status": "OK", "events": [{"id": "e1", "seq": 1}, {"id": "e2", "seq": 2}]}));
+
+        let (status, _, page) = call(&router, get("/events?after=0&limit=10")).await;
+        assert_eq!(status, axum::http::StatusCode::OK);
+        assert_eq!(page.as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            (&page[0]["requestId"], &page[1]["type"], &page[1]["data"]),
+            (&json!("req-1"), &json!("PostLiked"), &json!({"id": "p1"}))
+        );
+        let (_, _, rest) = call(&router, get("/events?after=1")).await;
+        assert_eq!(rest.as_array().map(|events| events.iter().map(|e| e["id"].clone()).collect::<Vec<_>>()), Some(vec![json!("e2")]));
+    }
+
+    #[tokio::test]
+    async fn bad_events_and_pages_get_json_400s_and_only_bad_events_are_marked_refused() {
+        let (_dir, state, router) = bus().await;
+        let bearer = format!("Bearer {SECRET}");
+        for bad in [
+            json!({"type": "PostCreated", "data": {"id": "p"}}),
+            json!({"data": {}}),
+            json!([{"type": "PostCreated", "data": {"id": "p", "title": "t"}}, {"type": "CommentUpdated", "data": {"id": "c", "postId": "p", "content": "x", "status": "maybe"}}]),
+        ] {
+            let (status, headers, body) = call(&router, publish_request(Some(&bearer), &bad)).await;
+            assert_eq!(status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+            assert!(headers.contains_key(&internal::REFUSAL_HEADER), "{bad}");
+            assert!(body["error"].is_string(), "{bad}");
+        }
+        let too_many = Value::Array(vec![json!({"type": "PostLiked", "data": {}}); MAX_BATCH + 1]);
+        let (status, headers, _) = call(&router, publish_request(Some(&bearer), &too_many)).await;
+        assert_eq!(status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(!headers.contains_key(&internal::REFUSAL_HEADER), "a batch size is the sender's fault, not the events'");
+        assert_eq!(state.log.head_now(), 0, "a refused batch stores none of its events");
+
+        for uri in ["/events?after=abc", "/events?limit=0", "/events?limit=10001", "/events?after=9223372036854775808", "/events?after=-1"]
+        {
+            let (status, headers, body) = call(&router, get(uri)).await;
+            assert_eq!(status, axum::http::StatusCode::BAD_REQUEST, "{uri}");
+            assert!(headers["content-type"].to_str().unwrap().starts_with("application/json") && body["error"].is_string(), "{uri}");
+        }
+        let (status, _, body) = call(&router, Request::delete("/events").body(Body::empty()).unwrap()).await;
+        assert_eq!((status, body["error"].is_string()), (axum::http::StatusCode::METHOD_NOT_ALLOWED, true));
+        let (status, _, status_page) = call(&router, get("/status")).await;
+        assert_eq!(status, axum::http::StatusCode::OK);
+        assert_eq!((&status_page["head"], &status_page["subscribers"][0]["name"]), (&json!(0), &json!("query")));
+    }
 
     #[tokio::test]
     async fn the_log_numbers_events_without_gaps_when_publishers_retry() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "event-bus", log::MIGRATIONS).unwrap();
         let log = EventLog::open(store).await.unwrap();
-        let event = |id: &str| {
-            blog_common::Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
-        };
+        let event =
+            |id: &str| Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap();
         let first = log.append(vec![event("a"), event("b")]).await.unwrap();
         // A publisher that lost the answer sends the same batch again, then more.
         let again = log.append(vec![event("a"), event("b"), event("c")]).await.unwrap();

@@ -16,11 +16,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use blog_common::{
-    Event,
-    store::{Store, StoreError},
-};
-use rusqlite::{Connection, OptionalExtension};
+use blog_domain::Event;
+use blog_kit::{StoreError, Tx, store::Store};
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, watch};
 
@@ -59,7 +56,7 @@ pub struct EventLog {
 impl EventLog {
     pub async fn open(store: Store) -> Result<Self, StoreError> {
         let head = store
-            .read(|conn| Ok::<_, StoreError>(conn.query_row("SELECT coalesce(max(seq), 0) FROM event", [], |r| r.get::<_, i64>(0))? as u64))
+            .read(|tx| Ok::<_, StoreError>(tx.query_row("SELECT coalesce(max(seq), 0) FROM event", &[], |r| r.get::<i64>(0))? as u64))
             .await?;
         Ok(Self { store, head: watch::Sender::new(head), recent: Arc::default(), flow: broadcast::Sender::new(crate::flow::BUFFER) })
     }
@@ -69,7 +66,7 @@ impl EventLog {
         &self.flow
     }
 
-    /// The highest sequence number stored; changes wake the deliverers.
+    /// The highest sequence number stored; deliverers watch it for changes.
     pub fn head(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
     }
@@ -83,7 +80,7 @@ impl EventLog {
         let now = now_millis();
         let (stored, fresh) = self
             .store
-            .write(move |conn| {
+            .write(move |tx| {
                 let mut stored = Vec::with_capacity(events.len());
                 let mut fresh = Vec::with_capacity(events.len());
                 let timestamp = format_millis(now);
@@ -93,16 +90,15 @@ impl EventLog {
                     // a conflicting insert still consumes an AUTOINCREMENT
                     // number, and the log's numbering must have no gaps
                     // (consumers' replay watermarks move over gap-free runs).
-                    let existing: Option<i64> =
-                        conn.prepare_cached("SELECT seq FROM event WHERE id = ?1")?.query_row([&event.id], |r| r.get(0)).optional()?;
+                    let existing: Option<i64> = tx.query_one("SELECT seq FROM event WHERE id = $1", &[&event.id], |r| r.get(0))?;
                     let inserted = usize::from(existing.is_none());
                     let seq = match existing {
                         Some(seq) => seq,
-                        None => {
-                            conn.prepare_cached("INSERT INTO event (id, type, data, timestamp, request_id) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                                .execute(rusqlite::params![event.id, event.kind, data, now, event.request_id])?;
-                            conn.last_insert_rowid()
-                        }
+                        None => tx.query_row(
+                            "INSERT INTO event (id, type, data, timestamp, request_id) VALUES ($1, $2, $3, $4, $5) RETURNING seq",
+                            &[&event.id, &event.kind.as_str(), &data, &now, &event.request_id],
+                            |r| r.get(0),
+                        )?,
                     } as u64;
                     stored.push(Stored { id: event.id.clone(), seq });
                     if inserted == 1 {
@@ -164,16 +160,12 @@ impl EventLog {
         if !cached.is_empty() {
             return Ok(cached);
         }
-        self.store.read(move |conn| read_after(conn, after, limit)).await
+        self.store.read(move |tx| read_after(tx, after, limit)).await
     }
 
     pub async fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
         self.store
-            .read(|conn| {
-                let mut stmt = conn.prepare("SELECT name, seq FROM subscriber_cursor")?;
-                let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
-                Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
-            })
+            .read(|tx| tx.query_all("SELECT name, seq FROM subscriber_cursor", &[], |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)? as u64))))
             .await
     }
 
@@ -182,12 +174,12 @@ impl EventLog {
     pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
         let name = name.to_owned();
         self.store
-            .write_relaxed(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO subscriber_cursor (name, seq) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET seq = max(seq, excluded.seq)",
-                )?
-                .execute(rusqlite::params![name, seq as i64])?;
+            .write_relaxed(move |tx| {
+                tx.execute(
+                    "INSERT INTO subscriber_cursor (name, seq) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET seq = max(subscriber_cursor.seq, excluded.seq)",
+                    &[&name, &(seq as i64)],
+                )?;
                 Ok(())
             })
             .await
@@ -198,22 +190,23 @@ impl EventLog {
     }
 }
 
-fn read_after(conn: &Connection, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, id, type, data, timestamp, request_id FROM event WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-    let rows = stmt.query_map(rusqlite::params![after as i64, limit], |row| {
-        let data: String = row.get(3)?;
-        let millis: i64 = row.get(4)?;
-        Ok(Event {
-            seq: Some(row.get::<_, i64>(0)? as u64),
-            id: row.get(1)?,
-            kind: row.get(2)?,
-            data: serde_json::from_str::<Map<String, Value>>(&data).unwrap_or_default(),
-            timestamp: Some(format_millis(millis)),
-            request_id: row.get(5)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+fn read_after(tx: &Tx<'_>, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+    tx.query_all(
+        "SELECT seq, id, type, data, timestamp, request_id FROM event WHERE seq > $1 ORDER BY seq LIMIT $2",
+        &[&(after as i64), &limit],
+        |row| {
+            let data: String = row.get(3)?;
+            let millis: i64 = row.get(4)?;
+            Ok(Event {
+                seq: Some(row.get::<i64>(0)? as u64),
+                id: row.get(1)?,
+                kind: row.get::<String>(2)?.into(),
+                data: serde_json::from_str::<Map<String, Value>>(&data).unwrap_or_default(),
+                timestamp: Some(format_millis(millis)),
+                request_id: row.get(5)?,
+            })
+        },
+    )
 }
 
 pub fn now_millis() -> i64 {

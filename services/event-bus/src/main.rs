@@ -1,5 +1,5 @@
-use blog_common::{Service, server};
+use blog_domain::Service;
 
 fn main() -> std::process::ExitCode {
-    server::main(Service::EventBus, event_bus::Config::from_env, |c| c.port, event_bus::run)
+    blog_kit::service::main(Service::EventBus, event_bus::Config::from_env, |c| c.port, event_bus::run)
 }

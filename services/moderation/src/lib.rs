@@ -7,16 +7,11 @@
 //! published twice under different event ids yields one decision.
 
 use axum::Router;
-use blog_common::{
-    CommentStatus, DomainEvent, Event, Node, Service,
-    config::{self, CommonConfig, ConfigError},
-    events::CommentData,
-    inbox::Handler,
-    node::BoxError,
-    outbox,
-    server::Shutdown,
+use blog_domain::{
+    CommentData, CommentStatus, DomainEvent, Event, Service,
+    config::{self, ConfigError},
 };
-use rusqlite::Connection;
+use blog_kit::{BoxError, Consumer, Outcome, ServiceKit, Shutdown, StoreError, Tx, config::CommonConfig};
 use tokio::net::TcpListener;
 
 pub const MIGRATIONS: &[&str] = &["CREATE TABLE decision (comment_id TEXT PRIMARY KEY, status TEXT NOT NULL) WITHOUT ROWID;"];
@@ -50,38 +45,117 @@ impl Rule {
     }
 }
 
+/// How this service's kit is opened.
+pub fn kit() -> ServiceKit {
+    ServiceKit::new(Service::Moderation).migrations(MIGRATIONS)
+}
+
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let node = Node::open(Service::Moderation, &config.common, MIGRATIONS).await?;
-    let inbox = node.inbox(Moderator { rule: config.rule });
-    node.run(listener, Router::new(), Some(inbox), shutdown).await
+    let kit = kit().open(&config.common).await?;
+    kit.serve(Router::new()).consumer(Moderator { rule: config.rule }).run(listener, shutdown).await
 }
 
-struct Moderator {
-    rule: Rule,
+/// Decides on each `CommentCreated` and publishes the decision.
+#[derive(Debug)]
+pub struct Moderator {
+    pub rule: Rule,
 }
 
-impl Handler for Moderator {
-    fn handles(&self, event: &DomainEvent) -> bool {
-        matches!(event, DomainEvent::CommentCreated(_))
-    }
-
-    fn apply(&self, conn: &Connection, envelope: &Event, event: &DomainEvent) -> rusqlite::Result<()> {
-        let DomainEvent::CommentCreated(comment) = event else { return Ok(()) };
+impl Consumer for Moderator {
+    fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
+        let DomainEvent::CommentCreated(comment) = event else { return Ok(Outcome::Ignored) };
         let status = self.rule.decide(&comment.content);
-        let decided = conn
-            .prepare_cached("INSERT OR IGNORE INTO decision (comment_id, status) VALUES (?1, ?2)")?
-            .execute([&comment.id, status.as_str()])?;
+        let decided = tx.execute(
+            "INSERT INTO decision (comment_id, status) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&comment.id, &status.as_str()],
+        )?;
         if decided == 1 {
             let moderated = CommentData { status, ..comment.clone() };
-            outbox::stage(conn, &Event::caused_by(envelope, &DomainEvent::CommentModerated(moderated)))?;
+            tx.publish(&Event::caused_by(envelope, &DomainEvent::CommentModerated(moderated)))?;
         }
-        Ok(())
+        Ok(Outcome::Handled)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use axum::{body::Body, http::Request};
+    use blog_domain::EventKind;
+    use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
     use super::*;
+
+    const WITHIN: Duration = Duration::from_secs(10);
+
+    async fn post_events(app: &Router, bearer: &str, body: Value) -> (axum::http::StatusCode, Value) {
+        let request = Request::post("/events")
+            .header("content-type", "application/json")
+            .header("authorization", bearer)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    fn created(event_id: &str, comment_id: &str, content: &str) -> Value {
+        json!({"id": event_id, "type": "CommentCreated", "data": {"id": comment_id, "content": content, "postId": "p1", "status": "pending"}})
+    }
+
+    #[tokio::test]
+    async fn each_comment_is_decided_once_and_the_decision_published_once() {
+        let test = kit().for_test().await.unwrap();
+        let app = test.app(test.kit.serve(Router::new()).consumer(Moderator { rule: rule(&["orange"]) }));
+        let bearer = test.bearer();
+        let (status, report) = post_events(&app, &bearer, created("e1", "c1", "an Orange")).await;
+        assert_eq!((status, report["applied"].as_u64()), (axum::http::StatusCode::OK, Some(1)), "{report}");
+        // The same event again, and the same comment under another event id.
+        let (_, again) = post_events(&app, &bearer, json!([created("e1", "c1", "an Orange"), created("e2", "c1", "an Orange")])).await;
+        assert_eq!((again["applied"].as_u64(), again["duplicates"].as_u64()), (Some(1), Some(1)), "{again}");
+        post_events(&app, &bearer, created("e3", "c2", "apples")).await;
+        // Not moderation's business: acknowledged, ignored.
+        let (_, ignored) = post_events(&app, &bearer, json!({"id": "e4", "type": "PostCreated", "data": {"id": "p9", "title": "t"}})).await;
+        assert_eq!(ignored["ignored"].as_u64(), Some(1), "{ignored}");
+
+        let events = test.bus.wait_for(2, WITHIN).await.unwrap();
+        let decisions: Vec<(String, String)> = events
+            .iter()
+            .map(|e| {
+                assert_eq!(e.kind, EventKind::CommentModerated);
+                (e.data["id"].as_str().unwrap().to_owned(), e.data["status"].as_str().unwrap().to_owned())
+            })
+            .collect();
+        assert_eq!(decisions, [("c1".to_owned(), "rejected".to_owned()), ("c2".to_owned(), "approved".to_owned())]);
+        let stored: i64 = test.kit.read(|tx| tx.query_row("SELECT count(*) FROM decision", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(stored, 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_events_are_refused_as_such_and_strangers_are_turned_away() {
+        let test = kit().for_test().await.unwrap();
+        let app = test.app(test.kit.serve(Router::new()).consumer(Moderator { rule: rule(&["orange"]) }));
+        let bad = json!({"id": "e1", "type": "CommentCreated", "data": {"id": "c1"}});
+        let request = |auth: &str| {
+            Request::post("/events")
+                .header("content-type", "application/json")
+                .header("authorization", auth)
+                .body(Body::from(bad.to_string()))
+                .unwrap()
+        };
+        let refused = app.clone().oneshot(request(&test.bearer())).await.unwrap();
+        assert_eq!(refused.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(refused.headers().contains_key(&blog_kit::internal::REFUSAL_HEADER), "marked as a refusal of the event");
+        assert_eq!(
+            app.clone().oneshot(request("Bearer not-the-secret-0123456")).await.unwrap().status(),
+            axum::http::StatusCode::FORBIDDEN
+        );
+        assert!(test.bus.events().is_empty());
+    }
 
     fn rule(words: &[&str]) -> Rule {
         Rule::new(&words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>())

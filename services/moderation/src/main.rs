@@ -1,5 +1,5 @@
-use blog_common::{Service, server};
+use blog_domain::Service;
 
 fn main() -> std::process::ExitCode {
-    server::main(Service::Moderation, moderation::Config::from_env, |c| c.common.port, moderation::run)
+    blog_kit::service::main(Service::Moderation, moderation::Config::from_env, |c| c.common.port, moderation::run)
 }

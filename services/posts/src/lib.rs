@@ -1,18 +1,14 @@
-//! posts: `POST /posts/create` writes a post and stages `PostCreated` in the
-//! same transaction; the outbox relay publishes it. The user's 201 depends
-//! only on this service's own database, never on the bus being up.
+//! posts: `POST /posts/create` writes a post and publishes `PostCreated` in
+//! the same unit of work; the kit's relay hands it to the bus. The user's
+//! 201 depends only on this service's own database, never on the bus being up.
 
 use axum::{Router, extract::State, http::StatusCode, routing::post};
-use blog_common::{
-    ApiError, DomainEvent, Event, Json, Node, Service,
-    config::{CommonConfig, ConfigError},
-    error::required_text,
-    events::PostCreated,
-    node::BoxError,
-    outbox::{self, Outbox},
-    server::{RequestId, Shutdown},
-    store::{Store, StoreError},
+use blog_domain::{
+    DomainEvent, Event, PostCreated, Service,
+    config::ConfigError,
+    text::{self, TextError},
 };
+use blog_kit::{ApiError, BoxError, Json, Kit, ServiceKit, Shutdown, config::CommonConfig, http::RequestId};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -32,16 +28,19 @@ impl Config {
     }
 }
 
+/// How this service's kit is opened.
+pub fn kit() -> ServiceKit {
+    ServiceKit::new(Service::Posts).migrations(MIGRATIONS)
+}
+
 #[derive(Debug, Clone)]
 pub struct AppState {
-    store: Store,
-    outbox: Outbox,
+    pub kit: Kit,
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let node = Node::open(Service::Posts, &config.common, MIGRATIONS).await?;
-    let app = app(AppState { store: node.store.clone(), outbox: node.outbox.clone() });
-    node.run(listener, app, None, shutdown).await
+    let kit = kit().open(&config.common).await?;
+    kit.serve(app(AppState { kit: kit.clone() })).run(listener, shutdown).await
 }
 
 pub fn app(state: AppState) -> Router {
@@ -53,8 +52,8 @@ pub fn app(state: AppState) -> Router {
 pub struct PostTitle(String);
 
 impl PostTitle {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
-        required_text("title", raw, MAX_TITLE).map(PostTitle)
+    pub fn parse(raw: &str) -> Result<Self, TextError> {
+        text::required("title", raw, MAX_TITLE).map(PostTitle)
     }
 }
 
@@ -73,26 +72,14 @@ async fn create(
     let event = Event::new(&DomainEvent::PostCreated(post.clone()), request_id.0);
     let row = post.clone();
     state
-        .store
-        .write(move |conn| {
-            conn.execute("INSERT INTO post (id, title) VALUES (?1, ?2)", [&row.id, &row.title])?;
-            outbox::stage(conn, &event)?;
-            Ok::<_, StoreError>(())
+        .kit
+        .commit(move |tx| {
+            tx.execute("INSERT INTO post (id, title) VALUES ($1, $2)", &[&row.id, &row.title])?;
+            tx.publish(&event)
         })
         .await?;
-    state.outbox.wake();
     Ok((StatusCode::CREATED, Json(post)))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn titles_are_trimmed_and_bounded() {
-        assert_eq!(PostTitle::parse("  Hello ").unwrap(), PostTitle("Hello".into()));
-        assert!(PostTitle::parse("   ").is_err());
-        assert!(PostTitle::parse(&"x".repeat(MAX_TITLE)).is_ok());
-        assert!(PostTitle::parse(&"é".repeat(MAX_TITLE + 1)).is_err());
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@
 //!
 //! Posts and each post's comments are ordered by the bus sequence number of
 //! their creating event ([`order_key`]), not by when query received it: the
-//! relay publishes each writer's outbox in commit order, so the log's order is
+//! kit's relay publishes each writer's events in commit order, so the log's order is
 //! the writer's creation order, and a view rebuilt from the bus while new
 //! events are pushed ahead of the catch-up comes out in the same order as one
 //! built live.
@@ -26,19 +26,15 @@ use axum::{
     Router,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response, sse},
+    response::{IntoResponse, Response},
     routing::get,
 };
-use blog_common::{
-    ApiError, CommentStatus, DomainEvent, Event, Node, Service,
-    config::{CommonConfig, ConfigError},
-    error::Query,
-    events::{CommentData, PostCreated},
-    inbox::{Applied, Handler},
-    node::BoxError,
-    server::{self, Shutdown},
+use blog_domain::{CommentData, CommentStatus, DomainEvent, Event, PostCreated, Service, config::ConfigError};
+use blog_kit::{
+    ApiError, Applied, BoxError, Consumer, Kit, Outcome, ServiceKit, Shutdown, StoreError, Tx,
+    config::CommonConfig,
+    http::{Query, sse},
 };
-use rusqlite::{Connection, named_params};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
@@ -78,8 +74,8 @@ pub const MIGRATIONS: &[&str] = &[
 const UNSEQUENCED: i64 = 1 << 62;
 
 /// The SQL expression of a new row's order key in `table`, given the creating
-/// (or first-seen updating) event's sequence number as `:seq` (NULL when it
-/// has none) and [`UNSEQUENCED`] as `:unsequenced`. A sequenced event takes its sequence number, so the order is the
+/// (or first-seen updating) event's sequence number as `$1` (NULL when it
+/// has none) and [`UNSEQUENCED`] as `$2`. A sequenced event takes its sequence number, so the order is the
 /// log's whatever the delivery order; an event without one (an operator
 /// posting the original's shape straight to `/events`) or one whose number is
 /// already taken (only a hand-made event can repeat one) takes the next key
@@ -87,8 +83,8 @@ const UNSEQUENCED: i64 = 1 << 62;
 /// never the same key as another row.
 fn order_key(table: &str) -> String {
     format!(
-        "CASE WHEN :seq IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {table} WHERE ord = :seq) THEN :seq
-              ELSE (SELECT coalesce(max(ord), :unsequenced) + 1 FROM {table} WHERE ord > :unsequenced) END"
+        "CASE WHEN $1 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {table} WHERE ord = $1) THEN $1
+              ELSE (SELECT coalesce(max(ord), $2) + 1 FROM {table} WHERE ord > $2) END"
     )
 }
 
@@ -122,14 +118,30 @@ pub struct AppState {
     shutdown: Shutdown,
 }
 
+impl AppState {
+    /// The state over `kit`, with the view its database holds.
+    pub async fn load(kit: &Kit, shutdown: Shutdown) -> Result<Self, StoreError> {
+        let metrics = kit.metrics().clone();
+        let view = Arc::new(kit.read(move |tx| View::load(tx, &metrics)).await?);
+        Ok(Self { view, live: broadcast::Sender::new(LIVE_BUFFER), shutdown })
+    }
+
+    /// The consumer that projects events into this state's view.
+    pub fn consumer(&self) -> impl Consumer + use<> {
+        Projector { live: self.live.clone(), view: self.view.clone() }
+    }
+}
+
+/// How this service's kit is opened.
+pub fn kit() -> ServiceKit {
+    ServiceKit::new(Service::Query).migrations(MIGRATIONS)
+}
+
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let node = Node::open(Service::Query, &config.common, MIGRATIONS).await?;
-    let metrics = node.metrics.clone();
-    let view = Arc::new(node.store.read(move |conn| View::load(conn, &metrics)).await?);
-    let live = broadcast::Sender::new(LIVE_BUFFER);
-    let inbox = node.inbox(Projector { live: live.clone(), view: view.clone() });
-    let app = app(AppState { view, live, shutdown: shutdown.clone() });
-    node.run(listener, app, Some(inbox), shutdown).await
+    let kit = kit().open(&config.common).await?;
+    let state = AppState::load(&kit, shutdown.clone()).await?;
+    let consumer = state.consumer();
+    kit.serve(app(state)).consumer(consumer).run(listener, shutdown).await
 }
 
 pub fn app(state: AppState) -> Router {
@@ -139,19 +151,19 @@ pub fn app(state: AppState) -> Router {
 /// `GET /posts/stream`: each change as `event: <type>`, `id: <seq>`,
 /// `data: <the event's data>`.
 async fn stream(State(state): State<AppState>) -> Response {
-    let updates = server::live_stream(state.live.subscribe(), state.shutdown.clone(), |applied: Applied| {
+    let updates = sse::live_stream(state.live.subscribe(), state.shutdown.clone(), |applied: Applied| {
         let (kind, data) = match &applied.event {
             DomainEvent::PostCreated(post) => (applied.event.kind(), serde_json::to_string(post)),
             DomainEvent::CommentCreated(c) | DomainEvent::CommentUpdated(c) => (applied.event.kind(), serde_json::to_string(c)),
-            _ => ("resync", Ok("{}".to_owned())),
+            _ => (blog_domain::EventKind::Unknown("resync".to_owned()), Ok("{}".to_owned())),
         };
-        let event = sse::Event::default().event(kind).data(data.unwrap_or_else(|_| "{}".to_owned()));
+        let event = axum::response::sse::Event::default().event(kind.as_str()).data(data.unwrap_or_else(|_| "{}".to_owned()));
         match applied.seq {
             Some(seq) => event.id(seq.to_string()),
             None => event,
         }
     });
-    (server::streaming_headers(), updates).into_response()
+    (sse::streaming_headers(), updates).into_response()
 }
 
 /// The query string of `GET /posts`; either parameter asks for a page.
@@ -250,29 +262,25 @@ struct Projector {
     view: Arc<View>,
 }
 
-impl Handler for Projector {
-    fn handles(&self, event: &DomainEvent) -> bool {
-        matches!(event, DomainEvent::PostCreated(_) | DomainEvent::CommentCreated(_) | DomainEvent::CommentUpdated(_))
-    }
-
-    fn apply(&self, conn: &Connection, envelope: &Event, event: &DomainEvent) -> rusqlite::Result<()> {
+impl Consumer for Projector {
+    fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
         let seq = sequenced(envelope);
         match event {
             DomainEvent::PostCreated(post) => {
-                let ord = upsert_post(conn, post, seq)?;
-                self.view.stage_post(&post.id, ord);
+                let ord = upsert_post(tx, post, seq)?;
+                self.view.note_post(&post.id, ord);
             }
             DomainEvent::CommentCreated(comment) => {
-                let ord = upsert_comment(conn, comment, false, seq)?;
-                self.view.stage_comment(&comment.id, ord);
+                let ord = upsert_comment(tx, comment, false, seq)?;
+                self.view.note_comment(&comment.id, ord);
             }
             DomainEvent::CommentUpdated(comment) => {
-                let ord = upsert_comment(conn, comment, true, seq)?;
-                self.view.stage_comment(&comment.id, ord);
+                let ord = upsert_comment(tx, comment, true, seq)?;
+                self.view.note_comment(&comment.id, ord);
             }
-            _ => {}
+            _ => return Ok(Outcome::Ignored),
         }
-        Ok(())
+        Ok(Outcome::Handled)
     }
 
     fn committed(&self, events: &[Applied]) {
@@ -292,14 +300,13 @@ impl Handler for Projector {
 
 /// Inserts the post once; a repeat keeps the title and moves the post only
 /// to an earlier key. Returns the post's order key.
-fn upsert_post(conn: &Connection, post: &PostCreated, seq: Option<i64>) -> rusqlite::Result<i64> {
+fn upsert_post(tx: &Tx<'_>, post: &PostCreated, seq: Option<i64>) -> Result<i64, StoreError> {
     let sql = format!(
-        "INSERT INTO post (id, title, ord) VALUES (:id, :title, {})
+        "INSERT INTO post (id, title, ord) VALUES ($3, $4, {})
          ON CONFLICT (id) DO UPDATE SET ord = min(ord, excluded.ord) RETURNING ord",
         order_key("post")
     );
-    conn.prepare_cached(&sql)?
-        .query_row(named_params! {":id": post.id, ":title": post.title, ":seq": seq, ":unsequenced": UNSEQUENCED}, |row| row.get(0))
+    tx.query_row(&sql, &[&seq, &UNSEQUENCED, &post.id, &post.title], |row| row.get(0))
 }
 
 /// Inserts the comment or updates it; only an update carries a status that
@@ -307,30 +314,27 @@ fn upsert_post(conn: &Connection, post: &PostCreated, seq: Option<i64>) -> rusql
 /// events comes first creates it; a later one with a lower sequence number
 /// (its `CommentCreated`, after an update overtook it) moves it there.
 /// Returns the comment's order key.
-fn upsert_comment(conn: &Connection, comment: &CommentData, is_update: bool, seq: Option<i64>) -> rusqlite::Result<i64> {
+fn upsert_comment(tx: &Tx<'_>, comment: &CommentData, is_update: bool, seq: Option<i64>) -> Result<i64, StoreError> {
     let replace =
         if is_update && comment.status != CommentStatus::Pending { ", status = excluded.status, content = excluded.content" } else { "" };
     let sql = format!(
-        "INSERT INTO comment (id, post_id, content, status, ord) VALUES (:id, :post_id, :content, :status, {})
+        "INSERT INTO comment (id, post_id, content, status, ord) VALUES ($3, $4, $5, $6, {})
          ON CONFLICT (id) DO UPDATE SET ord = min(ord, excluded.ord){replace} RETURNING ord",
         order_key("comment")
     );
-    conn.prepare_cached(&sql)?.query_row(
-        named_params! {
-            ":id": comment.id,
-            ":post_id": comment.post_id,
-            ":content": comment.content,
-            ":status": comment.status.as_str(),
-            ":seq": seq,
-            ":unsequenced": UNSEQUENCED,
-        },
-        |row| row.get(0),
-    )
+    tx.query_row(&sql, &[&seq, &UNSEQUENCED, &comment.id, &comment.post_id, &comment.content, &comment.status.as_str()], |row| row.get(0))
 }
 
 #[cfg(test)]
 mod tests {
-    use blog_common::{Store, inbox::Inbox, metrics::Registry, store::StoreError};
+    use blog_kit::{
+        config::CommonConfig,
+        internal::InternalSecret,
+        messaging::inbox::Inbox,
+        metrics::Registry,
+        store::Store,
+        testing::{TEST_SECRET, TestKit},
+    };
     use serde_json::json;
 
     use super::*;
@@ -339,24 +343,21 @@ mod tests {
     /// as served from memory; checks that a restart (loading the view from
     /// the database) serves the very same bytes.
     async fn view_after(events: Vec<serde_json::Value>) -> String {
-        let (_dir, state, store) = state().await;
-        let inbox = Inbox::new(store.clone(), Projector { live: state.live.clone(), view: state.view.clone() }, None, &Registry::default());
+        let (test, state) = state().await;
+        let inbox = test.kit.inbox(state.consumer());
         for event in events {
             inbox.deliver(vec![Event::from_value(event).unwrap()]).await.unwrap();
         }
         let served = state.view.snapshot().await.json.clone();
-        let reloaded = store.read(|c| View::load(c, &Registry::default())).await.unwrap().snapshot().await.json.clone();
+        let reloaded = test.kit.read(|tx| View::load(tx, &Registry::default())).await.unwrap().snapshot().await.json.clone();
         assert_eq!(served, reloaded, "memory and database disagree");
         String::from_utf8(served.to_vec()).unwrap()
     }
 
-    async fn state() -> (tempfile::TempDir, AppState, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "query", MIGRATIONS).unwrap();
-        store.write(|c| c.execute_batch(blog_common::inbox::SCHEMA).map_err(StoreError::from)).await.unwrap();
-        let view = Arc::new(store.read(|c| View::load(c, &Registry::default())).await.unwrap());
-        let shutdown = Shutdown::new(std::future::pending());
-        (dir, AppState { view, live: broadcast::Sender::new(8), shutdown }, store)
+    async fn state() -> (TestKit, AppState) {
+        let test = kit().for_test().await.unwrap();
+        let state = AppState::load(&test.kit, test.shutdown.clone()).await.unwrap();
+        (test, state)
     }
 
     fn comment(kind: &str, status: &str) -> serde_json::Value {
@@ -478,22 +479,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let legacy = Store::open(dir.path(), "query", &MIGRATIONS[..1]).unwrap();
         legacy
-            .write(|c| {
-                c.execute_batch(
+            .write(|tx| {
+                tx.execute_batch(
                     // Positions among the seqs to come: the new items must still come after.
                     "INSERT INTO post (pos, id, title) VALUES (5, 'old2', 'old2'), (9, 'old1', 'old1');
                      INSERT INTO comment (pos, id, post_id, content, status) VALUES (4, 'oc', 'old1', 'oc', 'pending');",
                 )
-                .map_err(StoreError::from)
             })
             .await
             .unwrap();
         drop(legacy);
-        let store = Store::open(dir.path(), "query", MIGRATIONS).unwrap();
-        store.write(|c| c.execute_batch(blog_common::inbox::SCHEMA).map_err(StoreError::from)).await.unwrap();
-        let view = Arc::new(store.read(|c| View::load(c, &Registry::default())).await.unwrap());
-        let inbox =
-            Inbox::new(store.clone(), Projector { live: broadcast::Sender::new(8), view: view.clone() }, None, &Registry::default());
+        let config = CommonConfig {
+            port: 0,
+            data_dir: dir.path().to_owned(),
+            bus_url: blog_domain::config::parse_base_url("EVENT_BUS_URL", "http://127.0.0.1:9").unwrap(),
+            internal_secret: InternalSecret::parse(TEST_SECRET).unwrap(),
+            db_max_bytes: None,
+        };
+        let kit = kit().open(&config).await.unwrap();
+        let state = AppState::load(&kit, Shutdown::new(std::future::pending())).await.unwrap();
+        let view = state.view.clone();
+        let inbox = kit.inbox(state.consumer());
         for event in [
             json!({"id":"e7","seq":7,"type":"PostCreated","data":{"id":"new","title":"new"}}),
             json!({"id":"e2","seq":2,"type":"CommentCreated","data":{"id":"nc","content":"nc","postId":"old1","status":"pending"}}),
@@ -502,7 +508,7 @@ mod tests {
             inbox.deliver(vec![Event::from_value(event).unwrap()]).await.unwrap();
         }
         let served = view.snapshot().await.json.clone();
-        let reloaded = store.read(|c| View::load(c, &Registry::default())).await.unwrap().snapshot().await.json.clone();
+        let reloaded = kit.read(|tx| View::load(tx, &Registry::default())).await.unwrap().snapshot().await.json.clone();
         assert_eq!(served, reloaded, "memory and database disagree");
         assert_eq!(
             std::str::from_utf8(&served).unwrap(),
@@ -531,9 +537,9 @@ mod tests {
         (parts.status, parts.headers, body.collect().await.unwrap().to_bytes().to_vec())
     }
 
-    async fn with_posts(count: usize) -> (tempfile::TempDir, AppState, Inbox) {
-        let (dir, state, store) = state().await;
-        let inbox = Inbox::new(store, Projector { live: state.live.clone(), view: state.view.clone() }, None, &Registry::default());
+    async fn with_posts(count: usize) -> (TestKit, AppState, Inbox) {
+        let (test, state) = state().await;
+        let inbox = test.kit.inbox(state.consumer());
         let events = (1..=count)
             .map(|i| {
                 let event =
@@ -542,7 +548,7 @@ mod tests {
             })
             .collect();
         inbox.deliver(events).await.unwrap();
-        (dir, state, inbox)
+        (test, state, inbox)
     }
 
     #[tokio::test]
@@ -586,6 +592,42 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_ne!(headers[header::ETAG], etag);
         assert!(body.ends_with(br#""p4":{"id":"p4","title":"t4","comments":[]}}"#));
+    }
+
+    #[tokio::test]
+    async fn the_whole_service_answers_wrong_methods_and_stray_events_in_json() {
+        let (test, state) = state().await;
+        let consumer = state.consumer();
+        let app = test.app(test.kit.serve(app(state.clone())).consumer(consumer));
+        let call = |request: axum::http::Request<axum::body::Body>| {
+            let app = app.clone();
+            async move {
+                use tower::ServiceExt;
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+                (status, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+            }
+        };
+        let (status, body) = call(axum::http::Request::delete("/posts").body(axum::body::Body::empty()).unwrap()).await;
+        assert_eq!((status, body["error"].is_string()), (StatusCode::METHOD_NOT_ALLOWED, true), "{body}");
+        let events = |body: &str| {
+            axum::http::Request::post("/events")
+                .header("content-type", "application/json")
+                .header("authorization", test.bearer())
+                .body(axum::body::Body::from(body.to_owned()))
+                .unwrap()
+        };
+        let (status, report) = call(events(r#"{"id":"e1","seq":1,"type":"PostCreated","data":{"id":"p1","title":"t"}}"#)).await;
+        assert_eq!((status, report["applied"].as_u64()), (StatusCode::OK, Some(1)), "{report}");
+        let (status, report) = call(events(
+            r#"{"id":"e2","seq":2,"type":"CommentModerated","data":{"id":"c","content":"x","postId":"p1","status":"approved"}}"#,
+        ))
+        .await;
+        assert_eq!((status, report["ignored"].as_u64()), (StatusCode::OK, Some(1)), "query keeps no decisions: {report}");
+        let (status, _) = call(events(r#"{"type":"CommentUpdated","data":{"id":"c","content":"x","postId":"p1","status":"maybe"}}"#)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(state.view.snapshot().await.json.as_ref(), br#"{"p1":{"id":"p1","title":"t","comments":[]}}"#);
     }
 
     #[tokio::test]

@@ -3,14 +3,14 @@
 //! SQLite stays the source of truth: at start the view is loaded from the
 //! database, and afterwards every delivery changes it only once the
 //! transaction that applied it has committed ([`View::commit`], called from
-//! `Handler::committed`), so a reader never sees what was rolled back and
+//! `Consumer::committed`), so a reader never sees what was rolled back and
 //! sees each change as soon as its commit is done.
 //!
 //! Concurrent deliveries may call `committed` in another order than they
 //! committed, so the memory side never depends on the call order: the
 //! order key of each post and comment (the database's `ord`, which gives the
 //! creation order) is noted while applying, inside the transaction
-//! ([`View::stage_post`], [`View::stage_comment`]), and the effects follow
+//! ([`View::note_post`], [`View::note_comment`]), and the effects follow
 //! the same order-insensitive rules as the SQL upserts (a key only moves
 //! down, so taking the keys in any order ends at the database's).
 //!
@@ -29,14 +29,12 @@ use std::{
     },
 };
 
-use blog_common::{
-    CommentStatus,
-    events::{CommentData, PostCreated},
+use blog_domain::{CommentData, CommentStatus, PostCreated};
+use blog_kit::{
+    StoreError, Tx,
     metrics::{Counter, Registry},
-    store::StoreError,
 };
 use bytes::Bytes;
-use rusqlite::Connection;
 use serde::{Serialize, Serializer, ser::SerializeMap, ser::SerializeSeq};
 
 /// Most posts one page holds.
@@ -176,7 +174,7 @@ struct PageOut<'a> {
 
 /// Order keys noted inside the applying transaction, taken once it committed.
 #[derive(Debug, Default)]
-struct Staged {
+struct Noted {
     posts: HashMap<String, i64>,
     comments: HashMap<String, i64>,
 }
@@ -226,7 +224,7 @@ fn gzip(data: &[u8]) -> Bytes {
 #[derive(Debug)]
 pub struct View {
     projection: Mutex<Projection>,
-    staged: Mutex<Staged>,
+    noted: Mutex<Noted>,
     /// The projection's version, readable without its lock.
     version: AtomicU64,
     current: RwLock<Option<Arc<Snapshot>>>,
@@ -243,43 +241,40 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl View {
     /// Loads the view from the database.
-    pub fn load(conn: &Connection, metrics: &Registry) -> Result<Self, StoreError> {
+    pub fn load(tx: &Tx<'_>, metrics: &Registry) -> Result<Self, StoreError> {
         let mut projection = Projection::default();
-        let mut posts = conn.prepare("SELECT ord, id, title FROM post ORDER BY ord")?;
-        let mut rows = posts.query([])?;
-        while let Some(row) = rows.next()? {
+        tx.for_each("SELECT ord, id, title FROM post ORDER BY ord", &[], |row| {
             projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
-        }
-        let mut comments = conn.prepare("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord")?;
-        let mut rows = comments.query([])?;
-        while let Some(row) = rows.next()? {
-            let status: String = row.get(4)?;
-            let entry = CommentEntry {
-                id: row.get(2)?,
-                content: row.get(3)?,
-                status: CommentStatus::parse(&status).unwrap_or(CommentStatus::Pending),
-            };
+            Ok(())
+        })?;
+        tx.for_each("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord", &[], |row| {
+            let entry = CommentEntry { id: row.get(2)?, content: row.get(3)?, status: row.parse(4)? };
             projection.add_comment(row.get(0)?, row.get(1)?, entry);
-        }
-        Ok(Self {
+            Ok(())
+        })?;
+        Ok(Self::with(projection, metrics))
+    }
+
+    fn with(projection: Projection, metrics: &Registry) -> Self {
+        Self {
             projection: Mutex::new(projection),
-            staged: Mutex::default(),
+            noted: Mutex::default(),
             version: AtomicU64::new(0),
             current: RwLock::new(None),
             building: tokio::sync::Mutex::new(()),
             epoch: uuid::Uuid::new_v4().as_u64_pair().0,
             builds: metrics.counter("blog_query_snapshot_builds_total", "Serialisations of the whole view (one per version read)."),
-        })
+        }
     }
 
     /// Notes the order key the applying transaction left a post at.
-    pub fn stage_post(&self, id: &str, ord: i64) {
-        lock(&self.staged).posts.insert(id.to_owned(), ord);
+    pub fn note_post(&self, id: &str, ord: i64) {
+        lock(&self.noted).posts.insert(id.to_owned(), ord);
     }
 
     /// Notes the order key the applying transaction left a comment at.
-    pub fn stage_comment(&self, id: &str, ord: i64) {
-        lock(&self.staged).comments.insert(id.to_owned(), ord);
+    pub fn note_comment(&self, id: &str, ord: i64) {
+        lock(&self.noted).comments.insert(id.to_owned(), ord);
     }
 
     /// Applies what a committed transaction changed; returns whether the view changed.
@@ -291,11 +286,11 @@ impl View {
                 // Taken whether needed or not, so nothing stays behind: a
                 // key only moves down, so a missed or stale one is harmless.
                 Change::Post(post) => {
-                    let ord = lock(&self.staged).posts.remove(&post.id);
+                    let ord = lock(&self.noted).posts.remove(&post.id);
                     projection.post_created(post, ord)
                 }
                 Change::Comment { comment, is_update } => {
-                    let ord = lock(&self.staged).comments.remove(&comment.id);
+                    let ord = lock(&self.noted).comments.remove(&comment.id);
                     projection.comment(comment, is_update, ord)
                 }
             };
@@ -358,11 +353,7 @@ mod tests {
     use super::*;
 
     fn view() -> View {
-        let conn = Connection::open_in_memory().unwrap();
-        for migration in crate::MIGRATIONS {
-            conn.execute_batch(migration).unwrap();
-        }
-        View::load(&conn, &Registry::default()).unwrap()
+        View::with(Projection::default(), &Registry::default())
     }
 
     fn post(id: &str) -> PostCreated {
@@ -381,9 +372,9 @@ mod tests {
     fn commits_in_another_order_than_the_database_give_the_database_order() {
         let view = view();
         // The database applied a, then b, then c's approval, then c's creation.
-        view.stage_post("a", 1);
-        view.stage_post("b", 2);
-        view.stage_comment("c", 1);
+        view.note_post("a", 1);
+        view.note_post("b", 2);
+        view.note_comment("c", 1);
         let (a, b) = (post("a"), post("b"));
         let approved = comment("c", "a", CommentStatus::Approved);
         let created = comment("c", "a", CommentStatus::Pending);
@@ -392,7 +383,7 @@ mod tests {
         assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
         assert!(!view.commit([Change::Comment { comment: &created, is_update: false }]), "a late creation changes nothing");
         // An update of a known comment notes its position again; the commit takes it.
-        view.stage_comment("c", 1);
+        view.note_comment("c", 1);
         assert!(view.commit([Change::Comment { comment: &approved, is_update: true }]));
         view.commit([Change::Post(&b)]);
         view.commit([Change::Post(&a)]);
@@ -400,8 +391,8 @@ mod tests {
             text(&view),
             r#"{"a":{"id":"a","title":"title a","comments":[{"id":"c","content":"text c","status":"approved"}]},"b":{"id":"b","title":"title b","comments":[]}}"#
         );
-        let staged = lock(&view.staged);
-        assert!(staged.posts.is_empty() && staged.comments.is_empty(), "noted positions are not kept: {staged:?}");
+        let noted = lock(&view.noted);
+        assert!(noted.posts.is_empty() && noted.comments.is_empty(), "noted positions are not kept: {noted:?}");
     }
 
     #[test]
@@ -422,9 +413,9 @@ mod tests {
         ];
         for (reversed, late_commits) in [(false, false), (true, false), (false, true), (true, true)] {
             let view = view();
-            view.stage_post("q", 4);
+            view.note_post("q", 4);
             view.commit([Change::Post(&q)]);
-            view.stage_comment("d", 6);
+            view.note_comment("d", 6);
             view.commit([Change::Comment { comment: &d, is_update: false }]);
             let mut deliveries = log.clone();
             if reversed {
@@ -438,8 +429,8 @@ mod tests {
                 };
                 let ord = *database.entry(id.clone()).and_modify(|ord| *ord = (*ord).min(*seq)).or_insert(*seq);
                 match change {
-                    Change::Post(_) => view.stage_post(id, ord),
-                    Change::Comment { .. } => view.stage_comment(id, ord),
+                    Change::Post(_) => view.note_post(id, ord),
+                    Change::Comment { .. } => view.note_comment(id, ord),
                 }
                 if !late_commits {
                     view.commit([*change]);
@@ -463,7 +454,7 @@ mod tests {
         let view = view();
         let posts: Vec<_> = (1..=5).map(|i| post(&format!("p{i}"))).collect();
         for (i, p) in posts.iter().enumerate() {
-            view.stage_post(&p.id, i as i64 + 1);
+            view.note_post(&p.id, i as i64 + 1);
         }
         view.commit(posts.iter().map(Change::Post));
         let page = |limit, before| serde_json::from_slice::<serde_json::Value>(&view.page(limit, before)).unwrap();
@@ -482,7 +473,7 @@ mod tests {
     async fn readers_share_one_snapshot_per_version() {
         let view = Arc::new(view());
         let p = post("p");
-        view.stage_post("p", 1);
+        view.note_post("p", 1);
         view.commit([Change::Post(&p)]);
         let readers: Vec<_> = (0..50)
             .map(|_| {
@@ -504,7 +495,7 @@ mod tests {
         assert_eq!(json, snapshots[0].json);
 
         let q = post("q");
-        view.stage_post("q", 2);
+        view.note_post("q", 2);
         view.commit([Change::Post(&q)]);
         let after = view.snapshot().await;
         assert_ne!(after.etag, snapshots[0].etag);

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_tests::{
     Signal, TestSuite,
     load::{self, Progress},
@@ -249,11 +249,11 @@ async fn a_full_bus_refuses_loudly_and_loses_nothing_once_it_has_room() {
 async fn used_bytes(suite: &TestSuite) -> Vec<(Service, u64)> {
     let mut sizes = Vec::new();
     for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
-        let store = blog_common::Store::open(&suite.dir.path().join("data").join(service.name()), service.name(), &[]).unwrap();
+        let store = blog_kit::store::Store::open(&suite.dir.path().join("data").join(service.name()), service.name(), &[]).unwrap();
         let used = store
-            .read(|c| {
-                let pragma = |name: &str| c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0));
-                Ok::<_, blog_common::store::StoreError>((pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?)
+            .read(|tx| {
+                let pragma = |name: &str| tx.query_row(&format!("PRAGMA {name}"), &[], |r| r.get::<i64>(0));
+                Ok::<_, blog_kit::StoreError>((pragma("page_count")? - pragma("freelist_count")?) * pragma("page_size")?)
             })
             .await
             .unwrap();

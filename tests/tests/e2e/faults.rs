@@ -13,7 +13,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::post};
-use blog_common::Service;
+use blog_domain::Service;
 use blog_tests::{
     DEADLINE, Signal, TestSuite,
     load::{self, LoadReport, Progress},
@@ -402,12 +402,9 @@ async fn events_set_aside_are_re_driven_when_the_publisher_starts() {
     suite.stop(Service::Posts).await;
     // As an earlier bus that did not know the event would have left it: parked.
     let parked = json!({"id": "parked-1", "type": "PostCreated", "data": {"id": "p-parked", "title": "parked"}});
-    let store = blog_common::Store::open(&suite.dir.path().join("data").join("posts"), "posts", &[]).unwrap();
+    let store = blog_kit::store::Store::open(&suite.dir.path().join("data").join("posts"), "posts", &[]).unwrap();
     store
-        .write(move |conn| {
-            conn.execute("INSERT INTO outbox_refused (pos, event, error) VALUES (1, ?1, 'refused')", [parked.to_string()])
-                .map_err(blog_common::store::StoreError::from)
-        })
+        .write(move |tx| tx.execute("INSERT INTO outbox_refused (pos, event, error) VALUES (1, $1, 'refused')", &[&parked.to_string()]))
         .await
         .unwrap();
     drop(store);

@@ -11,13 +11,67 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-pub const POST_CREATED: &str = "PostCreated";
-pub const COMMENT_CREATED: &str = "CommentCreated";
-pub const COMMENT_MODERATED: &str = "CommentModerated";
-pub const COMMENT_UPDATED: &str = "CommentUpdated";
+/// The type of an event: the suite's four, or one this version does not
+/// know, kept by name so it passes through the bus unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    PostCreated,
+    CommentCreated,
+    CommentModerated,
+    CommentUpdated,
+    /// A type this version does not know: stored and relayed as written,
+    /// acknowledged and ignored by consumers.
+    Unknown(String),
+}
 
-/// The four event types of the suite, in the order a comment's life shows them.
-pub const EVENT_TYPES: [&str; 4] = [POST_CREATED, COMMENT_CREATED, COMMENT_MODERATED, COMMENT_UPDATED];
+impl EventKind {
+    /// The suite's four types, in the order a comment's life shows them.
+    pub const KNOWN: [EventKind; 4] =
+        [EventKind::PostCreated, EventKind::CommentCreated, EventKind::CommentModerated, EventKind::CommentUpdated];
+
+    /// The name on the wire (the original's `type`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventKind::PostCreated => "PostCreated",
+            EventKind::CommentCreated => "CommentCreated",
+            EventKind::CommentModerated => "CommentModerated",
+            EventKind::CommentUpdated => "CommentUpdated",
+            EventKind::Unknown(name) => name,
+        }
+    }
+
+    /// The kind named `name`; any name is a kind.
+    pub fn named(name: &str) -> Self {
+        Self::KNOWN.into_iter().find(|kind| kind.as_str() == name).unwrap_or_else(|| EventKind::Unknown(name.to_owned()))
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<String> for EventKind {
+    fn from(name: String) -> Self {
+        match Self::named(&name) {
+            EventKind::Unknown(_) => EventKind::Unknown(name),
+            known => known,
+        }
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(EventKind::from)
+    }
+}
 
 const MAX_ID_LEN: usize = 128;
 
@@ -28,7 +82,7 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: EventKind,
     pub data: Map<String, Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
@@ -56,7 +110,7 @@ pub enum EventError {
 impl Event {
     /// A new event for `domain`, with a fresh time-ordered id.
     pub fn new(domain: &DomainEvent, request_id: Option<String>) -> Self {
-        Self { id: Uuid::now_v7().to_string(), seq: None, kind: domain.kind().to_owned(), data: domain.data(), timestamp: None, request_id }
+        Self { id: Uuid::now_v7().to_string(), seq: None, kind: domain.kind(), data: domain.data(), timestamp: None, request_id }
     }
 
     /// An event caused by `cause` (a decision on a comment, a recorded
@@ -74,7 +128,7 @@ impl Event {
             return Err(EventError::NotAnObject);
         };
         let kind = match object.remove("type") {
-            Some(Value::String(kind)) if printable(&kind) => kind,
+            Some(Value::String(kind)) if printable(&kind) => EventKind::from(kind),
             _ => return Err(EventError::BadType),
         };
         let data = match object.remove("data") {
@@ -87,7 +141,7 @@ impl Event {
             Some(_) => return Err(EventError::BadSeq),
         };
         let id = match object.remove("id") {
-            None | Some(Value::Null) => content_id(&kind, &data),
+            None | Some(Value::Null) => content_id(kind.as_str(), &data),
             Some(Value::String(id)) if printable(&id) => id,
             Some(_) => return Err(EventError::BadId),
         };
@@ -136,13 +190,23 @@ impl CommentStatus {
             CommentStatus::Rejected => "rejected",
         }
     }
+}
 
-    pub fn parse(s: &str) -> Option<Self> {
+/// A stored or sent status that is none of the three: a corrupt row or a
+/// foreign writer. Never read as `pending`: it fails the read that met it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown comment status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl std::str::FromStr for CommentStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "pending" => Some(CommentStatus::Pending),
-            "approved" => Some(CommentStatus::Approved),
-            "rejected" => Some(CommentStatus::Rejected),
-            _ => None,
+            "pending" => Ok(CommentStatus::Pending),
+            "approved" => Ok(CommentStatus::Approved),
+            "rejected" => Ok(CommentStatus::Rejected),
+            other => Err(UnknownStatus(other.to_owned())),
         }
     }
 }
@@ -174,40 +238,41 @@ pub enum DomainEvent {
     CommentUpdated(CommentData),
     /// A type this version does not know: acknowledged and ignored, so new
     /// event types can be introduced without older consumers refusing them.
-    Other,
+    Other(String),
 }
 
 impl DomainEvent {
     /// Checks the data of a known type; unknown types are [`DomainEvent::Other`].
-    pub fn parse(kind: &str, data: &Map<String, Value>) -> Result<Self, EventError> {
+    pub fn parse(kind: &EventKind, data: &Map<String, Value>) -> Result<Self, EventError> {
         fn typed<T: serde::de::DeserializeOwned>(kind: &str, data: &Map<String, Value>) -> Result<T, EventError> {
             serde_json::from_value(Value::Object(data.clone()))
                 .map_err(|e| EventError::Invalid { kind: kind.to_owned(), reason: e.to_string() })
         }
+        let name = kind.as_str();
         let event = match kind {
-            POST_CREATED => DomainEvent::PostCreated(typed(kind, data)?),
-            COMMENT_CREATED => DomainEvent::CommentCreated(typed(kind, data)?),
-            COMMENT_MODERATED => DomainEvent::CommentModerated(typed(kind, data)?),
-            COMMENT_UPDATED => DomainEvent::CommentUpdated(typed(kind, data)?),
-            _ => return Ok(DomainEvent::Other),
+            EventKind::PostCreated => DomainEvent::PostCreated(typed(name, data)?),
+            EventKind::CommentCreated => DomainEvent::CommentCreated(typed(name, data)?),
+            EventKind::CommentModerated => DomainEvent::CommentModerated(typed(name, data)?),
+            EventKind::CommentUpdated => DomainEvent::CommentUpdated(typed(name, data)?),
+            EventKind::Unknown(name) => return Ok(DomainEvent::Other(name.clone())),
         };
         let ids_present = match &event {
             DomainEvent::PostCreated(p) => !p.id.is_empty(),
             DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => {
                 !c.id.is_empty() && !c.post_id.is_empty()
             }
-            DomainEvent::Other => true,
+            DomainEvent::Other(_) => true,
         };
-        if ids_present { Ok(event) } else { Err(EventError::Invalid { kind: kind.to_owned(), reason: "ids must not be empty".to_owned() }) }
+        if ids_present { Ok(event) } else { Err(EventError::Invalid { kind: name.to_owned(), reason: "ids must not be empty".to_owned() }) }
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> EventKind {
         match self {
-            DomainEvent::PostCreated(_) => POST_CREATED,
-            DomainEvent::CommentCreated(_) => COMMENT_CREATED,
-            DomainEvent::CommentModerated(_) => COMMENT_MODERATED,
-            DomainEvent::CommentUpdated(_) => COMMENT_UPDATED,
-            DomainEvent::Other => "Other",
+            DomainEvent::PostCreated(_) => EventKind::PostCreated,
+            DomainEvent::CommentCreated(_) => EventKind::CommentCreated,
+            DomainEvent::CommentModerated(_) => EventKind::CommentModerated,
+            DomainEvent::CommentUpdated(_) => EventKind::CommentUpdated,
+            DomainEvent::Other(name) => EventKind::Unknown(name.clone()),
         }
     }
 
@@ -215,7 +280,7 @@ impl DomainEvent {
         let value = match self {
             DomainEvent::PostCreated(p) => serde_json::to_value(p),
             DomainEvent::CommentCreated(c) | DomainEvent::CommentModerated(c) | DomainEvent::CommentUpdated(c) => serde_json::to_value(c),
-            DomainEvent::Other => Ok(Value::Object(Map::new())),
+            DomainEvent::Other(_) => Ok(Value::Object(Map::new())),
         };
         match value {
             Ok(Value::Object(map)) => map,
@@ -236,7 +301,7 @@ mod tests {
             json!({"type":"CommentCreated","data":{"id":"653ac657","content":"hello world","postId":"96d08084","status":"pending"}}),
         )
         .unwrap();
-        assert_eq!(event.kind, COMMENT_CREATED);
+        assert_eq!(event.kind, EventKind::CommentCreated);
         assert_eq!(
             event.domain().unwrap(),
             DomainEvent::CommentCreated(CommentData {
@@ -281,7 +346,19 @@ mod tests {
             Event::from_value(json!({"type":"CommentUpdated","data":{"id":"1","content":"x","postId":"p","status":"maybe"}})).unwrap();
         assert!(status.domain().is_err());
         let unknown = Event::from_value(json!({"type":"PostLiked","data":{"id":"1"}})).unwrap();
-        assert_eq!(unknown.domain(), Ok(DomainEvent::Other));
+        assert_eq!(unknown.domain(), Ok(DomainEvent::Other("PostLiked".into())));
+    }
+
+    #[test]
+    fn unknown_types_round_trip_unchanged_and_statuses_fail_loudly() {
+        let original = json!({"id":"e1","type":"PostLiked","data":{"id":"p1","by":["x"]},"requestId":"r"});
+        let event = Event::from_value(original.clone()).unwrap();
+        assert_eq!(event.kind, EventKind::Unknown("PostLiked".into()));
+        assert_eq!(serde_json::to_value(&event).unwrap(), original);
+        assert_eq!(EventKind::from("CommentUpdated".to_owned()), EventKind::CommentUpdated);
+        assert_eq!("approved".parse::<CommentStatus>(), Ok(CommentStatus::Approved));
+        assert_eq!("Approved".parse::<CommentStatus>(), Err(UnknownStatus("Approved".into())));
+        assert!("".parse::<CommentStatus>().is_err());
     }
 
     #[test]

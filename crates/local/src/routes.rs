@@ -11,7 +11,7 @@
 
 use regex::Regex;
 
-use crate::topology::Service;
+use blog_domain::Service;
 
 /// One Ingress path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

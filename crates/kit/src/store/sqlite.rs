@@ -1,4 +1,5 @@
-//! One embedded SQLite database per service, written with group commit.
+//! The SQLite engine behind [`super::Tx`]: one embedded database per
+//! service, written with group commit.
 //!
 //! Every write goes to a single writer thread that owns the write connection.
 //! It takes whatever jobs are queued, runs each inside its own savepoint (so a
@@ -7,10 +8,10 @@
 //! lone write commits at once. Reads run on a small pool of read-only
 //! connections, which WAL lets proceed alongside the writer.
 //!
-//! Two kinds of write: [`Store::write`] is durable (`synchronous=FULL`: the
+//! Two kinds of write: a durable one (`synchronous=FULL`: the
 //! commit is fsynced before anyone is answered), for what a caller is told is
 //! kept: a user's 201, the bus's acknowledgement to a publisher.
-//! [`Store::write_relaxed`] skips the fsync (`synchronous=NORMAL` in WAL mode:
+//! A relaxed one ([`Store::write_relaxed`]) skips the fsync (`synchronous=NORMAL` in WAL mode:
 //! safe against a process crash, consistent after a power loss but possibly
 //! without the last commits), for what can be derived again: a consumer's
 //! effects roll back together with its cursor and are replayed from the bus,
@@ -38,6 +39,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
+use super::Tx;
+
 /// Most jobs one commit takes; bounds the latency of the last job in a batch.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
@@ -57,6 +60,12 @@ pub enum StoreError {
     Full(String),
     #[error("read task failed: {0}")]
     Join(String),
+    /// A stored value the code does not know (a corrupt row, a foreign writer).
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
+    /// A plain write published events; only a unit of work may.
+    #[error("events published outside a unit of work would be lost")]
+    Unpublished,
 }
 
 impl StoreError {
@@ -93,9 +102,9 @@ struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
 }
 
-/// A service's database. Cheap to clone.
+/// The SQLite engine of a [`super::Store`]. Cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub(super) struct Sqlite {
     inner: Arc<Inner>,
 }
 
@@ -111,16 +120,16 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for Sqlite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish()
+        f.debug_struct("Sqlite").field("path", &self.inner.path).finish()
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
     /// migration `i` runs once, when the schema version is below `i + 1`.
-    pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
+    pub(super) fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
         Self::open_capped(dir, name, migrations, None)
     }
 
@@ -128,7 +137,7 @@ impl Store {
     /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk. Capping a
     /// database below its volume's size makes it fail loudly, and recoverably
     /// (raise the cap), before the filesystem itself fills.
-    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
+    pub(super) fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         let path = dir.join(format!("{name}.db"));
         let mut conn = Connection::open(&path)?;
@@ -164,38 +173,19 @@ impl Store {
         Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()) }) })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.inner.path
     }
 
-    /// Runs `f` in the next group commit and returns its result once the
-    /// commit is on disk. If `f` fails, its changes are rolled back and the
-    /// rest of the batch commits without them.
-    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    /// Runs `f` in the next group commit; once the batch is committed (on
+    /// disk if `durable`), `on_commit` runs on the writer thread, in commit
+    /// order, before the caller hears of it.
+    pub(super) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        H: FnOnce(&mut T) + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
-    {
-        self.submit(true, f).await
-    }
-
-    /// Like [`Store::write`], answered once committed but without waiting for
-    /// the disk: for writes that can be derived again (see the module docs).
-    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
-    {
-        self.submit(false, f).await
-    }
-
-    async fn submit<T, E, F>(&self, durable: bool, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, E>>();
         let run = Box::new(move |conn: &Connection| -> Ran {
@@ -203,7 +193,10 @@ impl Store {
             let failed = outcome.is_err();
             let completion: Completion = Box::new(move |commit_error: Option<&CommitError>| {
                 let result = match (outcome, commit_error) {
-                    (Ok(value), None) => Ok(value),
+                    (Ok(mut value), None) => {
+                        on_commit(&mut value);
+                        Ok(value)
+                    }
                     (Ok(_), Some(CommitError::Storage(e))) => Err(StoreError::Full(e.clone()).into()),
                     (Ok(_), Some(CommitError::Other(e))) => Err(StoreError::Commit(e.clone()).into()),
                     (Err(e), _) => Err(e),
@@ -217,11 +210,11 @@ impl Store {
     }
 
     /// Runs `f` on a read-only connection off the async runtime.
-    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    pub(super) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
-        E: From<StoreError> + From<rusqlite::Error> + Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -230,7 +223,7 @@ impl Store {
                 Some(conn) => conn,
                 None => open_reader(&inner.path)?,
             };
-            let result = f(&conn);
+            let result = f(&Tx::sqlite(&conn));
             let mut readers = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
             if readers.len() < READ_POOL {
                 readers.push(conn);
@@ -244,21 +237,21 @@ impl Store {
     /// Whether the store can take writes: the readiness check. False when
     /// the writer thread has died, the database does not answer, or storage
     /// failed a write and a probe write still cannot allocate space.
-    pub async fn ping(&self) -> bool {
+    pub(super) async fn ping(&self) -> bool {
         if !self.inner.writer_alive.load(Ordering::SeqCst) {
             return false;
         }
         if self.inner.degraded.load(Ordering::SeqCst) {
             // An empty job: after it the writer probes for room again.
-            let _ = self.write_relaxed(|_| Ok::<_, StoreError>(())).await;
+            let _ = self.submit(false, |_| Ok::<_, StoreError>(()), |_| {}).await;
             return !self.inner.degraded.load(Ordering::SeqCst);
         }
-        self.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)).map_err(StoreError::from)).await.is_ok()
+        self.read(|tx| tx.query_row("SELECT 1", &[], |row| row.get::<i64>(0))).await.is_ok()
     }
 
     /// Gauges of the database's size on disk, its cap and the free space of
     /// the filesystem holding it.
-    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+    pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
         let inner = self.inner.clone();
         metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
             let size = |suffix: &str| {
@@ -319,13 +312,13 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
 
 fn run_in_savepoint<T, E, F>(conn: &Connection, f: F) -> Result<T, E>
 where
-    F: FnOnce(&Connection) -> Result<T, E>,
-    E: From<rusqlite::Error>,
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
+    E: From<StoreError>,
 {
-    conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
+    conn.execute_batch("SAVEPOINT job").map_err(StoreError::from)?;
+    match f(&mut Tx::sqlite(conn)) {
         Ok(value) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.execute_batch("RELEASE job").map_err(StoreError::from)?;
             Ok(value)
         }
         Err(e) => {
@@ -429,20 +422,16 @@ fn can_allocate(conn: &Connection) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     const SCHEMA: &[&str] = &["CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"];
 
     async fn insert(store: &Store, name: &'static str) -> Result<i64, StoreError> {
-        store
-            .write(move |c| {
-                c.execute("INSERT INTO item (name) VALUES (?1)", [name])?;
-                Ok(c.last_insert_rowid())
-            })
-            .await
+        store.write(move |c| c.query_row("INSERT INTO item (name) VALUES ($1) RETURNING id", &[&name], |r| r.get(0))).await
     }
 
     async fn count(store: &Store) -> i64 {
-        store.read(|c| c.query_row("SELECT count(*) FROM item", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap()
+        store.read(|c| c.query_row("SELECT count(*) FROM item", &[], |r| r.get(0))).await.unwrap()
     }
 
     #[tokio::test]
@@ -461,13 +450,11 @@ mod tests {
             let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
             let relaxed = |name: &'static str| {
                 let store = store.clone();
-                async move {
-                    store.write_relaxed(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
-                }
+                async move { store.write_relaxed(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await }
             };
             let (a, b, c) = tokio::join!(relaxed("r1"), insert(&store, "d1"), relaxed("r2"));
             assert!(a.is_ok() && b.is_ok() && c.is_ok());
-            let mode: i64 = store.write(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+            let mode: i64 = store.write(|c| c.query_row("PRAGMA synchronous", &[], |r| r.get(0))).await.unwrap();
             assert_eq!(mode, 2, "a batch with a durable job commits with synchronous=FULL");
         }
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
@@ -483,9 +470,7 @@ mod tests {
                 .map(|i| {
                     let store = store.clone();
                     tokio::spawn(async move {
-                        store
-                            .write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [format!("n{i}")]).map_err(StoreError::from))
-                            .await
+                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("n{i}")])).await
                     })
                 })
                 .collect();
@@ -506,7 +491,7 @@ mod tests {
             let store = Store::open_capped(dir.path(), "t", SCHEMA, Some(64 * 1024)).unwrap();
             let error = loop {
                 let name = format!("{kept:0>400}");
-                match store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await {
+                match store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await {
                     Ok(_) => kept += 1,
                     Err(e) => break e,
                 }
@@ -514,7 +499,7 @@ mod tests {
             };
             assert!(error.is_storage_failure(), "{error}");
             // A write that needs no new page still commits; the store stays not ready.
-            store.write(|c| c.execute("UPDATE item SET name = name WHERE id = 1", []).map_err(StoreError::from)).await.unwrap();
+            store.write(|c| c.execute("UPDATE item SET name = name WHERE id = 1", &[])).await.unwrap();
             assert!(!store.ping().await, "a full store is not ready");
             assert_eq!(count(&store).await, kept, "the refused write left nothing behind");
             let metrics = crate::metrics::Registry::default();
@@ -542,9 +527,7 @@ mod tests {
                 .map(|i| {
                     let store = store.clone();
                     let name = format!("{round}-{i}-{}", "x".repeat(if i % 3 == 0 { 3_000 } else { 20 }));
-                    tokio::spawn(async move {
-                        store.write(move |c| c.execute("INSERT INTO item (name) VALUES (?1)", [name]).map_err(StoreError::from)).await
-                    })
+                    tokio::spawn(async move { store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&name])).await })
                 })
                 .collect();
             for write in writes {

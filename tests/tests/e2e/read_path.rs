@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_tests::TestSuite;
 use serde_json::{Value, json};
 

@@ -1,7 +1,7 @@
 //! The whole flow through the gateway: post -> comment -> moderation -> query,
 //! with the statuses reaching both the comments service and query.
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_tests::TestSuite;
 use serde_json::json;
 

@@ -6,8 +6,10 @@
 //! about, the event id goes into the `inbox` table in the same transaction as
 //! the effect: a redelivered event finds its id and changes nothing. The
 //! highest bus sequence seen is kept too, so on start the consumer asks the bus
-//! for everything after it. Events of types the consumer does not handle are
-//! acknowledged and ignored; events of known types with malformed data are
+//! for everything after it ([`catch_up`], on the shared retry loop). A
+//! consumer's one method, [`Consumer::apply`], says whether it acted on an
+//! event ([`Outcome::Handled`]) or not ([`Outcome::Ignored`]); ignored events
+//! and types this version does not know are acknowledged and leave no record; events of known types with malformed data are
 //! refused with a 400 marked as a refusal of the events (see
 //! [`crate::internal::REFUSAL_HEADER`]), which the bus counts and skips rather
 //! than retrying forever.
@@ -21,22 +23,25 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use rusqlite::Connection;
+use blog_domain::{DomainEvent, Event};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::{
+    bus_client::BusClient,
+    outbox::Outbox,
+    retry::{self, DeliveryError, Pass, Worker},
+};
 use crate::{
-    bus_client::{BusClient, BusError},
-    error::{ApiError, Json, error_response},
-    events::{DomainEvent, Event},
+    http::{ApiError, Json, error_response},
     internal::{self, InternalSecret},
     metrics::{Counter, Registry},
-    outbox::Outbox,
-    store::{Store, StoreError},
+    shutdown::Shutdown,
+    store::{Store, StoreError, Tx},
 };
 
 /// The tables every consuming service's database holds.
-pub const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq INTEGER) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS consumer_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
     INSERT OR IGNORE INTO consumer_cursor (id, seq) VALUES (0, 0);
@@ -50,20 +55,26 @@ pub const MAX_EVENTS_BODY: usize = 8 * 1024 * 1024;
 /// Events asked of the bus per page while catching up.
 const REPLAY_PAGE: u32 = 500;
 
-/// What a service does with the events it consumes.
-pub trait Handler: Send + Sync + 'static {
-    /// Whether this service acts on `event`; the others are acknowledged and ignored.
-    fn handles(&self, event: &DomainEvent) -> bool;
+/// Whether a consumer acted on an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: recorded in the inbox, so a redelivery changes nothing.
+    Handled,
+    /// Not this consumer's business; it must have written nothing.
+    Ignored,
+}
 
-    /// Applies `event` inside the delivery's transaction. Events the effect
-    /// publishes in turn are staged in the outbox with the same connection.
-    fn apply(&self, conn: &Connection, envelope: &Event, event: &DomainEvent) -> rusqlite::Result<()>;
+/// What a service does with the events it consumes.
+pub trait Consumer: Send + Sync + 'static {
+    /// Applies `event` inside the delivery's unit of work: events it
+    /// publishes in turn go out with [`Tx::publish`] when the delivery commits.
+    fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError>;
 
     /// Runs after the transaction that applied `events` committed.
     fn committed(&self, _events: &[Applied]) {}
 }
 
-/// An event that a delivery applied, as [`Handler::committed`] sees it.
+/// An event that a delivery applied, as [`Consumer::committed`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// The bus's sequence number, when the event came from the bus.
@@ -90,7 +101,7 @@ pub struct Rejection {
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
     #[error(transparent)]
-    Bus(#[from] BusError),
+    Bus(#[from] DeliveryError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -99,8 +110,8 @@ pub enum CatchUpError {
 #[derive(Clone)]
 pub struct Inbox {
     store: Store,
-    handler: Arc<dyn Handler>,
-    outbox: Option<Outbox>,
+    consumer: Arc<dyn Consumer>,
+    outbox: Outbox,
     applied: Counter,
     duplicates: Counter,
     rejected: Counter,
@@ -113,12 +124,12 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    /// `outbox` is woken after every delivery that applied something, for
-    /// services whose effects publish events.
-    pub fn new(store: Store, handler: impl Handler, outbox: Option<Outbox>, metrics: &Registry) -> Self {
+    /// An inbox over `store` (holding [`SCHEMA`]); deliveries commit through
+    /// `outbox`, so what a consumer publishes goes out with them.
+    pub fn new(store: Store, consumer: impl Consumer, outbox: Outbox, metrics: &Registry) -> Self {
         Self {
             store,
-            handler: Arc::new(handler),
+            consumer: Arc::new(consumer),
             outbox,
             applied: metrics.counter("blog_inbox_applied_total", "Events applied."),
             duplicates: metrics.counter("blog_inbox_duplicates_total", "Redelivered events recognised and skipped."),
@@ -147,8 +158,8 @@ impl Inbox {
         let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq.and_then(|s| i64::try_from(s).ok())).collect();
         for event in events {
             match event.domain() {
-                Ok(domain) if self.handler.handles(&domain) => relevant.push((event, domain)),
-                Ok(_) => report.ignored += 1,
+                Ok(DomainEvent::Other(_)) => report.ignored += 1,
+                Ok(domain) => relevant.push((event, domain)),
                 Err(e) => report.rejected.push(Rejection { id: event.id.clone(), error: e.to_string() }),
             }
         }
@@ -156,44 +167,48 @@ impl Inbox {
         if relevant.is_empty() && seqs.is_empty() {
             return Ok(report);
         }
-        let handler = self.handler.clone();
+        let consumer = self.consumer.clone();
         // Relaxed: after a power loss the effects roll back with the
         // watermark, and the catch-up on start replays them from the bus.
         let (report, applied) = self
-            .store
-            .write_relaxed(move |conn| {
+            .outbox
+            .commit(false, move |tx| {
                 let mut applied = Vec::new();
                 for (event, domain) in relevant {
-                    let fresh = conn
-                        .prepare_cached("INSERT OR IGNORE INTO inbox (event_id, seq) VALUES (?1, ?2)")?
-                        .execute(rusqlite::params![event.id, event.seq.and_then(|s| i64::try_from(s).ok())])?
-                        == 1;
+                    let seq = event.seq.and_then(|s| i64::try_from(s).ok());
+                    let fresh =
+                        tx.execute("INSERT INTO inbox (event_id, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&event.id, &seq])? == 1;
                     if !fresh {
                         report.duplicates += 1;
                         continue;
                     }
-                    handler.apply(conn, &event, &domain)?;
-                    report.applied += 1;
-                    applied.push(Applied { seq: event.seq, event: domain });
+                    match consumer.apply(tx, &event, &domain)? {
+                        Outcome::Handled => {
+                            report.applied += 1;
+                            applied.push(Applied { seq: event.seq, event: domain });
+                        }
+                        Outcome::Ignored => {
+                            // No record of what this consumer does not keep.
+                            tx.execute("DELETE FROM inbox WHERE event_id = $1", &[&event.id])?;
+                            report.ignored += 1;
+                        }
+                    }
                 }
-                advance_watermark(conn, &seqs, covers_after)?;
+                advance_watermark(tx, &seqs, covers_after)?;
                 Ok::<_, StoreError>((report, applied))
             })
             .await?;
         self.applied.add(report.applied as u64);
         self.duplicates.add(report.duplicates as u64);
         if !applied.is_empty() {
-            self.handler.committed(&applied);
-            if let Some(outbox) = &self.outbox {
-                outbox.wake();
-            }
+            self.consumer.committed(&applied);
         }
         Ok(report)
     }
 
     /// The replay watermark: every bus event up to it has been processed.
     pub async fn cursor(&self) -> Result<u64, StoreError> {
-        self.store.read(|conn| Ok::<_, StoreError>(watermark(conn)? as u64)).await
+        self.store.read(|tx| Ok::<_, StoreError>(watermark(tx)? as u64)).await
     }
 
     /// Asks the bus for every event after `after` and applies it, moving
@@ -224,8 +239,8 @@ impl Inbox {
     }
 }
 
-fn watermark(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.prepare_cached("SELECT seq FROM consumer_cursor WHERE id = 0")?.query_row([], |row| row.get(0))
+fn watermark(tx: &Tx<'_>) -> Result<i64, StoreError> {
+    tx.query_row("SELECT seq FROM consumer_cursor WHERE id = 0", &[], |row| row.get(0))
 }
 
 /// Records `seqs` as processed and moves the watermark over the gap-free run
@@ -233,33 +248,86 @@ fn watermark(conn: &Connection) -> rusqlite::Result<i64> {
 /// log from `covers_after` at or below the watermark moves it to the batch's
 /// end at once, gaps in the numbering included. Only sequence numbers above
 /// the watermark are kept.
-fn advance_watermark(conn: &Connection, seqs: &[i64], covers_after: Option<i64>) -> rusqlite::Result<()> {
-    let before = watermark(conn)?;
+fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Result<(), StoreError> {
+    let before = watermark(tx)?;
     let mut mark = before;
     if let (Some(after), Some(&last)) = (covers_after, seqs.iter().max())
         && after <= mark
     {
         mark = mark.max(last);
     }
-    let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO replay_seen (seq) VALUES (?1)")?;
     for seq in seqs.iter().filter(|seq| **seq > mark) {
-        insert.execute([seq])?;
+        tx.execute("INSERT INTO replay_seen (seq) VALUES ($1) ON CONFLICT DO NOTHING", &[seq])?;
     }
     // All kept numbers are above the watermark, so when `mark + 1` is among
     // them, the first one not followed by its successor ends the run from it.
-    let end: Option<i64> = conn
-        .prepare_cached(
-            "SELECT min(s.seq) FROM replay_seen s
-             WHERE NOT EXISTS (SELECT 1 FROM replay_seen n WHERE n.seq = s.seq + 1)
-               AND EXISTS (SELECT 1 FROM replay_seen f WHERE f.seq = ?1)",
-        )?
-        .query_row([mark + 1], |row| row.get(0))?;
+    let end: Option<i64> = tx.query_row(
+        "SELECT min(s.seq) FROM replay_seen s
+         WHERE NOT EXISTS (SELECT 1 FROM replay_seen n WHERE n.seq = s.seq + 1)
+           AND EXISTS (SELECT 1 FROM replay_seen f WHERE f.seq = $1)",
+        &[&(mark + 1)],
+        |row| row.get(0),
+    )?;
     mark = mark.max(end.unwrap_or(mark));
     if mark > before {
-        conn.prepare_cached("UPDATE consumer_cursor SET seq = ?1 WHERE id = 0")?.execute([mark])?;
-        conn.prepare_cached("DELETE FROM replay_seen WHERE seq <= ?1")?.execute([mark])?;
+        tx.execute("UPDATE consumer_cursor SET seq = $1 WHERE id = 0", &[&mark])?;
+        tx.execute("DELETE FROM replay_seen WHERE seq <= $1", &[&mark])?;
     }
     Ok(())
+}
+
+/// Replays what the service missed while it was down, retrying until the
+/// bus answers; from then on the bus pushes. The watermark is read once: a
+/// retry resumes from where the previous attempt got to, not from whatever
+/// pushes meanwhile did to the database.
+pub async fn catch_up(inbox: Inbox, bus: BusClient, shutdown: Shutdown) {
+    retry::run(CatchUp { inbox, bus, after: None }, shutdown).await;
+}
+
+struct CatchUp {
+    inbox: Inbox,
+    bus: BusClient,
+    after: Option<u64>,
+}
+
+impl Worker for CatchUp {
+    type Error = CatchUpError;
+
+    async fn pass(&mut self) -> Result<Pass, CatchUpError> {
+        let mut after = match self.after {
+            Some(after) => after,
+            None => {
+                let watermark = self.inbox.cursor().await?;
+                tracing::info!(watermark, "catching up with the bus");
+                watermark
+            }
+        };
+        let result = self.inbox.catch_up(&self.bus, &mut after).await;
+        self.after = Some(after);
+        let fetched = result?;
+        tracing::info!(fetched, "caught up with the bus");
+        Ok(Pass::Done)
+    }
+
+    async fn idle(&mut self) {}
+
+    fn failed(&mut self, error: &CatchUpError, attempt: u32) {
+        tracing::warn!(%error, attempt, "cannot catch up with the bus yet");
+    }
+}
+
+/// Answers `POST /events` for a service that consumes nothing: the caller
+/// must hold `secret`, the envelope is checked and the event acknowledged, as
+/// the original's services do.
+pub fn ack_events(secret: &InternalSecret) -> Router {
+    async fn ack(Json(body): Json<Value, MAX_EVENTS_BODY>) -> Result<Response, Response> {
+        parse_events(body).map_err(IntoResponse::into_response)?;
+        Ok(axum::Json(serde_json::json!({})).into_response())
+    }
+    Router::new()
+        .route("/events", post(ack))
+        .route_layer(axum::middleware::from_fn_with_state(secret.clone(), internal::require_secret))
+        .layer(DefaultBodyLimit::max(MAX_EVENTS_BODY))
 }
 
 /// Why a `POST /events` body was refused.
@@ -339,16 +407,11 @@ mod tests {
     #[derive(Default)]
     struct Posts(Mutex<Vec<Applied>>);
 
-    impl Handler for Arc<Posts> {
-        fn handles(&self, event: &DomainEvent) -> bool {
-            matches!(event, DomainEvent::PostCreated(_))
-        }
-
-        fn apply(&self, conn: &Connection, _: &Event, event: &DomainEvent) -> rusqlite::Result<()> {
-            if let DomainEvent::PostCreated(post) = event {
-                conn.execute("INSERT INTO post (id) VALUES (?1)", [&post.id])?;
-            }
-            Ok(())
+    impl Consumer for Arc<Posts> {
+        fn apply(&self, tx: &mut Tx<'_>, _: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
+            let DomainEvent::PostCreated(post) = event else { return Ok(Outcome::Ignored) };
+            tx.execute("INSERT INTO post (id) VALUES ($1)", &[&post.id])?;
+            Ok(Outcome::Handled)
         }
 
         fn committed(&self, events: &[Applied]) {
@@ -364,9 +427,9 @@ mod tests {
     async fn redelivery_changes_nothing_and_unknown_types_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
-        store.write(|c| c.execute_batch(SCHEMA).map_err(StoreError::from)).await.unwrap();
+        crate::messaging::install(&store).await.unwrap();
         let seen = Arc::new(Posts::default());
-        let inbox = Inbox::new(store.clone(), seen.clone(), None, &Registry::default());
+        let inbox = Inbox::new(store.clone(), seen.clone(), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
 
         let post = event(json!({"id":"e1","seq":1,"type":"PostCreated","data":{"id":"p1","title":"t"}}));
         let liked = event(json!({"id":"e2","seq":2,"type":"PostLiked","data":{"id":"p1"}}));
@@ -377,7 +440,7 @@ mod tests {
         let again = inbox.deliver(vec![post.clone(), post]).await.unwrap();
         assert_eq!((again.applied, again.duplicates), (0, 2));
 
-        let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+        let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", &[], |r| r.get(0))).await.unwrap();
         assert_eq!(rows, 1);
         assert_eq!(seen.0.lock().unwrap().len(), 1);
         assert_eq!(inbox.cursor().await.unwrap(), 3, "applied, ignored and refused events all count");
@@ -388,8 +451,9 @@ mod tests {
     async fn inbox_over_posts() -> (tempfile::TempDir, Store, Inbox) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
-        store.write(|c| c.execute_batch(SCHEMA).map_err(StoreError::from)).await.unwrap();
-        let inbox = Inbox::new(store.clone(), Arc::new(Posts::default()), None, &Registry::default());
+        crate::messaging::install(&store).await.unwrap();
+        let inbox =
+            Inbox::new(store.clone(), Arc::new(Posts::default()), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
         (dir, store, inbox)
     }
 
@@ -453,8 +517,7 @@ mod tests {
         assert_eq!(inbox.cursor().await.unwrap(), 1);
         inbox.deliver(vec![post(2)]).await.unwrap();
         assert_eq!(inbox.cursor().await.unwrap(), 3, "the gap filled, the watermark jumps over what was seen");
-        let kept: i64 =
-            store.read(|c| c.query_row("SELECT count(*) FROM replay_seen", [], |r| r.get(0)).map_err(StoreError::from)).await.unwrap();
+        let kept: i64 = store.read(|c| c.query_row("SELECT count(*) FROM replay_seen", &[], |r| r.get(0))).await.unwrap();
         assert_eq!(kept, 1, "only seqs above the watermark are kept (the far one)");
     }
 

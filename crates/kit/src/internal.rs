@@ -22,7 +22,9 @@ use axum::{
     response::Response,
 };
 
-use crate::{config::ConfigError, error::error_response};
+use blog_domain::config::ConfigError;
+
+use crate::http::{error_response, layers::READ_LIMIT};
 
 /// The variable holding the shared secret.
 pub const SECRET_ENV: &str = "INTERNAL_SECRET";
@@ -103,7 +105,7 @@ pub async fn require_secret(State(secret): State<InternalSecret>, request: Reque
         Ok(()) => next.run(request).await,
         Err((status, message)) => {
             tracing::warn!(%status, path = %request.uri().path(), "internal write refused");
-            let _ = axum::body::to_bytes(request.into_body(), crate::server::READ_LIMIT).await;
+            let _ = axum::body::to_bytes(request.into_body(), READ_LIMIT).await;
             let mut response = error_response(status, message);
             if status == StatusCode::UNAUTHORIZED {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

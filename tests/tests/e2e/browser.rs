@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blog_common::Service;
+use blog_domain::Service;
 use blog_tests::{TestSuite, free_port};
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -76,7 +76,7 @@ impl Chromedriver {
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", driver.display()));
         let this = Self { child, url: format!("http://127.0.0.1:{port}"), chromium, profiles: tempfile::tempdir().expect("a temp dir") };
-        let http = blog_common::bus_client::http_client(Duration::from_secs(2));
+        let http = blog_kit::http::client::http_client(Duration::from_secs(2));
         let status = format!("{}/status", this.url);
         until("chromedriver to be ready", Duration::from_secs(20), || async {
             let body: Value = http.get(&status).send().await.ok()?.json().await.ok()?;

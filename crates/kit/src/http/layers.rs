@@ -1,0 +1,138 @@
+//! The standard routes and layers every service gets: `/healthz`,
+//! `/readyz`, `/metrics`, JSON answers for unknown routes and methods, the
+//! read limit, panics caught as JSON 500s, a request timeout answered as a
+//! JSON 503, tracing spans with the matched path, and request ids.
+
+use std::time::Duration;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+use super::{
+    error::{self, error_response},
+    extract::REQUEST_ID,
+};
+use crate::{metrics::Registry, store::Store};
+
+/// How much of a body a service reads before refusing it (the gateway's and
+/// ingress-nginx's default limit); routes apply their own, smaller limits to
+/// what was read (see [`super::extract::Json`]).
+pub const READ_LIMIT: usize = 1024 * 1024;
+/// Longest a request may take before it is answered 503 and dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a timed-out request's `Retry-After` says, in seconds.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// Adds the standard routes and layers to a service's routes. Readiness is
+/// the database answering, when the service has one.
+pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router {
+    let ready = move || {
+        let store = store.clone();
+        async move {
+            let ok = match &store {
+                Some(store) => store.ping().await,
+                None => true,
+            };
+            if ok {
+                (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
+            } else {
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+            }
+        }
+    };
+    let metrics_text = move || {
+        let text = metrics.render();
+        async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text) }
+    };
+    app.route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(READ_LIMIT))
+        .layer(CatchPanicLayer::custom(|_| error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
+        .layer(axum::middleware::from_fn(time_limit))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let path = req.extensions().get::<MatchedPath>().map_or(req.uri().path(), MatchedPath::as_str);
+            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::debug_span!("request", method = %req.method(), path, request_id = id)
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// Answers a request that outlives [`REQUEST_TIMEOUT`] with a JSON 503 and
+/// `Retry-After` (tower-http's timeout layer answers an empty 408, which
+/// also invites an automatic retry that may double a write that commits
+/// later). Only the wait for the response head is bounded: a stream, once
+/// answered, runs on.
+async fn time_limit(request: Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error::retry_later("the request took too long, try again", RETRY_AFTER_SECS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::http::extract;
+
+    async fn answer(app: Router, uri: &str) -> (StatusCode, axum::http::HeaderMap, serde_json::Value) {
+        let response = app.oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_the_timeout_gets_a_json_503_with_retry_after() {
+        let slow = Router::new().route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(REQUEST_TIMEOUT * 3).await;
+                "late"
+            }),
+        );
+        let (status, headers, body) = answer(standard(slow, None, Registry::default()), "/slow").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers[header::RETRY_AFTER], RETRY_AFTER_SECS.to_string());
+        assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+
+    #[tokio::test]
+    async fn every_extractor_rejection_is_json() {
+        let app = Router::new()
+            .route("/posts/{id}/comments", get(|extract::Path(id): extract::Path<String>| async move { id }))
+            .route("/numbers/{n}", get(|extract::Path(n): extract::Path<u32>| async move { n.to_string() }))
+            .route(
+                "/query",
+                get(|extract::Query(q): extract::Query<std::collections::HashMap<String, u32>>| async move { q.len().to_string() }),
+            );
+        let app = standard(app, None, Registry::default());
+        for uri in ["/posts/%FF/comments", "/posts/%C3%28/comments", "/numbers/x", "/numbers/99999999999", "/query?a=b"] {
+            let (status, headers, body) = answer(app.clone(), uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+            assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"), "{uri}");
+            assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{uri}: {body}");
+        }
+        let response = app.clone().oneshot(Request::post("/posts/a/comments").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
+        assert_eq!(answer(app, "/posts/a%20b/comments").await.0, StatusCode::OK);
+    }
+}

@@ -1,0 +1,71 @@
+//! The HTTP side of handing events over: [`post_events`], which the relay
+//! (through [`BusClient::publish`]) and the bus's deliverers both use, and
+//! the bus's read API for consumers catching up.
+
+use blog_domain::{Event, config::endpoint};
+use serde::Deserialize;
+use url::Url;
+
+use super::retry::DeliveryError;
+use crate::internal::{self, InternalSecret};
+
+/// Posts `events` to `url` as an internal caller: one event as the original's
+/// single object, more as an array. `covers_after` is sent with pushes from
+/// the bus (see [`internal::COVERS_AFTER_HEADER`]).
+pub async fn post_events(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &InternalSecret,
+    events: &[Event],
+    covers_after: Option<u64>,
+) -> Result<(), DeliveryError> {
+    let mut request = http.post(url).header(reqwest::header::AUTHORIZATION, secret.bearer());
+    if let Some(after) = covers_after {
+        request = request.header(internal::COVERS_AFTER_HEADER.clone(), after);
+    }
+    let request = if let [single] = events { request.json(single) } else { request.json(events) };
+    check(request.send().await?).await.map(drop)
+}
+
+/// The bus as a publisher and a catching-up consumer see it.
+#[derive(Debug, Clone)]
+pub struct BusClient {
+    http: reqwest::Client,
+    events: String,
+    secret: InternalSecret,
+}
+
+impl BusClient {
+    pub fn new(http: reqwest::Client, base_url: &Url, secret: InternalSecret) -> Self {
+        Self { http, events: endpoint(base_url, "/events"), secret }
+    }
+
+    /// Publishes `events` in one request; the bus stores each id once, so a
+    /// retry after a lost answer does not duplicate anything.
+    pub async fn publish(&self, events: &[Event]) -> Result<(), DeliveryError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        post_events(&self.http, &self.events, &self.secret, events, None).await
+    }
+
+    /// Up to `limit` stored events with a sequence number above `after`.
+    pub async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>, DeliveryError> {
+        let url = format!("{}?after={after}&limit={limit}", self.events);
+        let response = check(self.http.get(url).send().await?).await?;
+        #[derive(Deserialize)]
+        struct Page(Vec<Event>);
+        Ok(response.json::<Page>().await?.0)
+    }
+}
+
+/// A success, or the [`DeliveryError`] the answer amounts to.
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, DeliveryError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let refused = internal::is_refusal(status, response.headers());
+    let body = response.text().await.unwrap_or_default();
+    Err(DeliveryError::Status { status: status.as_u16(), body: body.chars().take(300).collect(), refused })
+}

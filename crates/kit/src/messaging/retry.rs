@@ -1,0 +1,279 @@
+//! The one way the suite retries a hand-over of events, shared by the
+//! outbox relay (service → bus), the bus's deliverers (bus → subscriber) and
+//! a consumer's catch-up (bus → consumer on start):
+//!
+//! - [`DeliveryError`] and its one rule of what is transient: anything but
+//!   the receiver's own refusal of the events (marked with
+//!   [`crate::internal::REFUSAL_HEADER`]); a wrong URL or secret, a proxy's
+//!   error page, a timeout are faults of the path, retried until it is fixed.
+//! - [`hand_over`]: send a batch; when the receiver refuses it, send its
+//!   events one at a time and set aside only the one it refuses, so one bad
+//!   event cannot block every later one.
+//! - [`run`]: the loop around a [`Worker`]: one pass after another, waiting
+//!   when idle, with exponential backoff and jitter after a failure, until
+//!   the work is done or shutdown.
+
+use std::{fmt::Display, future::Future, time::Duration};
+
+use crate::shutdown::Shutdown;
+
+/// Exponential backoff from 50 ms to 5 s with full jitter on the upper half.
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
+    Duration::from_millis(ceiling / 2 + fastrand::u64(0..=ceiling / 2))
+}
+
+/// Why handing events to a receiver failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// No answer: refused connection, timeout, reset.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// An answer other than success.
+    #[error("answered {status}: {body}")]
+    Status {
+        status: u16,
+        body: String,
+        /// The receiver refused the events themselves.
+        refused: bool,
+    },
+}
+
+impl DeliveryError {
+    /// Whether sending the same events again can succeed: the one rule.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DeliveryError::Unreachable(_) => true,
+            DeliveryError::Status { refused, .. } => !refused,
+        }
+    }
+
+    /// A 4xx that is not a refusal of the events: something is misconfigured
+    /// (URL, secret) and an operator must be told.
+    pub fn is_misdirected(&self) -> bool {
+        matches!(self, DeliveryError::Status { status: 400..500, refused: false, .. })
+    }
+}
+
+impl From<reqwest::Error> for DeliveryError {
+    fn from(error: reqwest::Error) -> Self {
+        DeliveryError::Unreachable(error.to_string())
+    }
+}
+
+/// A receiver of batches, as [`hand_over`] drives it.
+pub trait Handover: Send {
+    type Item: Send + Sync;
+
+    /// Sends `items` in one request.
+    fn send(&mut self, items: &[Self::Item]) -> impl Future<Output = Result<(), DeliveryError>> + Send;
+    /// `items` were acknowledged.
+    fn accepted(&mut self, items: &[Self::Item]) -> impl Future<Output = ()> + Send;
+    /// `item` was refused for good: set it aside.
+    fn refused(&mut self, item: &Self::Item, error: &DeliveryError) -> impl Future<Output = ()> + Send;
+}
+
+/// Hands `items` over, splitting the batch when the receiver refuses it;
+/// fails with the transient error that stopped it, if any (what was
+/// acknowledged before it stays acknowledged).
+pub async fn hand_over<H: Handover>(receiver: &mut H, items: &[H::Item]) -> Result<(), DeliveryError> {
+    match receiver.send(items).await {
+        Ok(()) => {
+            receiver.accepted(items).await;
+            return Ok(());
+        }
+        Err(e) if e.is_transient() => return Err(e),
+        Err(e) if items.len() == 1 => {
+            receiver.refused(&items[0], &e).await;
+            return Ok(());
+        }
+        Err(_) => {}
+    }
+    for item in items {
+        let single = std::slice::from_ref(item);
+        match receiver.send(single).await {
+            Ok(()) => receiver.accepted(single).await,
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => receiver.refused(item, &e).await,
+        }
+    }
+    Ok(())
+}
+
+/// What one pass of a [`Worker`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// It did something; there may be more at once.
+    Worked,
+    /// Nothing to do: wait for [`Worker::idle`].
+    Idle,
+    /// The work is finished for good.
+    Done,
+}
+
+/// A task that [`run`] repeats.
+pub trait Worker: Send {
+    type Error: Display + Send;
+
+    /// One pass over the work.
+    fn pass(&mut self) -> impl Future<Output = Result<Pass, Self::Error>> + Send;
+    /// Resolves when there may be work again.
+    fn idle(&mut self) -> impl Future<Output = ()> + Send;
+    /// A pass failed for the `attempt`-th time in a row: log it, count it.
+    fn failed(&mut self, error: &Self::Error, attempt: u32);
+}
+
+/// Runs `worker` until it is done or `shutdown`, backing off after failures.
+pub async fn run<W: Worker>(mut worker: W, shutdown: Shutdown) {
+    let mut failures = 0u32;
+    loop {
+        match worker.pass().await {
+            Ok(Pass::Worked) => failures = 0,
+            Ok(Pass::Idle) => {
+                failures = 0;
+                tokio::select! {
+                    () = worker.idle() => {}
+                    () = shutdown.wait() => return,
+                }
+            }
+            Ok(Pass::Done) => return,
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                worker.failed(&error, failures);
+                if shutdown.sleep(backoff(failures)).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(100));
+        assert!(backoff(1) >= Duration::from_millis(50));
+        for attempt in 1..40 {
+            assert!(backoff(attempt) <= Duration::from_secs(5));
+        }
+        assert!(backoff(30) >= Duration::from_millis(2_500));
+    }
+
+    #[test]
+    fn only_the_receivers_refusal_is_final() {
+        let status = |status, refused| DeliveryError::Status { status, body: String::new(), refused };
+        assert!(DeliveryError::Unreachable("down".into()).is_transient());
+        assert!(status(503, false).is_transient());
+        assert!(status(404, false).is_transient() && status(404, false).is_misdirected());
+        assert!(status(403, false).is_misdirected());
+        assert!(!status(400, true).is_transient() && !status(400, true).is_misdirected());
+        assert!(!status(503, false).is_misdirected());
+    }
+
+    /// Refuses any batch holding a "bad" item, and is down while `down` says so.
+    #[derive(Default)]
+    struct Receiver {
+        down: bool,
+        sent: Vec<Vec<&'static str>>,
+        accepted: Vec<&'static str>,
+        refused: Vec<&'static str>,
+    }
+
+    impl Handover for Receiver {
+        type Item = &'static str;
+
+        async fn send(&mut self, items: &[&'static str]) -> Result<(), DeliveryError> {
+            self.sent.push(items.to_vec());
+            if self.down {
+                return Err(DeliveryError::Unreachable("down".into()));
+            }
+            if items.contains(&"bad") {
+                return Err(DeliveryError::Status { status: 400, body: "bad".into(), refused: true });
+            }
+            Ok(())
+        }
+
+        async fn accepted(&mut self, items: &[&'static str]) {
+            self.accepted.extend_from_slice(items);
+        }
+
+        async fn refused(&mut self, item: &&'static str, _: &DeliveryError) {
+            self.refused.push(item);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_split_and_only_the_refused_event_set_aside() {
+        let mut receiver = Receiver::default();
+        hand_over(&mut receiver, &["a", "bad", "c"]).await.unwrap();
+        assert_eq!(receiver.sent, [vec!["a", "bad", "c"], vec!["a"], vec!["bad"], vec!["c"]]);
+        assert_eq!((receiver.accepted, receiver.refused), (vec!["a", "c"], vec!["bad"]));
+
+        let mut down = Receiver { down: true, ..Receiver::default() };
+        assert!(hand_over(&mut down, &["a", "bad"]).await.is_err());
+        assert_eq!((down.sent.len(), down.accepted.len(), down.refused.len()), (1, 0, 0), "a transient failure sets nothing aside");
+    }
+
+    /// Fails `failures` times, then finishes; records when each pass ran.
+    struct Flaky {
+        failures: u32,
+        passes: Arc<Mutex<Vec<tokio::time::Instant>>>,
+        attempts: Vec<u32>,
+    }
+
+    impl Worker for Flaky {
+        type Error = String;
+
+        async fn pass(&mut self) -> Result<Pass, String> {
+            self.passes.lock().unwrap().push(tokio::time::Instant::now());
+            if self.failures == 0 {
+                return Ok(Pass::Done);
+            }
+            self.failures -= 1;
+            Err("not yet".into())
+        }
+
+        async fn idle(&mut self) {}
+
+        fn failed(&mut self, _: &String, attempt: u32) {
+            self.attempts.push(attempt);
+            assert_eq!(attempt as usize, self.attempts.len(), "attempts count up while failures continue");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_exponentially_until_the_work_is_done() {
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        run(Flaky { failures: 9, passes: passes.clone(), attempts: Vec::new() }, Shutdown::new(std::future::pending())).await;
+        let passes = passes.lock().unwrap().clone();
+        assert_eq!(passes.len(), 10);
+        let waits: Vec<Duration> = passes.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, wait) in waits.iter().enumerate() {
+            let ceiling = Duration::from_millis((50u64 << (i + 1).min(7)).min(5_000));
+            assert!(*wait >= ceiling / 2 && *wait <= ceiling, "wait {i}: {wait:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_the_backoff() {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(run(Flaky { failures: u32::MAX, passes: passes.clone(), attempts: Vec::new() }, shutdown));
+        while passes.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        let after = passes.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(passes.lock().unwrap().len(), after, "no pass after shutdown");
+    }
+}
