@@ -37,16 +37,24 @@ use crate::{
     internal::{self, InternalSecret},
     metrics::{Counter, Registry},
     shutdown::Shutdown,
-    store::{Store, StoreError, Tx},
+    store::{Migration, Store, StoreError, Tx},
 };
 
 /// The tables every consuming service's database holds.
-pub(crate) const SCHEMA: &str = "
+pub(crate) const SCHEMA: Migration = Migration::per_engine(
+    "
     CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq INTEGER) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS consumer_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
     INSERT OR IGNORE INTO consumer_cursor (id, seq) VALUES (0, 0);
     CREATE TABLE IF NOT EXISTS replay_seen (seq INTEGER PRIMARY KEY);
-";
+",
+    "
+    CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq BIGINT);
+    CREATE TABLE IF NOT EXISTS consumer_cursor (id BIGINT PRIMARY KEY CHECK (id = 0), seq BIGINT NOT NULL);
+    INSERT INTO consumer_cursor (id, seq) VALUES (0, 0) ON CONFLICT DO NOTHING;
+    CREATE TABLE IF NOT EXISTS replay_seen (seq BIGINT PRIMARY KEY);
+",
+);
 
 /// Most events one `POST /events` may carry.
 pub const MAX_BATCH: usize = 1_000;
@@ -248,7 +256,13 @@ fn watermark(tx: &Tx<'_>) -> Result<i64, StoreError> {
 /// log from `covers_after` at or below the watermark moves it to the batch's
 /// end at once, gaps in the numbering included. Only sequence numbers above
 /// the watermark are kept.
+///
+/// Replicas sharing a database apply deliveries concurrently, so the cursor
+/// row is locked first (a no-op update): deliveries move the watermark one
+/// after the other, each seeing what the ones before it committed, and none
+/// can overwrite a higher watermark with a lower one.
 fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Result<(), StoreError> {
+    tx.execute("UPDATE consumer_cursor SET seq = seq WHERE id = 0", &[])?;
     let before = watermark(tx)?;
     let mut mark = before;
     if let (Some(after), Some(&last)) = (covers_after, seqs.iter().max())
@@ -270,7 +284,7 @@ fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Re
     )?;
     mark = mark.max(end.unwrap_or(mark));
     if mark > before {
-        tx.execute("UPDATE consumer_cursor SET seq = $1 WHERE id = 0", &[&mark])?;
+        tx.execute("UPDATE consumer_cursor SET seq = $1 WHERE id = 0 AND seq < $1", &[&mark])?;
         tx.execute("DELETE FROM replay_seen WHERE seq <= $1", &[&mark])?;
     }
     Ok(())

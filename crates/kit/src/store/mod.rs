@@ -1,4 +1,4 @@
-//! A service's database, seen through a seam a second engine can fill.
+//! A service's database, seen through a seam two engines fill.
 //!
 //! Services never touch a driver type. They write SQL in the subset SQLite
 //! and PostgreSQL both accept (`$1`-style numbered parameters,
@@ -6,46 +6,302 @@
 //! [`Tx::execute`], [`Tx::query_one`], [`Tx::query_all`], [`Tx::for_each`],
 //! reading columns with [`Row::get`] (or [`Row::parse`] for domain values,
 //! which fails loudly on a value it does not know). Parameters are anything
-//! [`Value`], columns anything [`Column`]: the kit's names for what the engine
-//! can bind and read.
+//! [`Value`], columns anything [`Column`]: the kit's names for what both
+//! engines can bind and read (text, `i64` as `BIGINT`, their `Option`s).
 //!
-//! [`Store`] is the engine behind it: today SQLite ([`sqlite`]: one writer
-//! thread with group commit, a pool of readers). A PostgreSQL store
-//! implements the same `Tx` over its connection and the same
-//! `write`/`read`/`ping`; nothing above this module changes but the choice.
+//! [`Store`] is the engine behind it, chosen by configuration: SQLite in
+//! `DATA_DIR` ([`sqlite`]: one writer thread with group commit, a pool of
+//! readers), or PostgreSQL at `DATABASE_URL` ([`postgres`]: a pool of
+//! connections shared by every replica of the service, each unit of work one
+//! transaction on a blocking thread). Schemas are [`Migration`]s: one text
+//! where both engines accept it, an explicit pair where they differ (SQLite's
+//! `WITHOUT ROWID` and `AUTOINCREMENT`, PostgreSQL's identity columns).
 //!
 //! A [`Tx`] also collects the events a unit of work publishes
 //! ([`Tx::publish`]); only the outbox's unit of work
 //! ([`crate::messaging::outbox::Outbox::commit`]) takes them, and a plain
-//! [`Store::write`] that publishes fails rather than drop them.
+//! [`Store::write`] that publishes fails rather than drop them. And it
+//! collects [`Tx::notify`] items: on PostgreSQL they reach the service's other
+//! replicas once the transaction commits ([`Store::listen`]), so state they
+//! keep in memory follows changes any replica made; with SQLite there is one
+//! process and nobody to tell.
 
+mod postgres;
 mod sqlite;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_server;
 
-use std::{borrow::Cow, fmt::Display, str::FromStr};
+use std::{borrow::Cow, fmt::Display, path::Path, str::FromStr};
 
 use blog_domain::Event;
 use rusqlite::{
     Connection,
     types::{FromSql, ToSql, ToSqlOutput},
 };
-pub use sqlite::{Store, StoreError};
+use tokio::sync::broadcast;
+
+pub use postgres::DatabaseUrl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to PostgreSQL could be had in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("storage is full or failing: {0}")]
+    Full(String),
+    #[error("read task failed: {0}")]
+    Join(String),
+    /// A stored value the code does not know (a corrupt row, a foreign writer).
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
+    /// A plain write published events; only a unit of work may.
+    #[error("events published outside a unit of work would be lost")]
+    Unpublished,
+}
+
+impl StoreError {
+    /// Whether the storage (not the request) is at fault: a full disk, a
+    /// database at its size cap, an I/O error, a database server that is
+    /// down or going away. Such a write can succeed later.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            StoreError::Full(_) | StoreError::Unavailable(_) => true,
+            StoreError::Sqlite(e) => sqlite::is_storage_failure(e),
+            StoreError::Postgres(e) => postgres::is_storage_failure(e),
+            _ => false,
+        }
+    }
+}
+
+/// Which engine a store runs on, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// One schema step: the same text for both engines where they agree, an
+/// explicit pair where they do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+impl Migration {
+    /// A step both engines run as written.
+    pub const fn same(sql: &'static str) -> Self {
+        Self { sqlite: sql, postgres: sql }
+    }
+
+    /// A step written once per engine.
+    pub const fn per_engine(sqlite: &'static str, postgres: &'static str) -> Self {
+        Self { sqlite, postgres }
+    }
+
+    pub fn for_engine(&self, engine: Engine) -> &'static str {
+        match engine {
+            Engine::Sqlite => self.sqlite,
+            Engine::Postgres => self.postgres,
+        }
+    }
+}
+
+/// What a listener of [`Store::listen`] must look at again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// Items another replica changed (what its [`Tx::notify`] named).
+    Items(Vec<String>),
+    /// Everything: notifications may have been missed (the listening
+    /// connection was (re)established).
+    Everything,
+}
+
+/// The next refresh from a [`Store::listen`] receiver: a listener that fell
+/// behind must look at everything; `None` once the store is gone.
+pub async fn next_refresh(receiver: &mut broadcast::Receiver<Refresh>) -> Option<Refresh> {
+    match receiver.recv().await {
+        Ok(refresh) => Some(refresh),
+        Err(broadcast::error::RecvError::Lagged(_)) => Some(Refresh::Everything),
+        Err(broadcast::error::RecvError::Closed) => None,
+    }
+}
+
+/// A service's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Backend::Sqlite(s) => f.debug_struct("Store").field("sqlite", &s.path()).finish(),
+            Backend::Postgres(p) => f.debug_struct("Store").field("postgres", &p.name()).finish(),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
+    /// migration `i` runs once, when the schema version is below `i + 1`.
+    pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
+        Self::open_capped(dir, name, migrations, None)
+    }
+
+    /// Like [`Store::open`], with the database capped at `max_bytes`
+    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk.
+    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
+        Ok(Self(Backend::Sqlite(sqlite::Sqlite::open_capped(dir, name, migrations, max_bytes)?)))
+    }
+
+    /// Connects to the PostgreSQL database at `url` and applies `migrations`
+    /// (their PostgreSQL texts) under an advisory lock, so replicas starting
+    /// together migrate once.
+    pub async fn connect(url: &DatabaseUrl, name: &str, migrations: &[Migration]) -> Result<Self, StoreError> {
+        Ok(Self(Backend::Postgres(postgres::Postgres::connect(url, name, migrations).await?)))
+    }
+
+    pub fn engine(&self) -> Engine {
+        match &self.0 {
+            Backend::Sqlite(_) => Engine::Sqlite,
+            Backend::Postgres(_) => Engine::Postgres,
+        }
+    }
+
+    /// Runs an idempotent schema (`CREATE .. IF NOT EXISTS`) once per start,
+    /// serialised with other replicas' migrations.
+    pub async fn install(&self, schema: Migration) -> Result<(), StoreError> {
+        match &self.0 {
+            Backend::Sqlite(_) => self.write(move |tx| tx.execute_batch(schema.sqlite)).await,
+            Backend::Postgres(p) => p.install(schema.postgres).await,
+        }
+    }
+
+    /// Runs `f` in one durable transaction and returns its result once the
+    /// commit is on disk. If `f` fails, its changes are rolled back.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(true, unpublishing(f), |_| {}).await
+    }
+
+    /// Like [`Store::write`], answered once committed but without waiting for
+    /// the disk: for writes that can be derived again.
+    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        self.submit(false, unpublishing(f), |_| {}).await
+    }
+
+    /// Runs `f` in a transaction; once it committed (on disk if `durable`),
+    /// `on_commit` runs before the caller hears of it.
+    pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
+    where
+        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+        H: FnOnce(&mut T) + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.0 {
+            Backend::Sqlite(s) => s.submit(durable, f, on_commit).await,
+            Backend::Postgres(p) => p.submit(durable, f, on_commit).await,
+        }
+    }
+
+    /// Runs `f` on a read connection off the async runtime.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match &self.0 {
+            Backend::Sqlite(s) => s.read(f).await,
+            Backend::Postgres(p) => p.read(f).await,
+        }
+    }
+
+    /// Whether the store can take writes: the readiness check.
+    pub async fn ping(&self) -> bool {
+        match &self.0 {
+            Backend::Sqlite(s) => s.ping().await,
+            Backend::Postgres(p) => p.ping().await,
+        }
+    }
+
+    /// Gauges of the database (size, cap, free space, degraded).
+    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+        match &self.0 {
+            Backend::Sqlite(s) => s.register_metrics(metrics),
+            Backend::Postgres(p) => p.register_metrics(metrics),
+        }
+    }
+
+    /// What other replicas change, as their [`Tx::notify`] on `channel`
+    /// names it. With SQLite nothing ever arrives (one process).
+    pub fn listen(&self, channel: &'static str) -> broadcast::Receiver<Refresh> {
+        match &self.0 {
+            Backend::Sqlite(s) => s.listen(),
+            Backend::Postgres(p) => p.listen(channel),
+        }
+    }
+}
+
+/// `f` must not publish: a plain write has no outbox to take the events.
+fn unpublishing<T, E, F>(f: F) -> impl FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static
+where
+    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
+    E: From<StoreError>,
+{
+    move |tx| {
+        let value = f(tx)?;
+        if tx.take_published().is_empty() { Ok(value) } else { Err(StoreError::Unpublished.into()) }
+    }
+}
 
 /// What can be bound to a `$n` parameter.
 pub trait Value: Sync {
     #[doc(hidden)]
     fn sqlite(&self) -> rusqlite::Result<ToSqlOutput<'_>>;
+    #[doc(hidden)]
+    fn postgres(&self) -> &(dyn tokio_postgres::types::ToSql + Sync);
 }
 
-impl<T: ToSql + Sync + ?Sized> Value for T {
+impl<T: ToSql + tokio_postgres::types::ToSql + Sync> Value for T {
     fn sqlite(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        self.to_sql()
+        ToSql::to_sql(self)
+    }
+
+    fn postgres(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        self
     }
 }
 
 /// What a column can be read as.
-pub trait Column: FromSql {}
+pub trait Column: FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
 
-impl<T: FromSql> Column for T {}
+impl<T: FromSql + for<'a> tokio_postgres::types::FromSql<'a>> Column for T {}
 
 /// The parameters of one statement, `$1` first.
 pub type Params<'a> = &'a [&'a dyn Value];
@@ -59,12 +315,20 @@ impl ToSql for Bind<'_> {
 }
 
 /// One row of a result.
-pub struct Row<'a, 'r>(&'a rusqlite::Row<'r>);
+pub struct Row<'a, 'r>(RowOf<'a, 'r>);
+
+enum RowOf<'a, 'r> {
+    Sqlite(&'a rusqlite::Row<'r>),
+    Postgres(&'a tokio_postgres::Row),
+}
 
 impl Row<'_, '_> {
     /// Column `index` (from 0).
     pub fn get<T: Column>(&self, index: usize) -> Result<T, StoreError> {
-        Ok(self.0.get(index)?)
+        match self.0 {
+            RowOf::Sqlite(row) => Ok(row.get(index)?),
+            RowOf::Postgres(row) => Ok(row.try_get(index)?),
+        }
     }
 
     /// Column `index` read as text and parsed: a value the type does not
@@ -79,25 +343,50 @@ impl Row<'_, '_> {
     }
 }
 
-/// A transaction (a write's savepoint in a group commit) or a read.
+/// A transaction (a write's savepoint in a group commit, a PostgreSQL
+/// transaction) or a read.
 pub struct Tx<'c> {
-    conn: &'c Connection,
+    conn: Conn<'c>,
     published: Vec<Event>,
+    notes: Vec<(&'static str, String)>,
+}
+
+enum Conn<'c> {
+    Sqlite(&'c Connection),
+    Postgres(&'c postgres::Session),
 }
 
 impl<'c> Tx<'c> {
-    fn new(conn: &'c Connection) -> Self {
-        Self { conn, published: Vec::new() }
+    fn sqlite(conn: &'c Connection) -> Self {
+        Self { conn: Conn::Sqlite(conn), published: Vec::new(), notes: Vec::new() }
+    }
+
+    fn postgres(session: &'c postgres::Session) -> Self {
+        Self { conn: Conn::Postgres(session), published: Vec::new(), notes: Vec::new() }
+    }
+
+    /// The engine, for the few statements written once per engine.
+    pub fn engine(&self) -> Engine {
+        match self.conn {
+            Conn::Sqlite(_) => Engine::Sqlite,
+            Conn::Postgres(_) => Engine::Postgres,
+        }
     }
 
     /// Runs one statement; returns the rows it changed.
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<usize, StoreError> {
-        Ok(self.conn.prepare_cached(&dialect(sql))?.execute(bind(params))?)
+        match self.conn {
+            Conn::Sqlite(conn) => Ok(conn.prepare_cached(&dialect(sql))?.execute(bind(params))?),
+            Conn::Postgres(session) => session.execute(sql, params),
+        }
     }
 
     /// Runs statements without parameters (a schema).
     pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
-        Ok(self.conn.execute_batch(sql)?)
+        match self.conn {
+            Conn::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
+            Conn::Postgres(session) => session.execute_batch(sql),
+        }
     }
 
     /// The first row, if any, mapped by `map`.
@@ -107,11 +396,19 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         map: impl FnOnce(&Row<'_, '_>) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&dialect(sql))?;
-        let mut rows = stmt.query(bind(params))?;
-        match rows.next()? {
-            Some(row) => map(&Row(row)).map(Some),
-            None => Ok(None),
+        match self.conn {
+            Conn::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&dialect(sql))?;
+                let mut rows = stmt.query(bind(params))?;
+                match rows.next()? {
+                    Some(row) => map(&Row(RowOf::Sqlite(row))).map(Some),
+                    None => Ok(None),
+                }
+            }
+            Conn::Postgres(session) => match session.query(sql, params)?.first() {
+                Some(row) => map(&Row(RowOf::Postgres(row))).map(Some),
+                None => Ok(None),
+            },
         }
     }
 
@@ -132,10 +429,19 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         mut f: impl FnMut(&Row<'_, '_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached(&dialect(sql))?;
-        let mut rows = stmt.query(bind(params))?;
-        while let Some(row) = rows.next()? {
-            f(&Row(row))?;
+        match self.conn {
+            Conn::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&dialect(sql))?;
+                let mut rows = stmt.query(bind(params))?;
+                while let Some(row) = rows.next()? {
+                    f(&Row(RowOf::Sqlite(row)))?;
+                }
+            }
+            Conn::Postgres(session) => {
+                for row in &session.query(sql, params)? {
+                    f(&Row(RowOf::Postgres(row)))?;
+                }
+            }
         }
         Ok(())
     }
@@ -155,6 +461,13 @@ impl<'c> Tx<'c> {
         Ok(out)
     }
 
+    /// Tells the service's other replicas, once this transaction commits,
+    /// that `item` changed (see [`Store::listen`]); an item is a line of text
+    /// the listener understands, such as an id.
+    pub fn notify(&mut self, channel: &'static str, item: impl Into<String>) {
+        self.notes.push((channel, item.into()));
+    }
+
     /// Publishes `event` when, and only when, this unit of work commits.
     pub fn publish(&mut self, event: &Event) -> Result<(), StoreError> {
         self.published.push(event.clone());
@@ -164,6 +477,11 @@ impl<'c> Tx<'c> {
     /// The events published so far, taken.
     pub(crate) fn take_published(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.published)
+    }
+
+    /// The notifications collected so far, taken.
+    fn take_notes(&mut self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut self.notes)
     }
 }
 

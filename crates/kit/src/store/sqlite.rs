@@ -39,48 +39,16 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-use super::Tx;
+use tokio::sync::broadcast;
+
+use super::{Refresh, StoreError, Tx};
 
 /// Most jobs one commit takes; bounds the latency of the last job in a batch.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 4;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("the database writer has stopped")]
-    WriterGone,
-    #[error("commit failed: {0}")]
-    Commit(String),
-    #[error("storage is full or failing: {0}")]
-    Full(String),
-    #[error("read task failed: {0}")]
-    Join(String),
-    /// A stored value the code does not know (a corrupt row, a foreign writer).
-    #[error("unreadable stored value: {0}")]
-    Corrupt(String),
-    /// A plain write published events; only a unit of work may.
-    #[error("events published outside a unit of work would be lost")]
-    Unpublished,
-}
-
-impl StoreError {
-    /// Whether the storage (not the request) is at fault: a full disk, a
-    /// database at its size cap, an I/O error. Such a write can succeed later.
-    pub fn is_storage_failure(&self) -> bool {
-        match self {
-            StoreError::Full(_) => true,
-            StoreError::Sqlite(e) => is_storage_failure(e),
-            _ => false,
-        }
-    }
-}
-
-fn is_storage_failure(e: &rusqlite::Error) -> bool {
+pub(super) fn is_storage_failure(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::{DiskFull, ReadOnly, SystemIoFailure};
     matches!(e.sqlite_error_code(), Some(DiskFull | SystemIoFailure | ReadOnly))
 }
@@ -102,9 +70,9 @@ struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
 }
 
-/// A service's database. Cheap to clone.
+/// A service's SQLite database. Cheap to clone.
 #[derive(Clone)]
-pub struct Store {
+pub(super) struct Sqlite {
     inner: Arc<Inner>,
 }
 
@@ -118,26 +86,17 @@ struct Inner {
     /// `DB_MAX_BYTES`, when set.
     max_bytes: Option<u64>,
     readers: Mutex<Vec<Connection>>,
+    /// Kept so that listeners' receivers stay open; nothing is ever sent
+    /// (one process: nobody else changes the database).
+    refresh: broadcast::Sender<Refresh>,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish()
-    }
-}
-
-impl Store {
-    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
-    /// migration `i` runs once, when the schema version is below `i + 1`.
-    pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
-        Self::open_capped(dir, name, migrations, None)
-    }
-
-    /// Like [`Store::open`], with the database capped at `max_bytes`
-    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk. Capping a
-    /// database below its volume's size makes it fail loudly, and recoverably
-    /// (raise the cap), before the filesystem itself fills.
-    pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
+impl Sqlite {
+    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`,
+    /// capped at `max_bytes` (`DB_MAX_BYTES`): past it, writes fail as on a
+    /// full disk. Capping a database below its volume's size makes it fail
+    /// loudly, and recoverably (raise the cap), before the filesystem itself fills.
+    pub(super) fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         let path = dir.join(format!("{name}.db"));
         let mut conn = Connection::open(&path)?;
@@ -170,40 +129,22 @@ impl Store {
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()) }) })
+        let inner = Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()), refresh: broadcast::Sender::new(1) };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.inner.path
     }
 
-    /// Runs `f` in the next group commit and returns its result once the
-    /// commit is on disk. If `f` fails, its changes are rolled back and the
-    /// rest of the batch commits without them.
-    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        self.submit(true, unpublishing(f), |_| {}).await
-    }
-
-    /// Like [`Store::write`], answered once committed but without waiting for
-    /// the disk: for writes that can be derived again (see the module docs).
-    pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
-    where
-        F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        self.submit(false, unpublishing(f), |_| {}).await
+    pub(super) fn listen(&self) -> broadcast::Receiver<Refresh> {
+        self.inner.refresh.subscribe()
     }
 
     /// Runs `f` in the next group commit; once the batch is committed (on
     /// disk if `durable`), `on_commit` runs on the writer thread, in commit
     /// order, before the caller hears of it.
-    pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
+    pub(super) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
         H: FnOnce(&mut T) + Send + 'static,
@@ -233,7 +174,7 @@ impl Store {
     }
 
     /// Runs `f` on a read-only connection off the async runtime.
-    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    pub(super) async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
@@ -246,7 +187,7 @@ impl Store {
                 Some(conn) => conn,
                 None => open_reader(&inner.path)?,
             };
-            let result = f(&Tx::new(&conn));
+            let result = f(&Tx::sqlite(&conn));
             let mut readers = inner.readers.lock().unwrap_or_else(|p| p.into_inner());
             if readers.len() < READ_POOL {
                 readers.push(conn);
@@ -260,13 +201,13 @@ impl Store {
     /// Whether the store can take writes: the readiness check. False when
     /// the writer thread has died, the database does not answer, or storage
     /// failed a write and a probe write still cannot allocate space.
-    pub async fn ping(&self) -> bool {
+    pub(super) async fn ping(&self) -> bool {
         if !self.inner.writer_alive.load(Ordering::SeqCst) {
             return false;
         }
         if self.inner.degraded.load(Ordering::SeqCst) {
             // An empty job: after it the writer probes for room again.
-            let _ = self.write_relaxed(|_| Ok::<_, StoreError>(())).await;
+            let _ = self.submit(false, |_| Ok::<_, StoreError>(()), |_| {}).await;
             return !self.inner.degraded.load(Ordering::SeqCst);
         }
         self.read(|tx| tx.query_row("SELECT 1", &[], |row| row.get::<i64>(0))).await.is_ok()
@@ -274,7 +215,7 @@ impl Store {
 
     /// Gauges of the database's size on disk, its cap and the free space of
     /// the filesystem holding it.
-    pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+    pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
         let inner = self.inner.clone();
         metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
             let size = |suffix: &str| {
@@ -333,25 +274,13 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
     Ok(())
 }
 
-/// `f` must not publish: a plain write has no outbox to take the events.
-fn unpublishing<T, E, F>(f: F) -> impl FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static
-where
-    F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
-    E: From<StoreError>,
-{
-    move |tx| {
-        let value = f(tx)?;
-        if tx.take_published().is_empty() { Ok(value) } else { Err(StoreError::Unpublished.into()) }
-    }
-}
-
 fn run_in_savepoint<T, E, F>(conn: &Connection, f: F) -> Result<T, E>
 where
     F: FnOnce(&mut Tx<'_>) -> Result<T, E>,
     E: From<StoreError>,
 {
     conn.execute_batch("SAVEPOINT job").map_err(StoreError::from)?;
-    match f(&mut Tx::new(conn)) {
+    match f(&mut Tx::sqlite(conn)) {
         Ok(value) => {
             conn.execute_batch("RELEASE job").map_err(StoreError::from)?;
             Ok(value)
@@ -457,6 +386,7 @@ fn can_allocate(conn: &Connection) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     const SCHEMA: &[&str] = &["CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"];
 
