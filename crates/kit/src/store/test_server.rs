@@ -25,6 +25,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct TestServer {
     child: Child,
+    bin: PathBuf,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -89,11 +90,40 @@ fn as_account(mut command: Command, account: Option<(u32, u32)>) -> Command {
     command
 }
 
+/// `postgres` on `dir/data`, its socket in `dir`, on 127.0.0.1:`port`.
+fn spawn(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
+    let log = |name: &str| {
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| e.to_string())
+    };
+    let mut postgres = Command::new(bin.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-k")
+        .arg(dir)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", "max_connections=200"])
+        .stdin(Stdio::null())
+        .stdout(log("postgres.log")?)
+        .stderr(log("postgres.err")?);
+    as_account(postgres, account()).spawn().map_err(|e| format!("postgres: {e}"))
+}
+
 fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl TestServer {
+    /// A server of the caller's own (to stop and start again), or `None`
+    /// as for [`shared`].
+    pub fn own() -> Option<Self> {
+        let Some(bin) = binaries() else {
+            assert!(std::env::var_os("CI").is_none(), "PostgreSQL's binaries are missing; CI must run the PostgreSQL tests");
+            eprintln!("skipped: no PostgreSQL binaries (set PG_BIN or install postgresql)");
+            return None;
+        };
+        Some(Self::start(&bin).unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}")))
+    }
+
     fn start(bin: &Path) -> Result<Self, String> {
         let account = account();
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -114,20 +144,35 @@ impl TestServer {
             return Err(format!("initdb failed ({status}): {err}"));
         }
         let port = free_port().map_err(|e| e.to_string())?;
-        let mut postgres = Command::new(bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(dir.path())
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", "max_connections=200"])
-            .stdin(Stdio::null())
-            .stdout(log("postgres.log")?)
-            .stderr(log("postgres.err")?);
-        let child = as_account(postgres, account).spawn().map_err(|e| format!("postgres: {e}"))?;
-        let server = Self { child, port, dir };
+        let child = spawn(bin, dir.path(), port)?;
+        let server = Self { child, bin: bin.to_owned(), port, dir };
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Stops the server (fast shutdown) and waits until it has exited.
+    pub fn stop(&mut self) {
+        // Never signal a PID already reaped (it may be someone else's now).
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let pid = rustix::process::Pid::from_child(&self.child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped server again, on the same port and data.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.bin, self.dir.path(), self.port).unwrap_or_else(|e| panic!("cannot restart PostgreSQL: {e}"));
+        self.wait_ready().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Polls `postmaster.pid`, whose last line says `ready` once the server
@@ -178,16 +223,6 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         // Fast shutdown; killed if it does not end in time.
-        let pid = rustix::process::Pid::from_child(&self.child);
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
-        let deadline = Instant::now() + DEADLINE;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
