@@ -535,6 +535,38 @@ mod tests {
         assert_eq!(kept, 1, "only seqs above the watermark are kept (the far one)");
     }
 
+    /// Replicas sharing one PostgreSQL database: the same batches delivered
+    /// to two of them at the same moment (a push timed out and was sent
+    /// again elsewhere) are applied once, and the shared watermark ends at
+    /// the end of the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_given_the_same_batch_at_once_apply_it_once() {
+        const SCHEMA: &[Migration] = &[Migration::same("CREATE TABLE post (id TEXT PRIMARY KEY);")];
+        let Some(server) = crate::store::test_server::shared() else { return };
+        let url = server.database().await;
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let store = Store::connect(&url, "c", SCHEMA).await.unwrap();
+            crate::messaging::install(&store).await.unwrap();
+            let seen = Arc::new(Posts::default());
+            let inbox = Inbox::new(store.clone(), seen.clone(), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+            replicas.push((inbox, seen, store));
+        }
+        let (a, b) = (&replicas[0].0, &replicas[1].0);
+        for round in 0..6_u64 {
+            let batch: Vec<Event> = (1..=50).map(|i| post(round * 50 + i)).collect();
+            let (ra, rb) = tokio::join!(a.deliver_range(batch.clone(), Some(round * 50)), b.deliver_range(batch, Some(round * 50)));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert_eq!((ra.applied + rb.applied, ra.duplicates + rb.duplicates), (50, 50), "round {round}: {ra:?} {rb:?}");
+        }
+        let store = &replicas[0].2;
+        let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(rows, 300);
+        let committed: usize = replicas.iter().map(|(_, seen, _)| seen.0.lock().unwrap().len()).sum();
+        assert_eq!(committed, 300, "each event's after-commit hook ran once, on the replica that applied it");
+        assert_eq!((a.cursor().await.unwrap(), b.cursor().await.unwrap()), (300, 300), "one watermark, shared");
+    }
+
     #[test]
     fn bodies_are_one_event_or_a_bounded_batch() {
         assert!(!parse_events(json!({"type":"X","data":{}})).unwrap().1);

@@ -387,3 +387,84 @@ impl Handover for Publisher<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use axum::{Json, Router, extract::State, routing::post};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        http::{client::http_client, serve::serve},
+        internal::InternalSecret,
+        store::{Migration, test_server},
+    };
+
+    /// A bus that records the event ids it is sent.
+    async fn recording_bus(shutdown: Shutdown) -> (url::Url, Arc<Mutex<Vec<String>>>) {
+        async fn append(State(seen): State<Arc<Mutex<Vec<String>>>>, Json(body): Json<Value>) -> Json<Value> {
+            let events = if let Value::Array(events) = body { events } else { vec![body] };
+            seen.lock().unwrap().extend(events.iter().filter_map(|e| e["id"].as_str().map(str::to_owned)));
+            Json(json!({"status": "OK"}))
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        tokio::spawn(serve(listener, Router::new().route("/events", post(append)).with_state(seen.clone()), shutdown));
+        (url, seen)
+    }
+
+    /// A replica that committed events and died before relaying them: the
+    /// other replica's relay takes them over once their lease runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_replicas_staged_events_are_published_by_another() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        let (bus_url, seen) = recording_bus(shutdown.clone()).await;
+        let replica = || async {
+            let store = Store::connect(&url, "p", &[] as &[Migration]).await.unwrap();
+            crate::messaging::install(&store).await.unwrap();
+            Outbox::new(store, &Registry::default())
+        };
+        let dying = replica().await;
+        let mut staged = Vec::new();
+        for i in 0..5 {
+            let event = Event::from_value(json!({"id": format!("dead-{i}"), "type": "PostCreated", "data": {"id": format!("p{i}"), "title": "t"}})).unwrap();
+            staged.push(event.id.clone());
+            dying.commit(true, move |tx| tx.publish(&event)).await.unwrap();
+        }
+        drop(dying);
+
+        let survivor = replica().await;
+        let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
+        tokio::spawn(survivor.clone().relay(BusClient::new(http_client(Duration::from_secs(5)), &bus_url, secret), shutdown.clone()));
+        let own = Event::from_value(json!({"id": "own", "type": "PostCreated", "data": {"id": "q", "title": "t"}})).unwrap();
+        survivor.commit(true, move |tx| tx.publish(&own)).await.unwrap();
+
+        let deadline = Instant::now() + LEASE + IDLE_CHECK * 4;
+        loop {
+            let published = seen.lock().unwrap().clone();
+            if staged.iter().all(|id| published.contains(id)) {
+                assert!(published.contains(&"own".to_owned()));
+                break;
+            }
+            assert!(Instant::now() < deadline, "published so far: {published:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = loop {
+            let left: i64 = survivor.store.read(|tx| tx.query_row("SELECT count(*) FROM outbox", &[], |r| r.get(0))).await.unwrap();
+            if left == 0 || Instant::now() > deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(left, 0, "every published row deleted");
+        let _ = stop.send(());
+    }
+}
