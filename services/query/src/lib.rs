@@ -176,7 +176,9 @@ impl AppState {
             let view = self.view.clone();
             let changed = match refresh {
                 Some(Refresh::Items(items)) => kit.read(move |tx| view.refresh_from(tx, &items)).await,
-                Some(Refresh::Everything) => kit.read(move |tx| view.reload(tx)).await.map(|()| vec![DomainEvent::Other("resync".to_owned())]),
+                Some(Refresh::Everything) => {
+                    kit.read(move |tx| view.reload(tx)).await.map(|()| vec![DomainEvent::Other("resync".to_owned())])
+                }
                 None => return,
             };
             match changed {
@@ -404,6 +406,8 @@ mod tests {
         store::Store,
         testing::{TEST_SECRET, TestKit},
     };
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
@@ -593,6 +597,45 @@ mod tests {
         .await;
         let older: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(older["posts"].as_array().unwrap().iter().map(|p| p["id"].clone()).collect::<Vec<_>>(), [json!("old1"), json!("old2")]);
+    }
+
+    /// Two replicas on one PostgreSQL database, the events delivered to one:
+    /// the other's view in memory and its live stream follow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_replica_serves_what_any_replica_applied() {
+        let Some(server) = blog_kit::store::test_server::shared() else { return };
+        let url = server.database().await;
+        let (a, b) = (kit().for_test_on(Some(url.clone())).await.unwrap(), kit().for_test_on(Some(url)).await.unwrap());
+        let state_a = AppState::load(&a.kit, a.shutdown.clone()).await.unwrap();
+        let state_b = AppState::load(&b.kit, b.shutdown.clone()).await.unwrap();
+        let mut live_b = state_b.live.subscribe();
+        tokio::spawn(state_b.clone().follow_other_replicas(b.kit.clone()));
+        let first = tokio::time::timeout(Duration::from_secs(30), live_b.recv()).await.unwrap().unwrap();
+        assert_eq!(first.event, DomainEvent::Other("resync".to_owned()), "listening starts with a reload");
+
+        let inbox = a.kit.inbox(state_a.consumer());
+        for event in log() {
+            inbox.deliver(vec![Event::from_value(event).unwrap()]).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let served = state_b.view.snapshot().await.json.clone();
+            if served == IN_LOG_ORDER.as_bytes() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "replica b serves {}", String::from_utf8_lossy(&served));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state_a.view.snapshot().await.json, IN_LOG_ORDER.as_bytes());
+        let mut streamed = Vec::new();
+        while let Ok(applied) = live_b.try_recv() {
+            streamed.push(applied.event);
+        }
+        let posts = streamed.iter().filter(|e| matches!(e, DomainEvent::PostCreated(_))).count();
+        let comments = streamed.iter().filter(|e| matches!(e, DomainEvent::CommentCreated(_))).count();
+        assert_eq!((posts, comments), (3, 5), "b's stream told of every post and comment: {streamed:?}");
+        // Created and rejected may reach b in one refresh or two.
+        assert!(streamed.iter().any(|e| matches!(e, DomainEvent::CommentCreated(c) | DomainEvent::CommentUpdated(c) if c.id == "c2" && c.status == CommentStatus::Rejected)));
     }
 
     async fn get(state: &AppState, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Vec<u8>) {

@@ -286,7 +286,10 @@ impl View {
                 posts.extend(row);
             } else if let Some(id) = item.strip_prefix("c ") {
                 let row = tx.query_one("SELECT ord, id, content, post_id, status FROM comment WHERE id = $1", &[&id], |row| {
-                    Ok((row.get::<i64>(0)?, CommentData { id: row.get(1)?, content: row.get(2)?, post_id: row.get(3)?, status: row.parse(4)? }))
+                    Ok((
+                        row.get::<i64>(0)?,
+                        CommentData { id: row.get(1)?, content: row.get(2)?, post_id: row.get(3)?, status: row.parse(4)? },
+                    ))
                 })?;
                 comments.extend(row);
             }

@@ -205,8 +205,7 @@ impl Outbox {
                      RETURNING pos, event"
                 ),
             };
-            let mut rows =
-                tx.query_all(&sql, &[&(BATCH as i64)], |row| Ok((row.get::<i64>(0)?, row.get::<String>(1)?)))?;
+            let mut rows = tx.query_all(&sql, &[&(BATCH as i64)], |row| Ok((row.get::<i64>(0)?, row.get::<String>(1)?)))?;
             rows.sort_unstable_by_key(|(pos, _)| *pos);
             let depth: i64 = tx.query_row("SELECT count(*) FROM outbox", &[], |row| row.get(0))?;
             Ok::<_, StoreError>((rows, depth))
@@ -435,7 +434,9 @@ mod tests {
         let dying = replica().await;
         let mut staged = Vec::new();
         for i in 0..5 {
-            let event = Event::from_value(json!({"id": format!("dead-{i}"), "type": "PostCreated", "data": {"id": format!("p{i}"), "title": "t"}})).unwrap();
+            let event =
+                Event::from_value(json!({"id": format!("dead-{i}"), "type": "PostCreated", "data": {"id": format!("p{i}"), "title": "t"}}))
+                    .unwrap();
             staged.push(event.id.clone());
             dying.commit(true, move |tx| tx.publish(&event)).await.unwrap();
         }

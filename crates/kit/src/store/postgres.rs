@@ -224,9 +224,7 @@ impl Postgres {
         E: From<StoreError> + Send + 'static,
     {
         let session = Session::new(self.client().await?);
-        tokio::task::spawn_blocking(move || f(&Tx::postgres(&session)))
-            .await
-            .map_err(|e| E::from(StoreError::Join(e.to_string())))?
+        tokio::task::spawn_blocking(move || f(&Tx::postgres(&session))).await.map_err(|e| E::from(StoreError::Join(e.to_string())))?
     }
 
     /// Whether a connection can be had and answers.

@@ -129,7 +129,8 @@ impl Sqlite {
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        let inner = Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()), refresh: broadcast::Sender::new(1) };
+        let inner =
+            Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()), refresh: broadcast::Sender::new(1) };
         Ok(Self { inner: Arc::new(inner) })
     }
 

@@ -92,9 +92,7 @@ fn as_account(mut command: Command, account: Option<(u32, u32)>) -> Command {
 
 /// `postgres` on `dir/data`, its socket in `dir`, on 127.0.0.1:`port`.
 fn spawn(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
-    let log = |name: &str| {
-        std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| e.to_string())
-    };
+    let log = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| e.to_string());
     let mut postgres = Command::new(bin.join("postgres"));
     postgres
         .arg("-D")
