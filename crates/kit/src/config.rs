@@ -9,7 +9,7 @@ use blog_domain::{
 };
 use url::Url;
 
-use crate::internal::InternalSecret;
+use crate::{internal::InternalSecret, store::DatabaseUrl};
 
 /// Where to listen, where to keep data, where the bus is, and the secret of
 /// internal calls.
@@ -21,8 +21,11 @@ pub struct CommonConfig {
     /// `INTERNAL_SECRET`: every service here has a `POST /events` to guard
     /// and publishes or consumes through the bus.
     pub internal_secret: InternalSecret,
-    /// `DB_MAX_BYTES`: cap of the service's database (unset or 0: none).
+    /// `DB_MAX_BYTES`: cap of the service's SQLite database (unset or 0: none).
     pub db_max_bytes: Option<u64>,
+    /// `DATABASE_URL`: the service's PostgreSQL database, shared by its
+    /// replicas; unset, the service keeps SQLite in `DATA_DIR`.
+    pub database_url: Option<DatabaseUrl>,
 }
 
 impl CommonConfig {
@@ -33,7 +36,21 @@ impl CommonConfig {
             bus_url: config::peer_url(Service::EventBus)?,
             internal_secret: InternalSecret::from_env()?,
             db_max_bytes: config::db_max_bytes()?,
+            database_url: database_url()?,
         })
+    }
+}
+
+/// `DATABASE_URL`, when set. A bad value is refused naming the variable,
+/// never quoting it: it holds a password.
+pub fn database_url() -> Result<Option<DatabaseUrl>, ConfigError> {
+    match std::env::var("DATABASE_URL") {
+        Ok(raw) if !raw.trim().is_empty() => raw.trim().parse().map(Some).map_err(|reason| ConfigError {
+            name: "DATABASE_URL".to_owned(),
+            value: "<not shown>".to_owned(),
+            reason,
+        }),
+        _ => Ok(None),
     }
 }
 

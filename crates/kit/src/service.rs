@@ -31,7 +31,7 @@ use crate::{
     },
     metrics::Registry,
     shutdown::{Shutdown, shutdown_signal},
-    store::{Store, StoreError, Tx},
+    store::{Migration, Refresh, Store, StoreError, Tx},
     telemetry,
 };
 
@@ -44,7 +44,7 @@ const BUS_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct ServiceKit {
     pub(crate) service: Service,
-    pub(crate) migrations: &'static [&'static str],
+    pub(crate) migrations: &'static [Migration],
 }
 
 impl ServiceKit {
@@ -53,17 +53,27 @@ impl ServiceKit {
     }
 
     /// The service's own schema: migration `i` runs once, when the database's
-    /// version is below `i + 1`.
-    pub fn migrations(mut self, migrations: &'static [&'static str]) -> Self {
+    /// version is below `i + 1` (its SQLite or its PostgreSQL text).
+    pub fn migrations(mut self, migrations: &'static [Migration]) -> Self {
         self.migrations = migrations;
         self
     }
 
-    /// Opens the service's database as `config` says.
+    /// Opens the service's database as `config` says: PostgreSQL at
+    /// `DATABASE_URL` when set, else SQLite in `DATA_DIR`.
     pub async fn open(self, config: &CommonConfig) -> Result<Kit, StoreError> {
-        let store = Store::open_capped(&config.data_dir, self.service.name(), self.migrations, config.db_max_bytes)?;
+        let store = match &config.database_url {
+            Some(url) => Store::connect(url, self.service.name(), self.migrations).await?,
+            None => Store::open_capped(&config.data_dir, self.service.name(), &self.sqlite_migrations(), config.db_max_bytes)?,
+        };
         let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url, config.internal_secret.clone());
         Kit::over(self.service, store, bus, config.internal_secret.clone()).await
+    }
+}
+
+impl ServiceKit {
+    pub(crate) fn sqlite_migrations(&self) -> Vec<&'static str> {
+        self.migrations.iter().map(|m| m.sqlite).collect()
     }
 }
 
@@ -111,6 +121,13 @@ impl Kit {
         E: From<StoreError> + Send + 'static,
     {
         self.store.read(f).await
+    }
+
+    /// What the service's other replicas change, as their [`Tx::notify`] on
+    /// `channel` names it (PostgreSQL); with SQLite nothing ever arrives.
+    /// Receive with [`crate::store::next_refresh`].
+    pub fn listen(&self, channel: &'static str) -> tokio::sync::broadcast::Receiver<Refresh> {
+        self.store.listen(channel)
     }
 
     /// The service's metrics, for gauges and counters of its own.

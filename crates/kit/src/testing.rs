@@ -27,7 +27,7 @@ use crate::{
     messaging::bus_client::BusClient,
     service::{BoxError, Kit, ServiceKit, Serving},
     shutdown::Shutdown,
-    store::Store,
+    store::{DatabaseUrl, Store},
 };
 
 /// The secret of a test's internal calls.
@@ -47,6 +47,13 @@ pub struct TestKit {
 impl ServiceKit {
     /// The kit of a test: a temporary database, a fake bus, the relay running.
     pub async fn for_test(self) -> Result<TestKit, BoxError> {
+        self.for_test_on(None).await
+    }
+
+    /// Like [`ServiceKit::for_test`], on the PostgreSQL database at
+    /// `database_url` when given (several test kits on one database are
+    /// replicas of one service).
+    pub async fn for_test_on(self, database_url: Option<DatabaseUrl>) -> Result<TestKit, BoxError> {
         let dir = tempfile::tempdir()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
@@ -54,7 +61,10 @@ impl ServiceKit {
         });
         let secret = InternalSecret::parse(TEST_SECRET)?;
         let bus = FakeBus::start(secret.clone(), shutdown.clone()).await?;
-        let store = Store::open(dir.path(), self.service.name(), self.migrations)?;
+        let store = match &database_url {
+            Some(url) => Store::connect(url, self.service.name(), self.migrations).await?,
+            None => Store::open(dir.path(), self.service.name(), &self.sqlite_migrations())?,
+        };
         let client = BusClient::new(http_client(Duration::from_secs(5)), &bus.url, secret.clone());
         let kit = Kit::over(self.service, store, client, secret).await?;
         Ok(TestKit { kit, bus, shutdown, stop: Some(stop), _dir: dir })

@@ -11,10 +11,13 @@ use blog_domain::{
     CommentData, CommentStatus, DomainEvent, Event, Service,
     config::{self, ConfigError},
 };
-use blog_kit::{BoxError, Consumer, Outcome, ServiceKit, Shutdown, StoreError, Tx, config::CommonConfig};
+use blog_kit::{BoxError, Consumer, Outcome, ServiceKit, Shutdown, StoreError, Tx, config::CommonConfig, store::Migration};
 use tokio::net::TcpListener;
 
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE decision (comment_id TEXT PRIMARY KEY, status TEXT NOT NULL) WITHOUT ROWID;"];
+pub const MIGRATIONS: &[Migration] = &[Migration::per_engine(
+    "CREATE TABLE decision (comment_id TEXT PRIMARY KEY, status TEXT NOT NULL) WITHOUT ROWID;",
+    "CREATE TABLE decision (comment_id TEXT PRIMARY KEY, status TEXT NOT NULL);",
+)];
 
 #[derive(Debug, Clone)]
 pub struct Config {

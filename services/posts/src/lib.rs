@@ -8,14 +8,17 @@ use blog_domain::{
     config::ConfigError,
     text::{self, TextError},
 };
-use blog_kit::{ApiError, BoxError, Json, Kit, ServiceKit, Shutdown, config::CommonConfig, http::RequestId};
+use blog_kit::{ApiError, BoxError, Json, Kit, ServiceKit, Shutdown, config::CommonConfig, http::RequestId, store::Migration};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
 /// Longest title accepted, in characters.
 pub const MAX_TITLE: usize = 200;
 
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE post (id TEXT PRIMARY KEY, title TEXT NOT NULL) WITHOUT ROWID;"];
+pub const MIGRATIONS: &[Migration] = &[Migration::per_engine(
+    "CREATE TABLE post (id TEXT PRIMARY KEY, title TEXT NOT NULL) WITHOUT ROWID;",
+    "CREATE TABLE post (id TEXT PRIMARY KEY, title TEXT NOT NULL);",
+)];
 
 #[derive(Debug, Clone)]
 pub struct Config {

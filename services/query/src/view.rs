@@ -29,7 +29,7 @@ use std::{
     },
 };
 
-use blog_domain::{CommentData, CommentStatus, PostCreated};
+use blog_domain::{CommentData, CommentStatus, DomainEvent, PostCreated};
 use blog_kit::{
     StoreError, Tx,
     metrics::{Counter, Registry},
@@ -69,6 +69,20 @@ struct Projection {
 }
 
 impl Projection {
+    fn load(tx: &Tx<'_>) -> Result<Self, StoreError> {
+        let mut projection = Projection::default();
+        tx.for_each("SELECT ord, id, title FROM post ORDER BY ord", &[], |row| {
+            projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
+            Ok(())
+        })?;
+        tx.for_each("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord", &[], |row| {
+            let entry = CommentEntry { id: row.get(2)?, content: row.get(3)?, status: row.parse(4)? };
+            projection.add_comment(row.get(0)?, row.get(1)?, entry);
+            Ok(())
+        })?;
+        Ok(projection)
+    }
+
     fn add_post(&mut self, ord: i64, id: String, title: String) {
         self.post_at.insert(id.clone(), ord);
         self.posts.insert(ord, PostEntry { id, title });
@@ -242,17 +256,64 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl View {
     /// Loads the view from the database.
     pub fn load(tx: &Tx<'_>, metrics: &Registry) -> Result<Self, StoreError> {
-        let mut projection = Projection::default();
-        tx.for_each("SELECT ord, id, title FROM post ORDER BY ord", &[], |row| {
-            projection.add_post(row.get(0)?, row.get(1)?, row.get(2)?);
-            Ok(())
-        })?;
-        tx.for_each("SELECT ord, post_id, id, content, status FROM comment ORDER BY ord", &[], |row| {
-            let entry = CommentEntry { id: row.get(2)?, content: row.get(3)?, status: row.parse(4)? };
-            projection.add_comment(row.get(0)?, row.get(1)?, entry);
-            Ok(())
-        })?;
-        Ok(Self::with(projection, metrics))
+        Ok(Self::with(Projection::load(tx)?, metrics))
+    }
+
+    /// Replaces the view with the database's (another replica's changes may
+    /// have been missed).
+    pub fn reload(&self, tx: &Tx<'_>) -> Result<(), StoreError> {
+        let mut fresh = Projection::load(tx)?;
+        let mut projection = lock(&self.projection);
+        fresh.version = projection.version + 1;
+        *projection = fresh;
+        self.version.store(projection.version, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads back the rows another replica changed (`p <post id>` and
+    /// `c <comment id>` lines) and applies them by the rules of a delivery,
+    /// whose keys only move down and statuses never back to `pending`, so a
+    /// row read before or after this replica's own commits ends the same.
+    /// Returns the changes, as the live stream tells them.
+    pub fn refresh_from(&self, tx: &Tx<'_>, items: &[String]) -> Result<Vec<DomainEvent>, StoreError> {
+        let mut posts = Vec::new();
+        let mut comments = Vec::new();
+        for item in items {
+            if let Some(id) = item.strip_prefix("p ") {
+                let row = tx.query_one("SELECT ord, id, title FROM post WHERE id = $1", &[&id], |row| {
+                    Ok((row.get::<i64>(0)?, PostCreated { id: row.get(1)?, title: row.get(2)? }))
+                })?;
+                posts.extend(row);
+            } else if let Some(id) = item.strip_prefix("c ") {
+                let row = tx.query_one("SELECT ord, id, content, post_id, status FROM comment WHERE id = $1", &[&id], |row| {
+                    Ok((
+                        row.get::<i64>(0)?,
+                        CommentData { id: row.get(1)?, content: row.get(2)?, post_id: row.get(3)?, status: row.parse(4)? },
+                    ))
+                })?;
+                comments.extend(row);
+            }
+        }
+        posts.sort_by_key(|(ord, _)| *ord);
+        comments.sort_by_key(|(ord, _)| *ord);
+        let mut projection = lock(&self.projection);
+        let mut changes = Vec::new();
+        for (ord, post) in posts {
+            if projection.post_created(&post, Some(ord)) {
+                changes.push(DomainEvent::PostCreated(post));
+            }
+        }
+        for (ord, comment) in comments {
+            let known = projection.comment_at.contains_key(&comment.id);
+            if projection.comment(&comment, true, Some(ord)) {
+                changes.push(if known { DomainEvent::CommentUpdated(comment) } else { DomainEvent::CommentCreated(comment) });
+            }
+        }
+        if !changes.is_empty() {
+            projection.version += 1;
+            self.version.store(projection.version, Ordering::Release);
+        }
+        Ok(changes)
     }
 
     fn with(projection: Projection, metrics: &Registry) -> Self {

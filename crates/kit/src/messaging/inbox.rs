@@ -37,16 +37,24 @@ use crate::{
     internal::{self, InternalSecret},
     metrics::{Counter, Registry},
     shutdown::Shutdown,
-    store::{Store, StoreError, Tx},
+    store::{Migration, Store, StoreError, Tx},
 };
 
 /// The tables every consuming service's database holds.
-pub(crate) const SCHEMA: &str = "
+pub(crate) const SCHEMA: Migration = Migration::per_engine(
+    "
     CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq INTEGER) WITHOUT ROWID;
     CREATE TABLE IF NOT EXISTS consumer_cursor (id INTEGER PRIMARY KEY CHECK (id = 0), seq INTEGER NOT NULL);
     INSERT OR IGNORE INTO consumer_cursor (id, seq) VALUES (0, 0);
     CREATE TABLE IF NOT EXISTS replay_seen (seq INTEGER PRIMARY KEY);
-";
+",
+    "
+    CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, seq BIGINT);
+    CREATE TABLE IF NOT EXISTS consumer_cursor (id BIGINT PRIMARY KEY CHECK (id = 0), seq BIGINT NOT NULL);
+    INSERT INTO consumer_cursor (id, seq) VALUES (0, 0) ON CONFLICT DO NOTHING;
+    CREATE TABLE IF NOT EXISTS replay_seen (seq BIGINT PRIMARY KEY);
+",
+);
 
 /// Most events one `POST /events` may carry.
 pub const MAX_BATCH: usize = 1_000;
@@ -248,7 +256,13 @@ fn watermark(tx: &Tx<'_>) -> Result<i64, StoreError> {
 /// log from `covers_after` at or below the watermark moves it to the batch's
 /// end at once, gaps in the numbering included. Only sequence numbers above
 /// the watermark are kept.
+///
+/// Replicas sharing a database apply deliveries concurrently, so the cursor
+/// row is locked first (a no-op update): deliveries move the watermark one
+/// after the other, each seeing what the ones before it committed, and none
+/// can overwrite a higher watermark with a lower one.
 fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Result<(), StoreError> {
+    tx.execute("UPDATE consumer_cursor SET seq = seq WHERE id = 0", &[])?;
     let before = watermark(tx)?;
     let mut mark = before;
     if let (Some(after), Some(&last)) = (covers_after, seqs.iter().max())
@@ -270,7 +284,7 @@ fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Re
     )?;
     mark = mark.max(end.unwrap_or(mark));
     if mark > before {
-        tx.execute("UPDATE consumer_cursor SET seq = $1 WHERE id = 0", &[&mark])?;
+        tx.execute("UPDATE consumer_cursor SET seq = $1 WHERE id = 0 AND seq < $1", &[&mark])?;
         tx.execute("DELETE FROM replay_seen WHERE seq <= $1", &[&mark])?;
     }
     Ok(())
@@ -519,6 +533,38 @@ mod tests {
         assert_eq!(inbox.cursor().await.unwrap(), 3, "the gap filled, the watermark jumps over what was seen");
         let kept: i64 = store.read(|c| c.query_row("SELECT count(*) FROM replay_seen", &[], |r| r.get(0))).await.unwrap();
         assert_eq!(kept, 1, "only seqs above the watermark are kept (the far one)");
+    }
+
+    /// Replicas sharing one PostgreSQL database: the same batches delivered
+    /// to two of them at the same moment (a push timed out and was sent
+    /// again elsewhere) are applied once, and the shared watermark ends at
+    /// the end of the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_replicas_given_the_same_batch_at_once_apply_it_once() {
+        const SCHEMA: &[Migration] = &[Migration::same("CREATE TABLE post (id TEXT PRIMARY KEY);")];
+        let Some(server) = crate::store::test_server::shared() else { return };
+        let url = server.database().await;
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let store = Store::connect(&url, "c", SCHEMA).await.unwrap();
+            crate::messaging::install(&store).await.unwrap();
+            let seen = Arc::new(Posts::default());
+            let inbox = Inbox::new(store.clone(), seen.clone(), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+            replicas.push((inbox, seen, store));
+        }
+        let (a, b) = (&replicas[0].0, &replicas[1].0);
+        for round in 0..6_u64 {
+            let batch: Vec<Event> = (1..=50).map(|i| post(round * 50 + i)).collect();
+            let (ra, rb) = tokio::join!(a.deliver_range(batch.clone(), Some(round * 50)), b.deliver_range(batch, Some(round * 50)));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert_eq!((ra.applied + rb.applied, ra.duplicates + rb.duplicates), (50, 50), "round {round}: {ra:?} {rb:?}");
+        }
+        let store = &replicas[0].2;
+        let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(rows, 300);
+        let committed: usize = replicas.iter().map(|(_, seen, _)| seen.0.lock().unwrap().len()).sum();
+        assert_eq!(committed, 300, "each event's after-commit hook ran once, on the replica that applied it");
+        assert_eq!((a.cursor().await.unwrap(), b.cursor().await.unwrap()), (300, 300), "one watermark, shared");
     }
 
     #[test]

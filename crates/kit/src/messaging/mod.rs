@@ -12,10 +12,6 @@ use crate::store::{Store, StoreError};
 
 /// Creates the outbox and inbox tables in `store`, if missing.
 pub async fn install(store: &Store) -> Result<(), StoreError> {
-    store
-        .write(|tx| {
-            tx.execute_batch(outbox::SCHEMA)?;
-            tx.execute_batch(inbox::SCHEMA)
-        })
-        .await
+    store.install(outbox::SCHEMA).await?;
+    store.install(inbox::SCHEMA).await
 }

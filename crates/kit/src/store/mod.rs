@@ -1,4 +1,4 @@
-//! A service's database, seen through a seam a second engine can fill.
+//! A service's database, seen through a seam two engines fill.
 //!
 //! Services never touch a driver type. They write SQL in the subset SQLite
 //! and PostgreSQL both accept (`$1`-style numbered parameters,
@@ -6,22 +6,30 @@
 //! [`Tx::execute`], [`Tx::query_one`], [`Tx::query_all`], [`Tx::for_each`],
 //! reading columns with [`Row::get`] (or [`Row::parse`] for domain values,
 //! which fails loudly on a value it does not know). Parameters are anything
-//! [`Value`], columns anything [`Column`]: the kit's names for what the engine
-//! can bind and read.
+//! [`Value`], columns anything [`Column`]: the kit's names for what both
+//! engines can bind and read (text, `i64` as `BIGINT`, their `Option`s).
 //!
-//! [`Store`] chooses the engine: today only SQLite (`sqlite.rs`: one writer
-//! thread with group commit, a pool of readers). The choice is an enum at
-//! each level (the store's engine, the transaction's connection, the row,
-//! [`Value`]'s conversion), so a PostgreSQL engine is one more variant and
-//! the compiler lists every arm it must fill; nothing above this module
-//! changes but the constructor a service is opened with.
+//! [`Store`] is the engine behind it, chosen by configuration: SQLite in
+//! `DATA_DIR` ([`sqlite`]: one writer thread with group commit, a pool of
+//! readers), or PostgreSQL at `DATABASE_URL` ([`postgres`]: a pool of
+//! connections shared by every replica of the service, each unit of work one
+//! transaction on a blocking thread). Schemas are [`Migration`]s: one text
+//! where both engines accept it, an explicit pair where they differ (SQLite's
+//! `WITHOUT ROWID` and `AUTOINCREMENT`, PostgreSQL's identity columns).
 //!
 //! A [`Tx`] also collects the events a unit of work publishes
 //! ([`Tx::publish`]); only the outbox's unit of work
 //! ([`crate::messaging::outbox::Outbox::commit`]) takes them, and a plain
-//! [`Store::write`] that publishes fails rather than drop them.
+//! [`Store::write`] that publishes fails rather than drop them. And it
+//! collects [`Tx::notify`] items: on PostgreSQL they reach the service's other
+//! replicas once the transaction commits ([`Store::listen`]), so state they
+//! keep in memory follows changes any replica made; with SQLite there is one
+//! process and nobody to tell.
 
+mod postgres;
 mod sqlite;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_server;
 
 use std::{borrow::Cow, fmt::Display, path::Path, str::FromStr};
 
@@ -30,43 +38,162 @@ use rusqlite::{
     Connection,
     types::{FromSql, ToSql, ToSqlOutput},
 };
-pub use sqlite::StoreError;
+use tokio::sync::broadcast;
+
+pub use postgres::DatabaseUrl;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to PostgreSQL could be had in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("storage is full or failing: {0}")]
+    Full(String),
+    #[error("read task failed: {0}")]
+    Join(String),
+    /// A stored value the code does not know (a corrupt row, a foreign writer).
+    #[error("unreadable stored value: {0}")]
+    Corrupt(String),
+    /// A plain write published events; only a unit of work may.
+    #[error("events published outside a unit of work would be lost")]
+    Unpublished,
+}
+
+impl StoreError {
+    /// Whether the storage (not the request) is at fault: a full disk, a
+    /// database at its size cap, an I/O error, a database server that is
+    /// down or going away. Such a write can succeed later.
+    pub fn is_storage_failure(&self) -> bool {
+        match self {
+            StoreError::Full(_) | StoreError::Unavailable(_) => true,
+            StoreError::Sqlite(e) => sqlite::is_storage_failure(e),
+            StoreError::Postgres(e) => postgres::is_storage_failure(e),
+            _ => false,
+        }
+    }
+}
+
+/// Which engine a store runs on, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+/// One schema step: the same text for both engines where they agree, an
+/// explicit pair where they do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    pub sqlite: &'static str,
+    pub postgres: &'static str,
+}
+
+impl Migration {
+    /// A step both engines run as written.
+    pub const fn same(sql: &'static str) -> Self {
+        Self { sqlite: sql, postgres: sql }
+    }
+
+    /// A step written once per engine.
+    pub const fn per_engine(sqlite: &'static str, postgres: &'static str) -> Self {
+        Self { sqlite, postgres }
+    }
+
+    pub fn for_engine(&self, engine: Engine) -> &'static str {
+        match engine {
+            Engine::Sqlite => self.sqlite,
+            Engine::Postgres => self.postgres,
+        }
+    }
+}
+
+/// What a listener of [`Store::listen`] must look at again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// Items another replica changed (what its [`Tx::notify`] named).
+    Items(Vec<String>),
+    /// Everything: notifications may have been missed (the listening
+    /// connection was (re)established).
+    Everything,
+}
+
+/// The next refresh from a [`Store::listen`] receiver: a listener that fell
+/// behind must look at everything; `None` once the store is gone.
+pub async fn next_refresh(receiver: &mut broadcast::Receiver<Refresh>) -> Option<Refresh> {
+    match receiver.recv().await {
+        Ok(refresh) => Some(refresh),
+        Err(broadcast::error::RecvError::Lagged(_)) => Some(Refresh::Everything),
+        Err(broadcast::error::RecvError::Closed) => None,
+    }
+}
 
 /// A service's database. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Store(Engine);
+#[derive(Clone)]
+pub struct Store(Backend);
 
-/// The engines a [`Store`] can run on; each arm below is what a second one
-/// must provide.
-#[derive(Debug, Clone)]
-enum Engine {
+#[derive(Clone)]
+enum Backend {
     Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Backend::Sqlite(s) => f.debug_struct("Store").field("sqlite", &s.path()).finish(),
+            Backend::Postgres(p) => f.debug_struct("Store").field("postgres", &p.name()).finish(),
+        }
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite database `<dir>/<name>.db` and
-    /// applies `migrations`: migration `i` runs once, when the schema version
-    /// is below `i + 1`.
+    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
+    /// migration `i` runs once, when the schema version is below `i + 1`.
     pub fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
-        sqlite::Sqlite::open(dir, name, migrations).map(|db| Store(Engine::Sqlite(db)))
+        Self::open_capped(dir, name, migrations, None)
     }
 
     /// Like [`Store::open`], with the database capped at `max_bytes`
-    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk, loudly and
-    /// recoverably (raise the cap) before the filesystem itself fills.
+    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk.
     pub fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
-        sqlite::Sqlite::open_capped(dir, name, migrations, max_bytes).map(|db| Store(Engine::Sqlite(db)))
+        Ok(Self(Backend::Sqlite(sqlite::Sqlite::open_capped(dir, name, migrations, max_bytes)?)))
     }
 
-    /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        let Engine::Sqlite(db) = &self.0;
-        db.path()
+    /// Connects to the PostgreSQL database at `url` and applies `migrations`
+    /// (their PostgreSQL texts) under an advisory lock, so replicas starting
+    /// together migrate once.
+    pub async fn connect(url: &DatabaseUrl, name: &str, migrations: &[Migration]) -> Result<Self, StoreError> {
+        Ok(Self(Backend::Postgres(postgres::Postgres::connect(url, name, migrations).await?)))
     }
 
-    /// Runs `f` in one transaction and returns its result once the commit is
-    /// on disk. If `f` fails, its changes are rolled back. `f` must not
-    /// publish: only a unit of work ([`crate::Kit::commit`]) takes events.
+    pub fn engine(&self) -> Engine {
+        match &self.0 {
+            Backend::Sqlite(_) => Engine::Sqlite,
+            Backend::Postgres(_) => Engine::Postgres,
+        }
+    }
+
+    /// Runs an idempotent schema (`CREATE .. IF NOT EXISTS`) once per start,
+    /// serialised with other replicas' migrations.
+    pub async fn install(&self, schema: Migration) -> Result<(), StoreError> {
+        match &self.0 {
+            Backend::Sqlite(_) => self.write(move |tx| tx.execute_batch(schema.sqlite)).await,
+            Backend::Postgres(p) => p.install(schema.postgres).await,
+        }
+    }
+
+    /// Runs `f` in one durable transaction and returns its result once the
+    /// commit is on disk. If `f` fails, its changes are rolled back.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
@@ -77,8 +204,7 @@ impl Store {
     }
 
     /// Like [`Store::write`], answered once committed but without waiting for
-    /// the disk: for writes that can be derived again (a consumer's effects
-    /// and watermark, a relay's deletions).
+    /// the disk: for writes that can be derived again.
     pub async fn write_relaxed<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
@@ -88,9 +214,8 @@ impl Store {
         self.submit(false, unpublishing(f), |_| {}).await
     }
 
-    /// Runs `f` in a transaction; once it is committed (on disk if
-    /// `durable`), `on_commit` runs, in commit order, before the caller hears
-    /// of it.
+    /// Runs `f` in a transaction; once it committed (on disk if `durable`),
+    /// `on_commit` runs before the caller hears of it.
     pub(crate) async fn submit<T, E, F, H>(&self, durable: bool, f: F, on_commit: H) -> Result<T, E>
     where
         F: FnOnce(&mut Tx<'_>) -> Result<T, E> + Send + 'static,
@@ -98,31 +223,48 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let Engine::Sqlite(db) = &self.0;
-        db.submit(durable, f, on_commit).await
+        match &self.0 {
+            Backend::Sqlite(s) => s.submit(durable, f, on_commit).await,
+            Backend::Postgres(p) => p.submit(durable, f, on_commit).await,
+        }
     }
 
-    /// Runs `f` on a read-only connection off the async runtime.
+    /// Runs `f` on a read connection off the async runtime.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnOnce(&Tx<'_>) -> Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let Engine::Sqlite(db) = &self.0;
-        db.read(f).await
+        match &self.0 {
+            Backend::Sqlite(s) => s.read(f).await,
+            Backend::Postgres(p) => p.read(f).await,
+        }
     }
 
     /// Whether the store can take writes: the readiness check.
     pub async fn ping(&self) -> bool {
-        let Engine::Sqlite(db) = &self.0;
-        db.ping().await
+        match &self.0 {
+            Backend::Sqlite(s) => s.ping().await,
+            Backend::Postgres(p) => p.ping().await,
+        }
     }
 
-    /// Gauges of the database's size, cap, free space and health.
+    /// Gauges of the database (size, cap, free space, degraded).
     pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
-        let Engine::Sqlite(db) = &self.0;
-        db.register_metrics(metrics);
+        match &self.0 {
+            Backend::Sqlite(s) => s.register_metrics(metrics),
+            Backend::Postgres(p) => p.register_metrics(metrics),
+        }
+    }
+
+    /// What other replicas change, as their [`Tx::notify`] on `channel`
+    /// names it. With SQLite nothing ever arrives (one process).
+    pub fn listen(&self, channel: &'static str) -> broadcast::Receiver<Refresh> {
+        match &self.0 {
+            Backend::Sqlite(s) => s.listen(),
+            Backend::Postgres(p) => p.listen(channel),
+        }
     }
 }
 
@@ -138,22 +280,28 @@ where
     }
 }
 
-/// What can be bound to a `$n` parameter: one conversion per engine.
+/// What can be bound to a `$n` parameter.
 pub trait Value: Sync {
     #[doc(hidden)]
     fn sqlite(&self) -> rusqlite::Result<ToSqlOutput<'_>>;
+    #[doc(hidden)]
+    fn postgres(&self) -> &(dyn tokio_postgres::types::ToSql + Sync);
 }
 
-impl<T: ToSql + Sync + ?Sized> Value for T {
+impl<T: ToSql + tokio_postgres::types::ToSql + Sync> Value for T {
     fn sqlite(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        self.to_sql()
+        ToSql::to_sql(self)
+    }
+
+    fn postgres(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        self
     }
 }
 
-/// What a column can be read as (each engine's conversion a bound).
-pub trait Column: FromSql {}
+/// What a column can be read as.
+pub trait Column: FromSql + for<'a> tokio_postgres::types::FromSql<'a> {}
 
-impl<T: FromSql> Column for T {}
+impl<T: FromSql + for<'a> tokio_postgres::types::FromSql<'a>> Column for T {}
 
 /// The parameters of one statement, `$1` first.
 pub type Params<'a> = &'a [&'a dyn Value];
@@ -171,13 +319,16 @@ pub struct Row<'a, 'r>(RowOf<'a, 'r>);
 
 enum RowOf<'a, 'r> {
     Sqlite(&'a rusqlite::Row<'r>),
+    Postgres(&'a tokio_postgres::Row),
 }
 
 impl Row<'_, '_> {
     /// Column `index` (from 0).
     pub fn get<T: Column>(&self, index: usize) -> Result<T, StoreError> {
-        let RowOf::Sqlite(row) = &self.0;
-        Ok(row.get(index)?)
+        match self.0 {
+            RowOf::Sqlite(row) => Ok(row.get(index)?),
+            RowOf::Postgres(row) => Ok(row.try_get(index)?),
+        }
     }
 
     /// Column `index` read as text and parsed: a value the type does not
@@ -192,32 +343,50 @@ impl Row<'_, '_> {
     }
 }
 
-/// A transaction (a write's savepoint in a group commit) or a read.
+/// A transaction (a write's savepoint in a group commit, a PostgreSQL
+/// transaction) or a read.
 pub struct Tx<'c> {
     conn: Conn<'c>,
     published: Vec<Event>,
+    notes: Vec<(&'static str, String)>,
 }
 
-/// The engine's connection under a [`Tx`].
 enum Conn<'c> {
     Sqlite(&'c Connection),
+    Postgres(&'c postgres::Session),
 }
 
 impl<'c> Tx<'c> {
     fn sqlite(conn: &'c Connection) -> Self {
-        Self { conn: Conn::Sqlite(conn), published: Vec::new() }
+        Self { conn: Conn::Sqlite(conn), published: Vec::new(), notes: Vec::new() }
+    }
+
+    fn postgres(session: &'c postgres::Session) -> Self {
+        Self { conn: Conn::Postgres(session), published: Vec::new(), notes: Vec::new() }
+    }
+
+    /// The engine, for the few statements written once per engine.
+    pub fn engine(&self) -> Engine {
+        match self.conn {
+            Conn::Sqlite(_) => Engine::Sqlite,
+            Conn::Postgres(_) => Engine::Postgres,
+        }
     }
 
     /// Runs one statement; returns the rows it changed.
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<usize, StoreError> {
-        let Conn::Sqlite(conn) = self.conn;
-        Ok(conn.prepare_cached(&dialect(sql))?.execute(bind(params))?)
+        match self.conn {
+            Conn::Sqlite(conn) => Ok(conn.prepare_cached(&dialect(sql))?.execute(bind(params))?),
+            Conn::Postgres(session) => session.execute(sql, params),
+        }
     }
 
     /// Runs statements without parameters (a schema).
     pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
-        let Conn::Sqlite(conn) = self.conn;
-        Ok(conn.execute_batch(sql)?)
+        match self.conn {
+            Conn::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
+            Conn::Postgres(session) => session.execute_batch(sql),
+        }
     }
 
     /// The first row, if any, mapped by `map`.
@@ -227,12 +396,19 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         map: impl FnOnce(&Row<'_, '_>) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        let Conn::Sqlite(conn) = self.conn;
-        let mut stmt = conn.prepare_cached(&dialect(sql))?;
-        let mut rows = stmt.query(bind(params))?;
-        match rows.next()? {
-            Some(row) => map(&Row(RowOf::Sqlite(row))).map(Some),
-            None => Ok(None),
+        match self.conn {
+            Conn::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&dialect(sql))?;
+                let mut rows = stmt.query(bind(params))?;
+                match rows.next()? {
+                    Some(row) => map(&Row(RowOf::Sqlite(row))).map(Some),
+                    None => Ok(None),
+                }
+            }
+            Conn::Postgres(session) => match session.query(sql, params)?.first() {
+                Some(row) => map(&Row(RowOf::Postgres(row))).map(Some),
+                None => Ok(None),
+            },
         }
     }
 
@@ -253,11 +429,19 @@ impl<'c> Tx<'c> {
         params: Params<'_>,
         mut f: impl FnMut(&Row<'_, '_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let Conn::Sqlite(conn) = self.conn;
-        let mut stmt = conn.prepare_cached(&dialect(sql))?;
-        let mut rows = stmt.query(bind(params))?;
-        while let Some(row) = rows.next()? {
-            f(&Row(RowOf::Sqlite(row)))?;
+        match self.conn {
+            Conn::Sqlite(conn) => {
+                let mut stmt = conn.prepare_cached(&dialect(sql))?;
+                let mut rows = stmt.query(bind(params))?;
+                while let Some(row) = rows.next()? {
+                    f(&Row(RowOf::Sqlite(row)))?;
+                }
+            }
+            Conn::Postgres(session) => {
+                for row in &session.query(sql, params)? {
+                    f(&Row(RowOf::Postgres(row)))?;
+                }
+            }
         }
         Ok(())
     }
@@ -277,6 +461,13 @@ impl<'c> Tx<'c> {
         Ok(out)
     }
 
+    /// Tells the service's other replicas, once this transaction commits,
+    /// that `item` changed (see [`Store::listen`]); an item is a line of text
+    /// the listener understands, such as an id.
+    pub fn notify(&mut self, channel: &'static str, item: impl Into<String>) {
+        self.notes.push((channel, item.into()));
+    }
+
     /// Publishes `event` when, and only when, this unit of work commits.
     pub fn publish(&mut self, event: &Event) -> Result<(), StoreError> {
         self.published.push(event.clone());
@@ -286,6 +477,11 @@ impl<'c> Tx<'c> {
     /// The events published so far, taken.
     pub(crate) fn take_published(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.published)
+    }
+
+    /// The notifications collected so far, taken.
+    fn take_notes(&mut self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut self.notes)
     }
 }
 
@@ -320,7 +516,174 @@ fn dialect(sql: &str) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
+
+    const SCHEMA: &[Migration] = &[
+        Migration::per_engine(
+            "CREATE TABLE item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER);",
+            "CREATE TABLE item (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, name TEXT NOT NULL UNIQUE, size BIGINT);",
+        ),
+        Migration::same("INSERT INTO item (name) VALUES ('seed');"),
+    ];
+
+    /// A fresh store on each engine: SQLite, then PostgreSQL when here.
+    async fn engines() -> Vec<(Store, Option<tempfile::TempDir>, Option<std::sync::Arc<test_server::TestServer>>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite: Vec<&str> = SCHEMA.iter().map(|m| m.sqlite).collect();
+        let mut stores = vec![(Store::open(dir.path(), "t", &sqlite).unwrap(), Some(dir), None)];
+        if let Some(server) = test_server::shared() {
+            let url = server.database().await;
+            stores.push((Store::connect(&url, "t", SCHEMA).await.unwrap(), None, Some(server)));
+        }
+        stores
+    }
+
+    async fn insert(store: &Store, name: &'static str) -> Result<i64, StoreError> {
+        store.write(move |c| c.query_row("INSERT INTO item (name) VALUES ($1) RETURNING id", &[&name], |r| r.get(0))).await
+    }
+
+    async fn count(store: &Store) -> i64 {
+        store.read(|c| c.query_row("SELECT count(*) FROM item", &[], |r| r.get(0))).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_both_engines_a_failing_job_rolls_back_alone() {
+        for (store, _dir, _server) in engines().await {
+            let (a, b, c) = tokio::join!(insert(&store, "a"), insert(&store, "a"), insert(&store, "b"));
+            let failed: Vec<_> = [a, b, c].into_iter().filter_map(Result::err).collect();
+            assert_eq!(failed.len(), 1, "{:?}", store.engine());
+            assert!(!failed[0].is_storage_failure(), "a duplicate is the request's fault: {}", failed[0]);
+            assert_eq!(count(&store).await, 3, "seed, a, b on {:?}", store.engine());
+            assert!(store.ping().await);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_both_engines_values_round_trip_and_bad_ones_fail_loudly() {
+        for (store, _dir, _server) in engines().await {
+            let engine = store.engine();
+            let rows = store
+                .write(|tx| {
+                    tx.execute("INSERT INTO item (name, size) VALUES ($1, $2), ($3, $4)", &[&"x", &Some(7_i64), &"y", &None::<i64>])?;
+                    tx.execute("UPDATE item SET size = $1 WHERE name = $2 AND size IS NULL", &[&i64::MAX, &"seed"])?;
+                    tx.query_all("SELECT name, size FROM item ORDER BY name", &[], |r| Ok((r.get::<String>(0)?, r.get::<Option<i64>>(1)?)))
+                })
+                .await
+                .unwrap();
+            assert_eq!(rows, [("seed".to_owned(), Some(i64::MAX)), ("x".to_owned(), Some(7)), ("y".to_owned(), None)], "{engine:?}");
+            let corrupt = store.read(|tx| tx.query_row("SELECT name FROM item WHERE name = 'x'", &[], |r| r.parse::<i64>(0))).await;
+            assert!(matches!(corrupt, Err(StoreError::Corrupt(_))), "{engine:?}: {corrupt:?}");
+            let none = store.read(|tx| tx.query_one("SELECT name FROM item WHERE name = $1", &[&"nope"], |r| r.get::<String>(0))).await;
+            assert_eq!(none.unwrap(), None);
+            let published = store
+                .write(|tx| {
+                    tx.execute("INSERT INTO item (name) VALUES ('lost')", &[])?;
+                    tx.publish(&Event::from_value(serde_json::json!({"type": "X", "data": {}})).unwrap())
+                })
+                .await;
+            assert!(matches!(published, Err(StoreError::Unpublished)), "{engine:?}");
+            assert_eq!(count(&store).await, 3, "{engine:?}: the refused write left nothing");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_never_reports_a_transaction_it_aborted_as_committed() {
+        let Some(server) = test_server::shared() else { return };
+        let store = Store::connect(&server.database().await, "t", SCHEMA).await.unwrap();
+        let swallowed = store
+            .write(|tx| {
+                tx.execute("INSERT INTO item (name) VALUES ('kept?')", &[])?;
+                // The duplicate fails; the closure ignores it and says Ok.
+                let _ = tx.execute("INSERT INTO item (name) VALUES ('seed')", &[]);
+                Ok::<_, StoreError>(())
+            })
+            .await;
+        assert!(matches!(swallowed, Err(StoreError::Commit(_))), "{swallowed:?}");
+        assert_eq!(count(&store).await, 1, "nothing of it committed");
+        insert(&store, "after").await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_starting_together_migrate_once() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Store::connect(&url, "t", SCHEMA).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for start in starts {
+            stores.push(start.await.unwrap().unwrap());
+        }
+        assert_eq!(count(&stores[0]).await, 1, "the seeding migration ran once");
+        let installs: Vec<_> = stores.iter().map(|s| s.install(Migration::same("CREATE TABLE IF NOT EXISTS extra (x BIGINT);"))).collect();
+        for install in futures_util::future::join_all(installs).await {
+            install.unwrap();
+        }
+        let again = Store::connect(&url, "t", SCHEMA).await.unwrap();
+        assert_eq!(count(&again).await, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_hear_of_each_others_commits_and_never_of_rollbacks() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let (a, b) = (Store::connect(&url, "t", SCHEMA).await.unwrap(), Store::connect(&url, "t", SCHEMA).await.unwrap());
+        let (mut heard_by_a, mut heard_by_b) = (a.listen("items"), b.listen("items"));
+        for heard in [&mut heard_by_a, &mut heard_by_b] {
+            assert_eq!(next_refresh(heard).await, Some(Refresh::Everything), "listening begins with a full look");
+        }
+        let rolled_back = a
+            .write(|tx| {
+                tx.notify("items", "never");
+                tx.execute("INSERT INTO item (name) VALUES ('seed')", &[])
+            })
+            .await;
+        assert!(rolled_back.is_err());
+        let many: Vec<String> = (0..2_000).map(|i| format!("item-{i}")).collect();
+        let sent = many.clone();
+        a.write(move |tx| {
+            for item in sent {
+                tx.notify("items", item);
+            }
+            tx.execute("INSERT INTO item (name) VALUES ('n')", &[])
+        })
+        .await
+        .unwrap();
+        let mut heard = Vec::new();
+        while heard.len() < many.len() {
+            match tokio::time::timeout(Duration::from_secs(10), next_refresh(&mut heard_by_b)).await {
+                Ok(Some(Refresh::Items(items))) => heard.extend(items),
+                other => panic!("after {} items: {other:?}", heard.len()),
+            }
+        }
+        assert_eq!(heard, many, "in order, across payloads, and nothing of the rolled-back write");
+        assert!(heard_by_a.try_recv().is_err(), "a replica does not hear itself");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_down_is_a_storage_failure_and_the_store_recovers() {
+        let Some(mut server) = test_server::TestServer::own() else { return };
+        let url = server.database().await;
+        let store = Store::connect(&url, "t", SCHEMA).await.unwrap();
+        insert(&store, "before").await.unwrap();
+        server.stop();
+        let refused = insert(&store, "while down").await.unwrap_err();
+        assert!(refused.is_storage_failure(), "{refused}");
+        assert!(!store.ping().await);
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !store.ping().await {
+            assert!(Instant::now() < deadline, "not ready again: {}", server.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        insert(&store, "after").await.unwrap();
+        assert_eq!(count(&store).await, 3, "seed, before, after");
+    }
 
     #[test]
     fn numbered_parameters_become_sqlites_outside_literals() {

@@ -39,48 +39,16 @@ use std::{
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
-use super::Tx;
+use tokio::sync::broadcast;
+
+use super::{Refresh, StoreError, Tx};
 
 /// Most jobs one commit takes; bounds the latency of the last job in a batch.
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 4;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("the database writer has stopped")]
-    WriterGone,
-    #[error("commit failed: {0}")]
-    Commit(String),
-    #[error("storage is full or failing: {0}")]
-    Full(String),
-    #[error("read task failed: {0}")]
-    Join(String),
-    /// A stored value the code does not know (a corrupt row, a foreign writer).
-    #[error("unreadable stored value: {0}")]
-    Corrupt(String),
-    /// A plain write published events; only a unit of work may.
-    #[error("events published outside a unit of work would be lost")]
-    Unpublished,
-}
-
-impl StoreError {
-    /// Whether the storage (not the request) is at fault: a full disk, a
-    /// database at its size cap, an I/O error. Such a write can succeed later.
-    pub fn is_storage_failure(&self) -> bool {
-        match self {
-            StoreError::Full(_) => true,
-            StoreError::Sqlite(e) => is_storage_failure(e),
-            _ => false,
-        }
-    }
-}
-
-fn is_storage_failure(e: &rusqlite::Error) -> bool {
+pub(super) fn is_storage_failure(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::{DiskFull, ReadOnly, SystemIoFailure};
     matches!(e.sqlite_error_code(), Some(DiskFull | SystemIoFailure | ReadOnly))
 }
@@ -102,7 +70,7 @@ struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
 }
 
-/// The SQLite engine of a [`super::Store`]. Cheap to clone.
+/// A service's SQLite database. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Sqlite {
     inner: Arc<Inner>,
@@ -118,25 +86,16 @@ struct Inner {
     /// `DB_MAX_BYTES`, when set.
     max_bytes: Option<u64>,
     readers: Mutex<Vec<Connection>>,
-}
-
-impl std::fmt::Debug for Sqlite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sqlite").field("path", &self.inner.path).finish()
-    }
+    /// Kept so that listeners' receivers stay open; nothing is ever sent
+    /// (one process: nobody else changes the database).
+    refresh: broadcast::Sender<Refresh>,
 }
 
 impl Sqlite {
-    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`:
-    /// migration `i` runs once, when the schema version is below `i + 1`.
-    pub(super) fn open(dir: &Path, name: &str, migrations: &[&str]) -> Result<Self, StoreError> {
-        Self::open_capped(dir, name, migrations, None)
-    }
-
-    /// Like [`Store::open`], with the database capped at `max_bytes`
-    /// (`DB_MAX_BYTES`): past it, writes fail as on a full disk. Capping a
-    /// database below its volume's size makes it fail loudly, and recoverably
-    /// (raise the cap), before the filesystem itself fills.
+    /// Opens (creating if needed) `<dir>/<name>.db` and applies `migrations`,
+    /// capped at `max_bytes` (`DB_MAX_BYTES`): past it, writes fail as on a
+    /// full disk. Capping a database below its volume's size makes it fail
+    /// loudly, and recoverably (raise the cap), before the filesystem itself fills.
     pub(super) fn open_capped(dir: &Path, name: &str, migrations: &[&str], max_bytes: Option<u64>) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir { path: dir.to_owned(), source })?;
         let path = dir.join(format!("{name}.db"));
@@ -170,11 +129,17 @@ impl Sqlite {
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        Ok(Self { inner: Arc::new(Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()) }) })
+        let inner =
+            Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()), refresh: broadcast::Sender::new(1) };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     pub(super) fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    pub(super) fn listen(&self) -> broadcast::Receiver<Refresh> {
+        self.inner.refresh.subscribe()
     }
 
     /// Runs `f` in the next group commit; once the batch is committed (on
