@@ -286,9 +286,7 @@ pub fn debian_release(image: &str) -> Result<&'static str> {
     let tag = image.rsplit_once('/').map_or(image, |(_, last)| last);
     DEBIAN_RELEASES
         .into_iter()
-        .find(|(name, number)| {
-            tag.split([':', '-']).any(|word| word == *name || word.strip_prefix("debian") == Some(number))
-        })
+        .find(|(name, number)| tag.split([':', '-']).any(|word| word == *name || word.strip_prefix("debian") == Some(number)))
         .map(|(name, _)| name)
         .ok_or_else(|| format!("{image} names no Debian release a stand-in can be made of ({DEBIAN_RELEASES:?})").into())
 }
@@ -314,8 +312,7 @@ fn debian_image(suite: &str, image: &str) -> Result {
     }
     let mut tar = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).stdout(Stdio::piped()).spawn()?;
     let stdout = tar.stdout.take().ok_or("tar has no stdout")?;
-    let imported =
-        docker().args(["import", "--change", "CMD [\"bash\"]", "-", image]).stdin(stdout).stdout(Stdio::null()).status()?;
+    let imported = docker().args(["import", "--change", "CMD [\"bash\"]", "-", image]).stdin(stdout).stdout(Stdio::null()).status()?;
     let tarred = tar.wait()?;
     fs::remove_dir_all(&rootfs)?;
     if !(imported.success() && tarred.success()) {
