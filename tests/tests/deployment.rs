@@ -453,28 +453,88 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
             assert!(!text.contains(buildkit_only), "{}: {buildkit_only} needs BuildKit", file.display());
         }
     }
-    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("cargo build --release --locked"));
+    // Release unless told otherwise; the same profile for the dependencies,
+    // the shared crates and each service.
+    let base = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(base.contains("ARG PROFILE=release\n") && base.contains("ENV PROFILE=${PROFILE}"), "Dockerfile.base");
+    assert!(
+        base.contains("cargo chef cook --profile \"$PROFILE\" --locked") && base.contains("cargo build --profile \"$PROFILE\" --locked")
+    );
+    assert!(base.contains("COPY crates crates"), "every shared crate, whatever its name");
     for (service, file) in Service::ALL.iter().zip(&files[1..]) {
         let text = std::fs::read_to_string(file).unwrap();
         let name = service.name();
+        let dir = if *service == Service::Client { "client".to_owned() } else { format!("services/{name}") };
+        assert!(text.contains(&format!("COPY . {dir}/\n")), "{name}: its own crate over the base's stub");
+        assert!(text.contains(&format!("cargo build --profile \"$PROFILE\" --locked -p {name} ")), "{name}: only its own crate");
         assert!(text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{name}\"]")), "{name}: vector ENTRYPOINT");
         assert!(text.contains("USER 65532:65532"), "{name}: numeric non-root user");
-        assert!(text.contains("FROM gcr.io/distroless/cc-debian12:nonroot"), "{name}: minimal runtime");
+        assert!(text.contains("FROM gcr.io/distroless/cc-debian13:nonroot"), "{name}: minimal runtime, supported (debian12 ended in 2026)");
         assert!(text.contains(&format!("EXPOSE {}", service.default_port())), "{name}");
     }
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore exists");
-    for kept_out in ["target/", ".git/"] {
+    for kept_out in ["target/", ".git/", "docs/", "**/*.md", "tests/tests/", "client/tests/"] {
         assert!(ignore.lines().any(|l| l.trim() == kept_out), ".dockerignore must exclude {kept_out}");
+    }
+    for kept_in in ["tests", "tests/", "crates/", "services/", "Cargo.lock"] {
+        assert!(!ignore.lines().any(|l| l.trim() == kept_in), ".dockerignore must not exclude {kept_in}: the build needs it");
     }
 }
 
 #[test]
-fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
-    // In the default manifest set: applied by every deploy, not a profile.
-    let policies = manifests();
-    assert!(skaffold().get("profiles").is_none(), "no profile is needed for the policies");
+fn skaffold_dev_builds_the_same_artifacts_with_the_fast_cargo_profile() {
+    let config = skaffold();
+    let profiles = config["profiles"].as_array().expect("skaffold.yaml has profiles");
+    let dev = profiles.iter().find(|p| p["name"] == "dev").expect("a dev profile");
+    assert_eq!(dev["activation"], serde_json::json!([{ "command": "dev" }]), "on by itself under `skaffold dev` only");
+    let release = config["build"]["artifacts"].as_array().unwrap();
+    let fast = dev["build"]["artifacts"].as_array().unwrap();
+    assert_eq!(fast.len(), release.len());
+    assert_eq!(fast[1..], release[1..], "the same service artifacts");
+    let mut base = fast[0].clone();
+    assert_eq!(base["docker"]["buildArgs"].take(), serde_json::json!({ "PROFILE": "image-dev" }));
+    base["docker"].as_object_mut().unwrap().remove("buildArgs");
+    assert_eq!(base, release[0], "the same base, another cargo profile");
+    assert_eq!(dev["build"]["local"], config["build"]["local"]);
+
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let profile = cargo_section(&cargo, "profile.image-dev");
+    assert_eq!(profile, ["inherits = \"release\"", "lto = false", "codegen-units = 256"]);
+    assert!(cargo_section(&cargo, "profile.release").iter().any(|l| l.starts_with("lto = \"")), "skaffold run ships LTO builds");
+}
+
+/// The settings of one `[section]` of a TOML file, one `key = value` a line.
+fn cargo_section<'a>(toml: &'a str, section: &str) -> Vec<&'a str> {
+    let header = format!("[{section}]");
+    toml.lines()
+        .skip_while(|line| line.trim() != header)
+        .skip(1)
+        .map(str::trim)
+        .take_while(|line| !line.starts_with('['))
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn skaffold_forwards_every_service_port_and_the_ingress() {
+    let config = skaffold();
+    let forwards = config["portForward"].as_array().expect("portForward");
     for service in Service::ALL {
-        let name = format!("{}-ingress", service.name());
+        let port = service.default_port();
+        let expected =
+            serde_json::json!({ "resourceType": "service", "resourceName": service.k8s_service(), "port": port, "localPort": port });
+        assert!(forwards.contains(&expected), "{service}: {expected}");
+    }
+    assert!(forwards.iter().any(|f| f["namespace"] == k8s::INGRESS_NAMESPACE && f["port"] == 80));
+    assert_eq!(forwards.len(), Service::ALL.len() + 1);
+}
+
+#[test]
+fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
+    // In the default manifest set: applied by every deploy.
+    let policies = manifests();
+    for service in Service::ALL {
+        let name = k8s::network_policy_name(service);
         let policy = policies.named("NetworkPolicy", &name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
         assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app"], service.name());
         for rule in policy["spec"]["ingress"].as_array().unwrap() {
@@ -484,28 +544,50 @@ fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
                     assert!(Service::from_name(app).is_some(), "{name}: unknown peer {app}");
                     assert_ne!(app, service.name());
                 } else {
-                    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "ingress-nginx", "{name}");
+                    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], k8s::INGRESS_NAMESPACE, "{name}");
                 }
             }
         }
     }
-    // Only the bus and the client's health probe reach moderation, which has
-    // no public route.
-    let moderation = policies.named("NetworkPolicy", "moderation-ingress").unwrap();
-    assert_eq!(
-        moderation["spec"]["ingress"][0]["from"],
-        serde_json::json!([{ "podSelector": { "matchLabels": { "app": "event-bus" } } }, { "podSelector": { "matchLabels": { "app": "client" } } }])
-    );
-    // The client reaches everything its status page probes.
-    for service in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
-        let policy = policies.named("NetworkPolicy", &format!("{}-ingress", service.name())).unwrap();
-        let admits_client = policy["spec"]["ingress"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|rule| rule["from"].as_array().unwrap().iter().any(|peer| peer["podSelector"]["matchLabels"]["app"] == "client"));
-        assert!(admits_client, "{service} must admit the client's status probe");
+}
+
+#[test]
+fn network_policies_admit_exactly_the_connections_the_suite_makes() {
+    // Evaluated as an enforcing plugin would: the client's status probes of
+    // every other service, the bus's deliveries, everyone's publishing and
+    // catching up, the ingress to each routed service; nothing else.
+    let manifests = manifests();
+    assert_eq!(k8s::network_policy_mismatches(&manifests, &[k8s::INGRESS_NAMESPACE]).unwrap(), Vec::<String>::new());
+    let client = k8s::PolicyPeer::pod(manifests.pod_labels(Service::Client).unwrap());
+    for probed in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
+        let labels = manifests.pod_labels(probed).unwrap();
+        assert!(manifests.network_policies_admit(&client, &labels, probed.default_port()), "the client's probe of {probed}");
+        assert!(!manifests.network_policies_admit(&client, &labels, 9), "{probed} admits only its own port");
     }
+    let ingress = k8s::PolicyPeer::namespace(k8s::INGRESS_NAMESPACE);
+    let moderation = manifests.pod_labels(Service::Moderation).unwrap();
+    assert!(!manifests.network_policies_admit(&ingress, &moderation, Service::Moderation.default_port()), "moderation has no route");
+}
+
+#[test]
+fn a_policy_that_drops_the_clients_probe_is_reported() {
+    // The check above can fail: the same manifests with the client's peer
+    // removed from moderation's policy, and with the default deny removed
+    // and a policy opened to every pod.
+    let mut documents: Vec<Value> = manifests().documents().map(|(_, doc)| doc.clone()).collect();
+    let render = |documents: &[Value]| {
+        let text: Vec<String> = documents.iter().map(|doc| serde_json::to_string(doc).unwrap()).collect();
+        k8s::Manifests::from_text(&text.join("\n---\n")).unwrap()
+    };
+    let moderation = documents.iter_mut().find(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "moderation-ingress").unwrap();
+    moderation["spec"]["ingress"][0]["from"].as_array_mut().unwrap().retain(|peer| peer["podSelector"]["matchLabels"]["app"] != "client");
+    assert_eq!(
+        k8s::network_policy_mismatches(&render(&documents), &[k8s::INGRESS_NAMESPACE]).unwrap(),
+        ["client -> moderation:4003 is needed but refused"]
+    );
+    documents.retain(|d| d["kind"] != "NetworkPolicy" || d["metadata"]["name"] == "moderation-ingress");
+    let mismatches = k8s::network_policy_mismatches(&render(&documents), &[k8s::INGRESS_NAMESPACE]).unwrap();
+    assert!(mismatches.contains(&"posts -> comments:4001 is admitted but nothing needs it".to_owned()), "{mismatches:?}");
 }
 
 #[test]
@@ -529,7 +611,9 @@ fn the_shared_secret_comes_from_a_secret_for_every_service_but_the_client() {
     // Nothing commits the secret itself: the deploy hook generates it.
     assert_eq!(manifests.of_kind("Secret").count(), 0);
     let hooks = serde_json::to_string(&skaffold()["deploy"]["kubectl"]["hooks"]["before"]).unwrap();
-    assert!(hooks.contains("kubectl create secret generic blog-internal") && hooks.contains("/dev/urandom"), "{hooks}");
+    assert!(hooks.contains("create secret generic blog-internal") && hooks.contains("/dev/urandom"), "{hooks}");
+    // In the context and namespace skaffold deploys to (`skaffold dev -n blog`).
+    assert!(hooks.contains("$SKAFFOLD_KUBE_CONTEXT") && hooks.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{hooks}");
 }
 
 #[test]

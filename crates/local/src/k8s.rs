@@ -102,6 +102,10 @@ fn push_ingress(out: &mut String, name: &str, annotations: &[(&str, String)], ro
     }
 }
 
+/// Where ingress-nginx runs its controller (minikube's addon and the
+/// upstream manifests alike), which the network policies must admit.
+pub const INGRESS_NAMESPACE: &str = "ingress-nginx";
+
 /// The Gateway API component, relative to the workspace root: a `Gateway`
 /// and an `HTTPRoute` in place of the Ingress. A kustomize component, since
 /// an overlay may not live inside the base's directory.
@@ -357,6 +361,188 @@ impl Manifests {
             .ok_or_else(|| ManifestError(format!("workload {name} has no container named {name}")))?;
         Ok(Workload { manifests: self, doc, pod, container })
     }
+}
+
+impl Manifests {
+    /// The documents of a rendered text (`kubectl kustomize` output, say).
+    pub fn from_text(text: &str) -> Result<Self, ManifestError> {
+        Ok(Self { docs: parse_documents(text)?.into_iter().map(|doc| (PathBuf::new(), doc)).collect() })
+    }
+
+    /// The labels of `service`'s pods (its workload's pod template).
+    pub fn pod_labels(&self, service: Service) -> Result<Labels, ManifestError> {
+        Ok(labels_of(&self.workload(service)?.doc["spec"]["template"]["metadata"]["labels"]))
+    }
+
+    /// Whether the NetworkPolicies admit a TCP connection from `from` to a pod
+    /// of this namespace labelled `to`, on `port`, as a plugin that enforces
+    /// them decides: a pod no Ingress policy selects accepts everything; a
+    /// selected pod accepts what at least one rule of one selecting policy
+    /// admits (rules add up, none takes away). A rule admits a connection when
+    /// one of its ports is `port` (or it lists none) and one of its peers
+    /// matches the source (or it lists none). Named ports and `ipBlock` peers
+    /// are not used here and admit nothing.
+    pub fn network_policies_admit(&self, from: &PolicyPeer, to: &Labels, port: u16) -> bool {
+        let mut selected = self.of_kind("NetworkPolicy").filter(|policy| {
+            let spec = &policy["spec"];
+            let types = spec["policyTypes"].as_array();
+            let ingress = types.is_none_or(|types| types.iter().any(|t| t == "Ingress"));
+            ingress && selector_matches(&spec["podSelector"], to)
+        });
+        let Some(first) = selected.next() else { return true };
+        std::iter::once(first).chain(selected).any(|policy| {
+            policy["spec"]["ingress"].as_array().map(Vec::as_slice).unwrap_or_default().iter().any(|rule| {
+                let ports = rule["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+                let port_ok = ports.is_empty()
+                    || ports.iter().any(|p| p["protocol"].as_str().unwrap_or("TCP") == "TCP" && p["port"].as_u64() == Some(port.into()));
+                let peers = rule["from"].as_array().map(Vec::as_slice).unwrap_or_default();
+                port_ok && (peers.is_empty() || peers.iter().any(|peer| from.matches(peer)))
+            })
+        })
+    }
+}
+
+/// Where a connection to one of the suite's pods comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A pod of the suite.
+    Service(Service),
+    /// The front door (ingress controller or gateway proxies): any pod of
+    /// this namespace.
+    FrontDoor(&'static str),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Service(service) => write!(f, "{service}"),
+            Caller::FrontDoor(namespace) => write!(f, "namespace {namespace}"),
+        }
+    }
+}
+
+/// Every connection the suite makes inside the cluster, from the service
+/// and route tables: every service but the bus reaches the bus (publishing,
+/// catching up; the client reads its `/status` and `/flow`); the bus pushes
+/// to each subscriber; the client's status page probes every other service
+/// (client/src/lib.rs asks each one in the table); the front door reaches
+/// every service a route names. Each on the target's port.
+pub fn needed_connections(front_doors: &[&'static str]) -> Vec<(Caller, Service)> {
+    let mut needed = Vec::new();
+    for service in Service::ALL.into_iter().filter(|s| *s != Service::EventBus) {
+        needed.push((Caller::Service(service), Service::EventBus));
+    }
+    for subscriber in Service::SUBSCRIBERS {
+        needed.push((Caller::Service(Service::EventBus), subscriber));
+    }
+    for probed in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
+        if !needed.contains(&(Caller::Service(Service::Client), probed)) {
+            needed.push((Caller::Service(Service::Client), probed));
+        }
+    }
+    for namespace in front_doors {
+        for route in ROUTES {
+            if !needed.contains(&(Caller::FrontDoor(namespace), route.service)) {
+                needed.push((Caller::FrontDoor(namespace), route.service));
+            }
+        }
+    }
+    needed
+}
+
+/// Where the NetworkPolicies of `manifests` differ from
+/// [`needed_connections`], as an enforcing plugin would apply them: each
+/// needed connection they refuse, and each connection between the suite's
+/// pods (or from a front door) that nothing needs but they admit. Empty when
+/// they admit exactly what the suite uses.
+pub fn network_policy_mismatches(manifests: &Manifests, front_doors: &[&'static str]) -> Result<Vec<String>, ManifestError> {
+    let needed = needed_connections(front_doors);
+    let mut callers: Vec<(Caller, PolicyPeer)> = Vec::new();
+    for service in Service::ALL {
+        callers.push((Caller::Service(service), PolicyPeer::pod(manifests.pod_labels(service)?)));
+    }
+    for namespace in front_doors {
+        callers.push((Caller::FrontDoor(namespace), PolicyPeer::namespace(namespace)));
+    }
+    let mut mismatches = Vec::new();
+    for target in Service::ALL {
+        let labels = manifests.pod_labels(target)?;
+        for (caller, peer) in &callers {
+            if *caller == Caller::Service(target) {
+                continue;
+            }
+            let admitted = manifests.network_policies_admit(peer, &labels, target.default_port());
+            match (needed.contains(&(*caller, target)), admitted) {
+                (true, false) => mismatches.push(format!("{caller} -> {target}:{} is needed but refused", target.default_port())),
+                (false, true) => {
+                    mismatches.push(format!("{caller} -> {target}:{} is admitted but nothing needs it", target.default_port()))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(mismatches)
+}
+
+/// A set of Kubernetes labels.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+fn labels_of(value: &Value) -> Labels {
+    value.as_object().into_iter().flatten().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect()
+}
+
+/// The source of a connection, as a NetworkPolicy peer sees it: a pod's
+/// labels, and its namespace's labels when it is in another namespace than
+/// the policies (`None`: the same one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyPeer {
+    pub pod: Labels,
+    pub namespace: Option<Labels>,
+}
+
+impl PolicyPeer {
+    /// A pod of the suite's own namespace.
+    pub fn pod(labels: Labels) -> Self {
+        Self { pod: labels, namespace: None }
+    }
+
+    /// Any pod of the namespace called `name` (as its automatic
+    /// `kubernetes.io/metadata.name` label says).
+    pub fn namespace(name: &str) -> Self {
+        Self { pod: Labels::new(), namespace: Some(Labels::from([("kubernetes.io/metadata.name".to_owned(), name.to_owned())])) }
+    }
+
+    fn matches(&self, peer: &Value) -> bool {
+        let pods = peer.get("podSelector");
+        let namespaces = peer.get("namespaceSelector");
+        let pod_ok = pods.is_none_or(|selector| selector_matches(selector, &self.pod));
+        let namespace_ok = match (namespaces, &self.namespace) {
+            // Without a namespaceSelector, only the policy's own namespace.
+            (None, namespace) => namespace.is_none() && pods.is_some(),
+            // An empty namespaceSelector matches every namespace; the own
+            // namespace is matched through its own labels, unknown here.
+            (Some(selector), None) => selector.as_object().is_some_and(|s| s.values().all(|v| v.as_object().is_some_and(|o| o.is_empty()))),
+            (Some(selector), Some(labels)) => selector_matches(selector, labels),
+        };
+        pod_ok && namespace_ok
+    }
+}
+
+/// Whether a label selector (`matchLabels`, `matchExpressions`) selects `labels`.
+fn selector_matches(selector: &Value, labels: &Labels) -> bool {
+    let by_label = selector["matchLabels"].as_object().into_iter().flatten().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
+    let by_expression = selector["matchExpressions"].as_array().into_iter().flatten().all(|expression| {
+        let value = expression["key"].as_str().and_then(|key| labels.get(key));
+        let values: Vec<&str> = expression["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        match expression["operator"].as_str() {
+            Some("In") => value.is_some_and(|v| values.contains(&v.as_str())),
+            Some("NotIn") => value.is_none_or(|v| !values.contains(&v.as_str())),
+            Some("Exists") => value.is_some(),
+            Some("DoesNotExist") => value.is_none(),
+            _ => false,
+        }
+    });
+    by_label && by_expression
 }
 
 /// The files listed in `resources` of `dir/kustomization.yaml`, as paths.
@@ -691,6 +877,33 @@ mod tests {
         assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
         assert_eq!(parse_quantity("512"), Some(512));
         assert_eq!(parse_quantity("lots"), None);
+    }
+
+    #[test]
+    fn network_policies_are_evaluated_as_an_enforcing_plugin_would() {
+        let policies = Manifests::from_text(
+            "kind: NetworkPolicy\n\
+             spec:\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [a, b]}]}\n  policyTypes: [Ingress]\n\
+             ---\n\
+             kind: NetworkPolicy\n\
+             spec:\n  podSelector: {matchLabels: {app: a}}\n  ingress:\n\
+             \x20   - from: [{podSelector: {matchLabels: {app: c}}}, {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: edge}}}]\n\
+             \x20     ports: [{protocol: TCP, port: 80}]\n\
+             \x20   - ports: [{port: 9090}]\n",
+        )
+        .unwrap();
+        let pod = |app: &str| Labels::from([("app".to_owned(), app.to_owned())]);
+        let c = PolicyPeer::pod(pod("c"));
+        // a: c and the edge namespace on 80, anyone on 9090.
+        assert!(policies.network_policies_admit(&c, &pod("a"), 80));
+        assert!(policies.network_policies_admit(&PolicyPeer::namespace("edge"), &pod("a"), 80));
+        assert!(!policies.network_policies_admit(&PolicyPeer::namespace("other"), &pod("a"), 80));
+        assert!(!policies.network_policies_admit(&PolicyPeer::pod(pod("d")), &pod("a"), 80));
+        assert!(!policies.network_policies_admit(&c, &pod("a"), 81));
+        assert!(policies.network_policies_admit(&PolicyPeer::namespace("other"), &pod("a"), 9090));
+        // b: selected by the deny-all only; d: selected by nothing.
+        assert!(!policies.network_policies_admit(&c, &pod("b"), 80));
+        assert!(policies.network_policies_admit(&c, &pod("d"), 80));
     }
 
     #[test]
