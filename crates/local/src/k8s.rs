@@ -417,7 +417,7 @@ impl Manifests {
     }
 
     /// The labels of `target`'s pods.
-    fn target_labels(&self, target: Target) -> Result<Labels, ManifestError> {
+    pub fn target_labels(&self, target: Target) -> Result<Labels, ManifestError> {
         Ok(labels_of(&self.workload_named(target.name())?.doc["spec"]["template"]["metadata"]["labels"]))
     }
 
