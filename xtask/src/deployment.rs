@@ -12,7 +12,8 @@
 //! API overlay likewise with its Gateway and HTTPRoute checked against the
 //! Gateway API's own CRD schemas (infrastructure/ci/validate-gateway-api.py),
 //! the NetworkPolicies of every rendered overlay against the connections the
-//! suite makes (`k8s::network_policy_mismatches`), skaffold's JSON schema,
+//! suite makes (`k8s::network_policy_mismatches`), the tests' own reader of
+//! the base and the scale overlay against kubectl's rendering, skaffold's JSON schema,
 //! and hadolint on every Dockerfile. The schemas are kept in the repository
 //! (infrastructure/ci/schemas), so nothing is fetched but the Python tools,
 //! installed with pip when missing.
@@ -78,7 +79,9 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
         let rendered = kustomize(&kubectl, &overlay)?;
         let front_doors: &[&str] =
             if overlay == k8s::GATEWAY_API_OVERLAY { &[k8s::INGRESS_NAMESPACE, k8s::GATEWAY_NAMESPACE] } else { &[k8s::INGRESS_NAMESPACE] };
-        let mismatches = k8s::network_policy_mismatches(&k8s::Manifests::from_text(&std::fs::read_to_string(&rendered)?)?, front_doors)?;
+        let rendered_manifests = k8s::Manifests::from_text(&std::fs::read_to_string(&rendered)?)?;
+        same_as_kubectl(&overlay, &rendered_manifests)?;
+        let mismatches = k8s::network_policy_mismatches(&rendered_manifests, front_doors)?;
         if !mismatches.is_empty() {
             return Err(format!(
                 "{overlay}: the NetworkPolicies do not admit exactly what the suite needs:\n  {}",
@@ -118,6 +121,29 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     println!("hadolint on {} Dockerfiles", dockerfiles.len());
     run(Command::new(scripts.join("hadolint")).args(&dockerfiles))?;
     println!("hadolint: no findings");
+    Ok(())
+}
+
+/// The tests read the base and the scale overlay with `k8s::Manifests::load`
+/// (offline, no kubectl): where it renders `overlay` at all, it must render
+/// exactly the documents kubectl did, in any order. An overlay it does not
+/// support (components, say) is left to kubectl alone.
+fn same_as_kubectl(overlay: &str, rendered: &k8s::Manifests) -> Result {
+    let Ok(ours) = k8s::Manifests::load(&root().join(overlay)) else {
+        println!("{overlay}: rendered by kubectl only (beyond what the tests' reader supports)");
+        return Ok(());
+    };
+    let canonical = |manifests: &k8s::Manifests| {
+        let mut docs: Vec<String> = manifests.documents().map(|(_, doc)| doc.to_string()).collect();
+        docs.sort();
+        docs
+    };
+    let (ours, theirs) = (canonical(&ours), canonical(rendered));
+    if ours != theirs {
+        let differ: Vec<&String> = ours.iter().filter(|d| !theirs.contains(d)).chain(theirs.iter().filter(|d| !ours.contains(d))).collect();
+        return Err(format!("{overlay}: k8s::Manifests::load and kubectl kustomize render it differently:\n  {differ:?}").into());
+    }
+    println!("{overlay}: k8s::Manifests::load renders the same {} documents as kubectl", ours.len());
     Ok(())
 }
 

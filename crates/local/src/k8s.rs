@@ -317,18 +317,56 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// Reads the files a kustomize directory lists in its `resources`, in
-    /// that order (the documents `kubectl kustomize` renders, before any
-    /// transformation: the base has none). Only files are supported.
+    /// Renders a kustomize directory the way `kubectl kustomize` does, for
+    /// the little the suite's kustomizations use: `resources` (files, in
+    /// order, and directories holding a kustomization, rendered first), then
+    /// `patches` that delete an object (`$patch: delete`) or change one with
+    /// JSON patch operations `replace` and `add` (with a `target` kind and
+    /// name). Anything else is refused, never approximated; `cargo xtask
+    /// validate` checks that this and kubectl render the same documents.
     pub fn load(dir: &Path) -> Result<Self, ManifestError> {
+        let file = dir.join(KUSTOMIZATION);
+        let kustomization = read_kustomization(&file, &["resources", "patches"])?;
         let mut docs = Vec::new();
-        for file in kustomize_resources(dir)? {
-            let text = std::fs::read_to_string(&file).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
-            for doc in parse_documents(&text).map_err(|e| ManifestError(format!("{}: {e}", file.display())))? {
-                docs.push((file.clone(), doc));
+        for name in resource_names(&kustomization, &file)? {
+            let path = dir.join(name);
+            if path.is_dir() {
+                docs.extend(Self::load(&path)?.docs);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| ManifestError(format!("{}: {e}", path.display())))?;
+            for doc in parse_documents(&text).map_err(|e| ManifestError(format!("{}: {e}", path.display())))? {
+                docs.push((path.clone(), doc));
             }
         }
-        Ok(Self { docs })
+        let mut manifests = Self { docs };
+        for patch in kustomization["patches"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            manifests.apply(patch).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
+        }
+        Ok(manifests)
+    }
+
+    /// Applies one entry of a kustomization's `patches`.
+    fn apply(&mut self, patch: &Value) -> Result<(), ManifestError> {
+        let text = patch["patch"].as_str().ok_or_else(|| ManifestError(format!("only inline patches are supported: {patch}")))?;
+        let [body] = parse_documents(text)?.try_into().map_err(|_| ManifestError(format!("a patch is one document: {text}")))?;
+        let found = |docs: &[(PathBuf, Value)], kind: &Value, name: &Value| {
+            docs.iter().position(|(_, doc)| doc["kind"] == *kind && doc["metadata"]["name"] == *name)
+        };
+        if body["$patch"] == "delete" {
+            let index = found(&self.docs, &body["kind"], &body["metadata"]["name"])
+                .ok_or_else(|| ManifestError(format!("nothing to delete for {text}")))?;
+            self.docs.remove(index);
+            return Ok(());
+        }
+        let (target, Some(operations)) = (&patch["target"], body.as_array()) else {
+            return error(format!("only `$patch: delete` and JSON patches are supported: {text}"));
+        };
+        let index = found(&self.docs, &target["kind"], &target["name"]).ok_or_else(|| ManifestError(format!("no target {target}")))?;
+        for operation in operations {
+            json_patch(&mut self.docs[index].1, operation)?;
+        }
+        Ok(())
     }
 
     /// Every document with its file.
@@ -348,7 +386,11 @@ impl Manifests {
 
     /// The StatefulSet or Deployment that runs `service` (named after it).
     pub fn workload(&self, service: Service) -> Result<Workload<'_>, ManifestError> {
-        let name = service.name();
+        self.workload_named(service.name())
+    }
+
+    /// The StatefulSet or Deployment called `name`, with its container of that name.
+    pub fn workload_named(&self, name: &str) -> Result<Workload<'_>, ManifestError> {
         let found: Vec<_> = ["StatefulSet", "Deployment"].into_iter().filter_map(|kind| self.named(kind, name)).collect();
         let [doc] = found.as_slice() else {
             return error(format!("expected one StatefulSet or Deployment named {name}, found {}", found.len()));
@@ -371,7 +413,17 @@ impl Manifests {
 
     /// The labels of `service`'s pods (its workload's pod template).
     pub fn pod_labels(&self, service: Service) -> Result<Labels, ManifestError> {
-        Ok(labels_of(&self.workload(service)?.doc["spec"]["template"]["metadata"]["labels"]))
+        self.target_labels(Target::Service(service))
+    }
+
+    /// The labels of `target`'s pods.
+    pub fn target_labels(&self, target: Target) -> Result<Labels, ManifestError> {
+        Ok(labels_of(&self.workload_named(target.name())?.doc["spec"]["template"]["metadata"]["labels"]))
+    }
+
+    /// Whether these manifests run the scale mode's PostgreSQL server.
+    pub fn runs_postgres(&self) -> bool {
+        self.workload_named(POSTGRES).is_ok()
     }
 
     /// Whether the NetworkPolicies admit a TCP connection from `from` to a pod
@@ -402,20 +454,72 @@ impl Manifests {
     }
 }
 
+/// The scale mode's PostgreSQL server (infrastructure/overlays/scale): its
+/// StatefulSet, container and pods' `app` label.
+pub const POSTGRES: &str = "postgres";
+
+/// PostgreSQL's port, the server's and its Services'.
+pub const POSTGRES_PORT: u16 = 5432;
+
+/// The ClusterIP Service every `DATABASE_URL` of the scale mode names.
+pub const POSTGRES_SERVICE: &str = "postgres-srv";
+
+/// The overlay of the scale mode, relative to the workspace root.
+pub const SCALE_OVERLAY: &str = "infrastructure/overlays/scale";
+
+/// A pod a connection may go to: a service of the suite, or the scale
+/// mode's PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Service(Service),
+    Postgres,
+}
+
+impl Target {
+    /// Its workload's name (and pods' `app` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Service(service) => service.name(),
+            Target::Postgres => POSTGRES,
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(self) -> u16 {
+        match self {
+            Target::Service(service) => service.default_port(),
+            Target::Postgres => POSTGRES_PORT,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where a connection to one of the suite's pods comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
-    /// A pod of the suite.
-    Service(Service),
+    /// A pod of the suite (PostgreSQL included, which calls nothing).
+    Pod(Target),
     /// The front door (ingress controller or gateway proxies): any pod of
     /// this namespace.
     FrontDoor(&'static str),
 }
 
+impl Caller {
+    /// A pod of one of the suite's services.
+    pub fn service(service: Service) -> Self {
+        Caller::Pod(Target::Service(service))
+    }
+}
+
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Caller::Service(service) => write!(f, "{service}"),
+            Caller::Pod(target) => write!(f, "{target}"),
             Caller::FrontDoor(namespace) => write!(f, "namespace {namespace}"),
         }
     }
@@ -426,25 +530,35 @@ impl fmt::Display for Caller {
 /// catching up; the client reads its `/status` and `/flow`); the bus pushes
 /// to each subscriber; the client's status page probes every other service
 /// (client/src/lib.rs asks each one in the table); the front door reaches
-/// every service a route names. Each on the target's port.
-pub fn needed_connections(front_doors: &[&'static str]) -> Vec<(Caller, Service)> {
+/// every service a route names; with `postgres` (the scale mode), each
+/// service that keeps its data there ([`database_services`]) reaches
+/// PostgreSQL. Each on the target's port.
+///
+/// [`database_services`]: crate::postgres::database_services
+pub fn needed_connections(front_doors: &[&'static str], postgres: bool) -> Vec<(Caller, Target)> {
     let mut needed = Vec::new();
+    let mut need = |caller: Caller, target: Target| {
+        if !needed.contains(&(caller, target)) {
+            needed.push((caller, target));
+        }
+    };
     for service in Service::ALL.into_iter().filter(|s| *s != Service::EventBus) {
-        needed.push((Caller::Service(service), Service::EventBus));
+        need(Caller::service(service), Target::Service(Service::EventBus));
     }
     for subscriber in Service::SUBSCRIBERS {
-        needed.push((Caller::Service(Service::EventBus), subscriber));
+        need(Caller::service(Service::EventBus), Target::Service(subscriber));
     }
     for probed in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
-        if !needed.contains(&(Caller::Service(Service::Client), probed)) {
-            needed.push((Caller::Service(Service::Client), probed));
-        }
+        need(Caller::service(Service::Client), Target::Service(probed));
     }
     for namespace in front_doors {
         for route in ROUTES {
-            if !needed.contains(&(Caller::FrontDoor(namespace), route.service)) {
-                needed.push((Caller::FrontDoor(namespace), route.service));
-            }
+            need(Caller::FrontDoor(namespace), Target::Service(route.service));
+        }
+    }
+    if postgres {
+        for service in crate::postgres::database_services() {
+            need(Caller::service(service), Target::Postgres);
         }
     }
     needed
@@ -453,30 +567,34 @@ pub fn needed_connections(front_doors: &[&'static str]) -> Vec<(Caller, Service)
 /// Where the NetworkPolicies of `manifests` differ from
 /// [`needed_connections`], as an enforcing plugin would apply them: each
 /// needed connection they refuse, and each connection between the suite's
-/// pods (or from a front door) that nothing needs but they admit. Empty when
-/// they admit exactly what the suite uses.
+/// pods (PostgreSQL's too, when the manifests run it) or from a front door
+/// that nothing needs but they admit. Empty when they admit exactly what
+/// the suite uses.
 pub fn network_policy_mismatches(manifests: &Manifests, front_doors: &[&'static str]) -> Result<Vec<String>, ManifestError> {
-    let needed = needed_connections(front_doors);
+    let postgres = manifests.runs_postgres();
+    let needed = needed_connections(front_doors, postgres);
+    let mut targets: Vec<Target> = Service::ALL.into_iter().map(Target::Service).collect();
+    if postgres {
+        targets.push(Target::Postgres);
+    }
     let mut callers: Vec<(Caller, PolicyPeer)> = Vec::new();
-    for service in Service::ALL {
-        callers.push((Caller::Service(service), PolicyPeer::pod(manifests.pod_labels(service)?)));
+    for target in &targets {
+        callers.push((Caller::Pod(*target), PolicyPeer::pod(manifests.target_labels(*target)?)));
     }
     for namespace in front_doors {
         callers.push((Caller::FrontDoor(namespace), PolicyPeer::namespace(namespace)));
     }
     let mut mismatches = Vec::new();
-    for target in Service::ALL {
-        let labels = manifests.pod_labels(target)?;
+    for target in targets {
+        let labels = manifests.target_labels(target)?;
         for (caller, peer) in &callers {
-            if *caller == Caller::Service(target) {
+            if *caller == Caller::Pod(target) {
                 continue;
             }
-            let admitted = manifests.network_policies_admit(peer, &labels, target.default_port());
+            let admitted = manifests.network_policies_admit(peer, &labels, target.port());
             match (needed.contains(&(*caller, target)), admitted) {
-                (true, false) => mismatches.push(format!("{caller} -> {target}:{} is needed but refused", target.default_port())),
-                (false, true) => {
-                    mismatches.push(format!("{caller} -> {target}:{} is admitted but nothing needs it", target.default_port()))
-                }
+                (true, false) => mismatches.push(format!("{caller} -> {target}:{} is needed but refused", target.port())),
+                (false, true) => mismatches.push(format!("{caller} -> {target}:{} is admitted but nothing needs it", target.port())),
                 _ => {}
             }
         }
@@ -550,16 +668,9 @@ fn selector_matches(selector: &Value, labels: &Labels) -> bool {
 /// generators...), since its documents would then differ from the files.
 pub fn kustomize_resources(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
     let file = dir.join(KUSTOMIZATION);
-    let text = std::fs::read_to_string(&file).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
-    let [kustomization] =
-        parse_documents(&text)?.try_into().map_err(|_| ManifestError(format!("{}: expected one document", file.display())))?;
-    let fields = kustomization.as_object().map(|o| o.keys().map(String::as_str).collect::<Vec<_>>()).unwrap_or_default();
-    if let Some(field) = fields.iter().find(|f| !matches!(**f, "apiVersion" | "kind" | "resources")) {
-        return error(format!("{}: `{field}` is not supported here (only resources)", file.display()));
-    }
+    let kustomization = read_kustomization(&file, &["resources"])?;
     let mut files = Vec::new();
-    for resource in kustomization["resources"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let name = resource.as_str().ok_or_else(|| ManifestError(format!("{}: resource {resource} is not a path", file.display())))?;
+    for name in resource_names(&kustomization, &file)? {
         let path = dir.join(name);
         if !path.is_file() {
             return error(format!("{}: resource {name} is not a file", file.display()));
@@ -567,6 +678,53 @@ pub fn kustomize_resources(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
         files.push(path);
     }
     Ok(files)
+}
+
+/// A kustomization file, refused if it uses a field other than `supported`.
+fn read_kustomization(file: &Path, supported: &[&str]) -> Result<Value, ManifestError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ManifestError(format!("{}: {e}", file.display())))?;
+    let [kustomization] =
+        parse_documents(&text)?.try_into().map_err(|_| ManifestError(format!("{}: expected one document", file.display())))?;
+    let fields = kustomization.as_object().map(|o| o.keys().map(String::as_str).collect::<Vec<_>>()).unwrap_or_default();
+    if let Some(field) = fields.iter().find(|f| !matches!(**f, "apiVersion" | "kind") && !supported.contains(f)) {
+        return error(format!("{}: `{field}` is not supported here (only {})", file.display(), supported.join(", ")));
+    }
+    Ok(kustomization)
+}
+
+/// The entries of a kustomization's `resources`.
+fn resource_names<'a>(kustomization: &'a Value, file: &Path) -> Result<Vec<&'a str>, ManifestError> {
+    let resources = kustomization["resources"].as_array().map(Vec::as_slice).unwrap_or_default();
+    resources.iter().map(|r| r.as_str().ok_or_else(|| ManifestError(format!("{}: resource {r} is not a path", file.display())))).collect()
+}
+
+/// One JSON patch (RFC 6902) operation, `replace` or `add`, on `doc`.
+fn json_patch(doc: &mut Value, operation: &Value) -> Result<(), ManifestError> {
+    let (Some(op), Some(path)) = (operation["op"].as_str(), operation["path"].as_str()) else {
+        return error(format!("a JSON patch operation needs op and path: {operation}"));
+    };
+    let value = operation.get("value").cloned().ok_or_else(|| ManifestError(format!("{op} {path} needs a value")))?;
+    let missing = || ManifestError(format!("{op} {path}: no such place"));
+    match op {
+        "replace" => *doc.pointer_mut(path).ok_or_else(missing)? = value,
+        "add" => {
+            let (parent, last) = path.rsplit_once('/').ok_or_else(missing)?;
+            let last = last.replace("~1", "/").replace("~0", "~");
+            match doc.pointer_mut(parent).ok_or_else(missing)? {
+                Value::Array(items) if last == "-" => items.push(value),
+                Value::Array(items) => {
+                    let index = last.parse::<usize>().ok().filter(|i| *i <= items.len()).ok_or_else(missing)?;
+                    items.insert(index, value);
+                }
+                Value::Object(fields) => {
+                    fields.insert(last, value);
+                }
+                _ => return Err(missing()),
+            }
+        }
+        _ => return error(format!("JSON patch operation {op} is not supported")),
+    }
+    Ok(())
 }
 
 /// Parses a multi-document YAML text into JSON values, skipping empty documents.
