@@ -102,17 +102,23 @@ impl Nats {
             .map(|(_, other)| quote(&format!("nats-route://127.0.0.1:{}", other.cluster)))
             .collect();
         let store_dir = self.data_dir.join(process_name(i));
-        format!(
+        let mut config = format!(
             "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{monitor}\"\n\
-             jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n\
-             cluster {{\n  name: \"blog\"\n  listen: \"127.0.0.1:{cluster}\"\n  routes: [{routes}]\n}}\n",
+             jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n",
             name = quote(&process_name(i)),
             client = ports.client,
             monitor = ports.monitor,
             store = quote(&store_dir.display().to_string()),
-            cluster = ports.cluster,
-            routes = routes.join(", "),
-        )
+        );
+        // One node is a standalone server: a cluster of one never elects a JetStream leader.
+        if self.nodes.len() > 1 {
+            config.push_str(&format!(
+                "cluster {{\n  name: \"blog\"\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                ports.cluster,
+                routes.join(", ")
+            ));
+        }
+        config
     }
 
     /// Each node as a supervised process.
