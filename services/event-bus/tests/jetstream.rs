@@ -135,13 +135,13 @@ async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends
             }
         })
     };
-    // Kill node 2 once some events are in, while appends go on.
+    // Kill the stream's leader once some events are in, while appends go on.
     let deadline = Instant::now() + Duration::from_secs(30);
     while acknowledged.lock().unwrap().len() < BATCHES * PER_BATCH / 4 {
         assert!(Instant::now() < deadline, "appends did not start");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let victim = nats::process_name(2);
+    let victim = stream_leader(&cluster).await;
     let old = cluster.supervisor.pid(&victim);
     assert!(cluster.supervisor.signal(&victim, rustix::process::Signal::KILL));
     appender.await.unwrap();
@@ -170,6 +170,17 @@ async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends
     }
     eprintln!("appends retried during the kill: {}", failures.lock().unwrap());
     cluster.stop().await;
+}
+
+/// The node leading the log's stream (its writes go through it).
+async fn stream_leader(cluster: &Cluster) -> String {
+    let servers = log::jetstream::parse_servers(&cluster.nats.url()).unwrap();
+    let client = async_nats::connect(servers).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(log::jetstream::STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("the stream has a leader");
+    assert_eq!(info.config.num_replicas, nats::NODES, "one replica per node");
+    leader
 }
 
 /// A subscriber that records what it is pushed.
