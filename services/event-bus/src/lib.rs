@@ -9,6 +9,7 @@
 
 pub mod delivery;
 pub mod flow;
+pub mod lease;
 pub mod log;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -167,7 +168,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             batch: config.batch,
             cursor,
         };
-        tokio::spawn(deliverer.run(shutdown.clone()));
+        // Replicas sharing a JetStream log take turns per subscriber.
+        match log.leases() {
+            Some(leases) => tokio::spawn(leases.deliver_while_held(deliverer, shutdown.clone())),
+            None => tokio::spawn(deliverer.run(shutdown.clone())),
+        };
     }
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);

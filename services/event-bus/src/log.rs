@@ -258,6 +258,14 @@ impl EventLog {
             .await
     }
 
+    /// The delivery leases, when the log is shared by replicas (JetStream).
+    pub fn leases(&self) -> Option<crate::lease::Leases> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::JetStream(stream) => Some(stream.leases().clone()),
+        }
+    }
+
     pub async fn ping(&self) -> bool {
         match &self.backend {
             Backend::Sqlite(store) => store.ping().await,

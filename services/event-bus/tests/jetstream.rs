@@ -201,6 +201,99 @@ async fn subscriber() -> (String, Arc<Mutex<Vec<Value>>>) {
     (url, received)
 }
 
+/// A bus process's server, in this process: `event_bus::run` on JetStream.
+struct Bus {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), blog_kit::BoxError>>,
+}
+
+impl Bus {
+    async fn start(cluster: &Cluster, subscriber: &str) -> Self {
+        let config = Config {
+            port: 0,
+            data_dir: std::path::PathBuf::from("unused"),
+            subscribers: vec![Subscriber { name: "query".into(), url: subscriber.to_owned() }],
+            delivery_timeout: Duration::from_secs(5),
+            batch: 16,
+            internal_secret: InternalSecret::parse(SECRET).unwrap(),
+            db_max_bytes: None,
+            event_store: Some(cluster.nats.url()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        Self { base, stop, running: tokio::spawn(event_bus::run(listener, config, shutdown)) }
+    }
+
+    async fn publish(&self, body: Value) -> Value {
+        let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+        let response = http.post(format!("{}/events", self.base)).bearer_auth(SECRET).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Events this replica delivered to the subscriber (its `/status`).
+    async fn delivered(&self) -> u64 {
+        let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+        let status: Value = http.get(format!("{}/status", self.base)).send().await.unwrap().json().await.unwrap();
+        status["subscribers"][0]["delivered"].as_u64().unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until `received` holds `count` events, then returns their ids.
+async fn wait_received(received: &Mutex<Vec<Value>>, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids: Vec<String> = received.lock().unwrap().iter().map(|e| e["id"].as_str().unwrap_or_default().to_owned()).collect();
+        if ids.len() >= count {
+            return ids;
+        }
+        assert!(Instant::now() < deadline, "{} of {count} delivered: {ids:?}", ids.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bus_replicas_deliver_each_event_once_in_order_and_one_takes_over_when_the_other_stops() {
+    if !nats_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = cluster(dir.path(), 1).await;
+    let (url, received) = subscriber().await;
+    let (a, b) = (Bus::start(&cluster, &url).await, Bus::start(&cluster, &url).await);
+    let liked = |id: String| json!({"id": id, "type": "PostLiked", "data": {"id": "p"}});
+    for i in 0..10 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        replica.publish(liked(format!("e{i:02}"))).await;
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(wait_received(&received, 10).await, expected, "one deliverer: each event once, in the log's order");
+
+    // Stop the replica that delivered (the lease holder): the other takes over.
+    let (holder, other) = if a.delivered().await > 0 { (a, b) } else { (b, a) };
+    assert_eq!((holder.delivered().await, other.delivered().await), (10, 0), "exactly one replica delivered");
+    holder.stop().await;
+    for i in 10..20 {
+        other.publish(liked(format!("e{i:02}"))).await;
+    }
+    let ids = wait_received(&received, 20).await;
+    let expected: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(ids, expected, "after the handover: nothing skipped, doubled or reordered");
+    assert_eq!(other.delivered().await, 10);
+    other.stop().await;
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
     if !nats_available() {
@@ -209,23 +302,8 @@ async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = cluster(dir.path(), 1).await;
     let (url, received) = subscriber().await;
-    let config = Config {
-        port: 0,
-        data_dir: dir.path().join("unused"),
-        subscribers: vec![Subscriber { name: "query".into(), url }],
-        delivery_timeout: Duration::from_secs(5),
-        batch: 16,
-        internal_secret: InternalSecret::parse(SECRET).unwrap(),
-        db_max_bytes: None,
-        event_store: Some(cluster.nats.url()),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = Shutdown::new(async move {
-        let _ = stopped.await;
-    });
-    let bus = tokio::spawn(event_bus::run(listener, config, shutdown));
+    let bus = Bus::start(&cluster, &url).await;
+    let base = bus.base.clone();
     let http = blog_kit::http::client::http_client(Duration::from_secs(10));
     let publish = |body: Value| http.post(format!("{base}/events")).bearer_auth(SECRET).json(&body).send();
 
@@ -247,10 +325,10 @@ async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
     assert_eq!(unauthorised.status(), 401);
 
     let page: Vec<Value> = http.get(format!("{base}/events?after=1&limit=10")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(page.iter().map(|e| (e["seq"].clone(), e["id"].clone())).collect::<Vec<_>>(), [
-        (json!(2), json!("e2")),
-        (json!(3), json!("e3"))
-    ]);
+    assert_eq!(
+        page.iter().map(|e| (e["seq"].clone(), e["id"].clone())).collect::<Vec<_>>(),
+        [(json!(2), json!("e2")), (json!(3), json!("e3"))]
+    );
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -272,7 +350,6 @@ async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
         assert!(Instant::now() < deadline, "cursor not saved: {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    bus.await.unwrap().unwrap();
+    bus.stop().await;
     cluster.stop().await;
 }

@@ -43,6 +43,7 @@ pub struct JetStreamLog {
     js: jetstream::Context,
     stream: stream::Stream,
     cursors: kv::Store,
+    leases: crate::lease::Leases,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -97,7 +98,8 @@ impl JetStreamLog {
             Ok(store) => store,
             Err(_) => retry_while_electing(|| js.create_key_value(bucket.clone())).await?,
         };
-        Ok(Self { client, js, stream, cursors })
+        let leases = crate::lease::Leases::open(&js, replicas).await?;
+        Ok(Self { client, js, stream, cursors, leases })
     }
 
     /// The highest sequence number in the stream.
@@ -187,6 +189,10 @@ impl JetStreamLog {
         Err(unavailable(format!("the cursor of {name} kept changing under us")))
     }
 
+    pub fn leases(&self) -> &crate::lease::Leases {
+        &self.leases
+    }
+
     pub fn ping(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -225,12 +231,13 @@ fn parse_cursor(value: &[u8]) -> u64 {
 }
 
 /// Subscriber names may hold any character; keys may not: hex of the UTF-8 bytes.
-fn encode_key(name: &str) -> String {
+pub(crate) fn encode_key(name: &str) -> String {
     name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 fn decode_key(key: &str) -> Option<String> {
-    let bytes = (0..key.len()).step_by(2).map(|i| key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>()?;
+    let bytes =
+        (0..key.len()).step_by(2).map(|i| key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>()?;
     String::from_utf8(bytes).ok()
 }
 
