@@ -55,7 +55,8 @@ pub struct Stored {
 #[derive(Debug, Clone)]
 enum Backend {
     Sqlite(Store),
-    JetStream(jetstream::JetStreamLog),
+    // Boxed: the client's handles are large, and clones should stay cheap.
+    JetStream(Arc<jetstream::JetStreamLog>),
 }
 
 #[derive(Debug, Clone)]
@@ -84,7 +85,7 @@ impl EventLog {
         let stream = jetstream::JetStreamLog::connect(url).await?;
         let head = stream.head().await?;
         let tail = stream.tail(head).await?;
-        let log = Self::new(Backend::JetStream(stream), head);
+        let log = Self::new(Backend::JetStream(Arc::new(stream)), head);
         tokio::spawn(log.clone().follow(tail, shutdown));
         Ok(log)
     }
