@@ -14,7 +14,8 @@
 //! deliverer before the key can expire, so two replicas do not push to one
 //! subscriber at once unless a push outlives that margin (a request taking
 //! longer than the delivery timeout's share of it); the consumers' inboxes
-//! keep such an overlap harmless.
+//! keep such an overlap harmless. A replica that does not hold a lease
+//! shows the holder's saved cursor in its `/status`, read every poll.
 
 use std::time::Duration;
 
@@ -55,6 +56,12 @@ impl Leases {
             let revision = match self.kv.create(&key, self.holder.clone().into()).await {
                 Ok(revision) => revision,
                 Err(_) => {
+                    // Another replica delivers: show its progress here too.
+                    if let Ok(cursors) = deliverer.log.cursors().await
+                        && let Some((_, cursor)) = cursors.into_iter().find(|(n, _)| *n == name)
+                    {
+                        deliverer.status.lock().unwrap_or_else(|p| p.into_inner()).cursor = cursor;
+                    }
                     if shutdown.sleep(poll).await {
                         return;
                     }

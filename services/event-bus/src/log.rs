@@ -82,26 +82,39 @@ impl EventLog {
     /// The log in JetStream at `url` (`nats://host:port[,host:port…]`), and a
     /// task following its tail until `shutdown`.
     pub async fn open_jetstream(url: &str, shutdown: blog_kit::Shutdown) -> Result<Self, StoreError> {
-        let stream = jetstream::JetStreamLog::connect(url).await?;
+        let stream = Arc::new(jetstream::JetStreamLog::connect(url).await?);
         let head = stream.head().await?;
-        let tail = stream.tail(head).await?;
-        let log = Self::new(Backend::JetStream(Arc::new(stream)), head);
-        tokio::spawn(log.clone().follow(tail, shutdown));
+        let log = Self::new(Backend::JetStream(stream.clone()), head);
+        tokio::spawn(log.clone().follow(stream, head, shutdown));
         Ok(log)
     }
 
-    /// Caches what any replica stores, moves the head and feeds `/flow`.
-    async fn follow(self, tail: impl futures_util::Stream<Item = Result<Event, StoreError>> + Send, shutdown: blog_kit::Shutdown) {
+    /// Caches what any replica stores after `after`, moves the head and
+    /// feeds `/flow`; follows again from the last event seen if the tail
+    /// ends (the client recreates it after most failures by itself).
+    async fn follow(self, stream: Arc<jetstream::JetStreamLog>, mut after: u64, shutdown: blog_kit::Shutdown) {
         use futures_util::StreamExt;
-        let mut tail = std::pin::pin!(tail.take_until(async move { shutdown.wait().await }));
-        while let Some(event) = tail.next().await {
-            match event {
-                Ok(event) => {
-                    let seq = event.seq.unwrap_or(0);
-                    self.remember(vec![event]);
-                    self.advance(seq);
+        loop {
+            match stream.tail(after).await {
+                Ok(tail) => {
+                    let stop = shutdown.clone();
+                    let mut tail = std::pin::pin!(tail.take_until(async move { stop.wait().await }));
+                    while let Some(event) = tail.next().await {
+                        match event {
+                            Ok(event) => {
+                                let seq = event.seq.unwrap_or(0);
+                                after = after.max(seq);
+                                self.remember(vec![event]);
+                                self.advance(seq);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "following the JetStream log"),
+                        }
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "following the JetStream log"),
+                Err(e) => tracing::warn!(error = %e, "cannot follow the JetStream log; retrying"),
+            }
+            if shutdown.sleep(Duration::from_secs(1)).await {
+                return;
             }
         }
     }
