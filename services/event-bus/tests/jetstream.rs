@@ -189,8 +189,12 @@ async fn subscriber() -> (String, Arc<Mutex<Vec<Value>>>) {
     let app = Router::new()
         .route(
             "/events",
-            post(|State(received): State<Arc<Mutex<Vec<Value>>>>, Json(events): Json<Vec<Value>>| async move {
-                received.lock().unwrap().extend(events);
+            post(|State(received): State<Arc<Mutex<Vec<Value>>>>, Json(events): Json<Value>| async move {
+                // One event alone comes as an object, several as an array.
+                match events {
+                    Value::Array(events) => received.lock().unwrap().extend(events),
+                    event => received.lock().unwrap().push(event),
+                }
                 Json(json!({"status": "OK"}))
             }),
         )
