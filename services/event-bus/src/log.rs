@@ -17,7 +17,7 @@ use std::{
 };
 
 use blog_domain::Event;
-use blog_kit::{StoreError, Tx, store::Store};
+use blog_kit::{StoreError, Tx, store::Store, telemetry};
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, watch};
 
@@ -78,9 +78,12 @@ impl EventLog {
     /// Stores `events` durably, each id once.
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Stored>, StoreError> {
         let now = now_millis();
+        let traced = telemetry::lag_ids(&events);
+        let traced_in_writer = traced.clone();
         let (stored, fresh) = self
             .store
             .write(move |tx| {
+                telemetry::lag_mark("bus.appending", traced_in_writer.iter().map(String::as_str));
                 let mut stored = Vec::with_capacity(events.len());
                 let mut fresh = Vec::with_capacity(events.len());
                 let timestamp = format_millis(now);
@@ -111,6 +114,7 @@ impl EventLog {
                 Ok::<_, StoreError>((stored, fresh))
             })
             .await?;
+        telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
         self.remember(fresh);
         if let Some(max) = stored.iter().map(|s| s.seq).max() {
             self.head.send_if_modified(|head| {
