@@ -375,12 +375,16 @@ mod tests {
         assert_eq!(log.cursors().await.unwrap(), [("query".to_owned(), 3)], "the cursor is persisted");
     }
 
+    /// A push as a subscriber saw it: its `x-blog-covers-after` and the
+    /// sequence numbers it carried.
+    type Push = (u64, Vec<u64>);
+
     /// A subscriber that consumes only `PostCreated`, recording each push it
     /// acknowledges: its `x-blog-covers-after` and the sequence numbers it
     /// carried. It answers `answer` (200 by default).
     #[derive(Clone, Default)]
     struct PostsOnly {
-        pushes: Arc<Mutex<Vec<(u64, Vec<u64>)>>>,
+        pushes: Arc<Mutex<Vec<Push>>>,
         answer: Arc<AtomicU16>,
     }
 
