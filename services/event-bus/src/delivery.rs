@@ -332,34 +332,37 @@ mod tests {
         Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
     }
 
+    /// Serves `app` on a free port and starts a deliverer of `log` to it, as
+    /// subscriber `name`, from cursor 0; returns the deliverer's status.
+    async fn deliver_to(log: &EventLog, name: &str, app: Router, batch: u32) -> SharedStatus {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let shutdown = Shutdown::new(std::future::pending());
+        tokio::spawn(blog_kit::http::serve::serve(listener, app, shutdown.clone()));
+        let status = SharedStatus::default();
+        let deliverer = Deliverer {
+            subscriber: super::Subscriber { name: name.into(), url },
+            log: log.clone(),
+            http: http_client(Duration::from_secs(5)),
+            secret: InternalSecret::parse(SECRET).unwrap(),
+            status: status.clone(),
+            flow: log.flow().clone(),
+            batch,
+            cursor: 0,
+            acked: 0,
+            consumes: None,
+        };
+        tokio::spawn(deliverer.run(shutdown));
+        status
+    }
+
     #[tokio::test]
     async fn a_refused_event_is_skipped_a_misdirected_answer_retried_and_the_rest_delivered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(Store::open(dir.path(), "event-bus", crate::log::MIGRATIONS).unwrap()).await.unwrap();
         let subscriber = Subscriber::default();
         subscriber.answer.store(404, Ordering::SeqCst);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let shutdown = Shutdown::new(std::future::pending());
-        tokio::spawn(blog_kit::http::serve::serve(
-            listener,
-            Router::new().route("/events", post(receive)).with_state(subscriber.clone()),
-            shutdown.clone(),
-        ));
-        let status = SharedStatus::default();
-        let deliverer = Deliverer {
-            subscriber: super::Subscriber { name: "query".into(), url },
-            log: log.clone(),
-            http: http_client(Duration::from_secs(5)),
-            secret: InternalSecret::parse(SECRET).unwrap(),
-            status: status.clone(),
-            flow: log.flow().clone(),
-            batch: 16,
-            cursor: 0,
-            acked: 0,
-            consumes: None,
-        };
-        tokio::spawn(deliverer.run(shutdown));
+        let status = deliver_to(&log, "query", Router::new().route("/events", post(receive)).with_state(subscriber.clone()), 16).await;
         log.append(vec![event("a"), event("bad"), event("c")]).await.unwrap();
 
         let read = || status.lock().unwrap().clone();
@@ -421,28 +424,8 @@ mod tests {
             .unwrap();
         let subscriber = PostsOnly::default();
         subscriber.answer.store(200, Ordering::SeqCst);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let shutdown = Shutdown::new(std::future::pending());
-        tokio::spawn(blog_kit::http::serve::serve(
-            listener,
-            Router::new().route("/events", post(receive_posts)).with_state(subscriber.clone()),
-            shutdown.clone(),
-        ));
-        let status = SharedStatus::default();
-        let deliverer = Deliverer {
-            subscriber: super::Subscriber { name: "posts-only".into(), url },
-            log: log.clone(),
-            http: http_client(Duration::from_secs(5)),
-            secret: InternalSecret::parse(SECRET).unwrap(),
-            status: status.clone(),
-            flow: log.flow().clone(),
-            batch: 100,
-            cursor: 0,
-            acked: 0,
-            consumes: None,
-        };
-        tokio::spawn(deliverer.run(shutdown));
+        let app = Router::new().route("/events", post(receive_posts)).with_state(subscriber.clone());
+        let status = deliver_to(&log, "posts-only", app, 100).await;
         let read = || status.lock().unwrap().clone();
         let pushes = || subscriber.pushes.lock().unwrap().clone();
 

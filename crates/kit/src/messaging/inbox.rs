@@ -606,24 +606,23 @@ mod tests {
     async fn answers_name_the_consumed_types_and_only_those_are_applied() {
         use tower::ServiceExt;
 
-        /// Takes every post it is given, but lists none.
-        struct Unlisted;
+        /// [`Posts`], which takes every post it is given, listing no posts.
+        struct Unlisted(Arc<Posts>);
         impl Consumer for Unlisted {
             fn consumes(&self) -> &'static [EventKind] {
                 &[EventKind::CommentCreated]
             }
 
-            fn apply(&self, tx: &mut Tx<'_>, _: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
-                let DomainEvent::PostCreated(post) = event else { return Ok(Outcome::Ignored) };
-                tx.execute("INSERT INTO post (id) VALUES ($1)", &[&post.id])?;
-                Ok(Outcome::Handled)
+            fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
+                self.0.apply(tx, envelope, event)
             }
         }
 
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
         crate::messaging::install(&store).await.unwrap();
-        let inbox = Inbox::new(store.clone(), Unlisted, Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+        let inbox =
+            Inbox::new(store.clone(), Unlisted(Arc::default()), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
         let secret = InternalSecret::parse("inbox-test-secret-0123456789").unwrap();
         let push = |body: Value| {
             axum::http::Request::post("/events")
