@@ -58,6 +58,8 @@ commands:
                     --stop-engine       stop the dockerd that `images` started
   bench  build in release mode and measure throughput, consistency lag and
            memory against a bare axum handler on this machine (a few minutes)
+                    --lag               only the consistency lag and where it
+                                        goes, traced inside the services (about a minute)
 ";
 
 fn main() -> ExitCode {
@@ -70,7 +72,7 @@ fn main() -> ExitCode {
         Some("ingress") => deployment::ingress(args),
         Some("images") => containers::images(args),
         Some("e2e-containers") => e2e_containers::run(args),
-        Some("bench") => bench(),
+        Some("bench") => bench(args),
         _ => {
             print!("{HELP}");
             return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };
@@ -143,10 +145,15 @@ fn test(args: pico_args::Arguments) -> Result {
     run(&mut test)
 }
 
-fn bench() -> Result {
+fn bench(mut args: pico_args::Arguments) -> Result {
+    let mode = if args.contains("--lag") { "lag" } else { "run" };
+    let rest = args.finish();
+    if !rest.is_empty() {
+        return Err(format!("unexpected arguments: {rest:?}").into());
+    }
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;
-    run(Command::new(bin_dir.join("blog-bench")).arg("run").arg(&bin_dir))
+    run(Command::new(bin_dir.join("blog-bench")).arg(mode).arg(&bin_dir))
 }
 
 /// The browser tests drive Debian's Chromium through chromedriver. On a

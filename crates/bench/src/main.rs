@@ -40,6 +40,8 @@ const READ_VIEW_POSTS: usize = 1_000;
 /// Posts (one comment each) of the view whose readers' memory is measured.
 const MEMORY_VIEW_POSTS: usize = 10_000;
 
+mod trace;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), Error> {
@@ -57,7 +59,11 @@ fn main() -> Result<(), Error> {
             let bin_dir = PathBuf::from(args.next().ok_or("run BIN_DIR")?);
             tokio::runtime::Runtime::new()?.block_on(run(bin_dir))
         }
-        _ => Err("usage: blog-bench run BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]".into()),
+        Some("lag") => {
+            let bin_dir = PathBuf::from(args.next().ok_or("lag BIN_DIR")?);
+            tokio::runtime::Runtime::new()?.block_on(async { lag(&client_builder().build()?, &bin_dir).await })
+        }
+        _ => Err("usage: blog-bench run BIN_DIR | blog-bench lag BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]".into()),
     }
 }
 
@@ -152,8 +158,14 @@ fn rss_line(suite: &Suite) -> String {
 
 /// Starts the suite as `cargo xtask up` does, on free ports, in `dir`.
 async fn launch(bin_dir: &std::path::Path, dir: &std::path::Path) -> Result<Suite, Error> {
+    launch_with(bin_dir, dir, |_| {}).await
+}
+
+/// [`launch`] with the options adjusted by `configure`.
+async fn launch_with(bin_dir: &std::path::Path, dir: &std::path::Path, configure: impl FnOnce(&mut Options)) -> Result<Suite, Error> {
     let mut options = Options::standard(bin_dir.to_owned(), dir.join("data"), free_port(), LogSink::Dir(dir.to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
+    configure(&mut options);
     let suite = Suite::launch(options).await?;
     suite.wait_ready(Duration::from_secs(30)).await?;
     Ok(suite)
@@ -221,18 +233,11 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     );
     let http = client_builder().build()?;
 
-    // A. A fresh suite: the consistency lag at idle, then memory under readers.
+    // A. Fresh suites: the consistency lag at idle and where it goes; then
+    // memory under readers.
+    lag(&http, &bin_dir).await?;
     let dir = tempfile::tempdir()?;
     let suite = launch(&bin_dir, dir.path()).await?;
-    let gateway = format!("http://{}", suite.gateway_addr);
-    let query = suite.options.url(Service::Query);
-    let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
-    let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
-    let polled = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Poll(&query)).await?;
-    print_lag("consistency lag, idle, polling GET /posts every 1 ms:", &polled);
-    let streamed = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
-    print_lag("consistency lag, idle, query's live stream:          ", &streamed);
-    lag_breakdown(&http, &gateway, &suite.options.url(Service::EventBus), &post_id, LAG_SAMPLES / 2).await?;
     memory_under_readers(&http, &suite).await?;
     suite.stop().await;
     drop(dir);
@@ -481,6 +486,26 @@ async fn wait_for_idle_bus(http: &reqwest::Client, bus: &str) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The consistency lag on a fresh, idle suite, by polling and by the stream,
+/// with the breakdown seen from outside; then, on a fresh suite with the
+/// services' trace points on, the breakdown from inside (see [`trace`]).
+async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let suite = launch(bin_dir, dir.path()).await?;
+    let gateway = format!("http://{}", suite.gateway_addr);
+    let query = suite.options.url(Service::Query);
+    let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
+    let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
+    let polled = measure_lag(http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Poll(&query)).await?;
+    print_lag("consistency lag, idle, polling GET /posts every 1 ms:", &polled);
+    let streamed = measure_lag(http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
+    print_lag("consistency lag, idle, query's live stream:          ", &streamed);
+    lag_breakdown(http, &gateway, &suite.options.url(Service::EventBus), &post_id, LAG_SAMPLES / 2).await?;
+    suite.stop().await;
+    drop(dir);
+    trace::breakdown(http, bin_dir, LAG_SAMPLES / 2).await
 }
 
 /// Comments on `post_id` through the gateway; returns the new comment's id.

@@ -22,7 +22,7 @@ use axum::{
     response::Response,
 };
 
-use blog_domain::config::ConfigError;
+use blog_domain::{EventKind, config::ConfigError};
 
 use crate::http::{error_response, layers::READ_LIMIT};
 
@@ -34,10 +34,31 @@ pub const MIN_SECRET_LEN: usize = 16;
 /// sender may set them aside. Any other 4xx is retried.
 pub static REFUSAL_HEADER: HeaderName = HeaderName::from_static("x-blog-event-refused");
 
-/// Sent by the bus with every push: the subscriber's cursor the batch
-/// continues from. The batch is the whole of the log after it, so a consumer
-/// may move its replay watermark over numbers the log does not have.
+/// Sent by the bus with every push: the last sequence number the subscriber
+/// acknowledged, which the batch continues from. The batch is the whole of
+/// the log after it that the subscriber consumes (see [`CONSUMES_HEADER`]),
+/// so a consumer may move its replay watermark over numbers the batch does
+/// not have.
 pub static COVERS_AFTER_HEADER: HeaderName = HeaderName::from_static("x-blog-covers-after");
+
+/// Sent by a consumer with every answer to a push: the event types it acts
+/// on, comma-separated. The bus then pushes it only those (the others it
+/// would acknowledge and ignore) and moves [`COVERS_AFTER_HEADER`] over the
+/// rest. A subscriber that does not send it gets every event.
+pub static CONSUMES_HEADER: HeaderName = HeaderName::from_static("x-blog-consumes");
+
+/// The [`CONSUMES_HEADER`] value naming `kinds`; `None` if a name cannot be
+/// a header value (then the header is left out and every event is pushed).
+pub fn consumes_value(kinds: &[EventKind]) -> Option<HeaderValue> {
+    HeaderValue::from_str(&kinds.iter().map(EventKind::as_str).collect::<Vec<_>>().join(",")).ok()
+}
+
+/// The event types an answer's [`CONSUMES_HEADER`] names; `None` without the
+/// header (or with one that is not text): the subscriber takes every event.
+pub fn consumed(headers: &HeaderMap) -> Option<Vec<EventKind>> {
+    let list = headers.get(&CONSUMES_HEADER)?.to_str().ok()?;
+    Some(list.split(',').map(str::trim).filter(|name| !name.is_empty()).map(EventKind::named).collect())
+}
 
 /// The shared secret of internal calls. Cheap to clone; never printed.
 #[derive(Clone)]
@@ -138,6 +159,20 @@ mod tests {
         assert!(!ct_eq(b"0123456789abcdef\0", b"0123456789abcdef"));
         assert!(!ct_eq(b"", b"0123456789abcdef"));
         assert!(ct_eq(b"", b""));
+    }
+
+    #[test]
+    fn what_a_consumer_consumes_round_trips_through_its_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(consumed(&headers), None, "no header: every event");
+        let kinds = [EventKind::PostCreated, EventKind::CommentModerated];
+        headers.insert(CONSUMES_HEADER.clone(), consumes_value(&kinds).unwrap());
+        assert_eq!(headers[&CONSUMES_HEADER], "PostCreated,CommentModerated");
+        assert_eq!(consumed(&headers).unwrap(), kinds);
+        headers.insert(CONSUMES_HEADER.clone(), HeaderValue::from_static(" PostCreated , PostLiked,"));
+        assert_eq!(consumed(&headers).unwrap(), [EventKind::PostCreated, EventKind::Unknown("PostLiked".into())]);
+        headers.insert(CONSUMES_HEADER.clone(), consumes_value(&[]).unwrap());
+        assert_eq!(consumed(&headers).unwrap(), [], "an empty list: nothing");
     }
 
     #[test]

@@ -20,3 +20,36 @@ pub fn init() {
     // A second init (tests starting several apps in one process) keeps the first.
     drop(result);
 }
+
+/// The target of the consistency-lag trace points. Off unless `RUST_LOG`
+/// enables it (`blog_lag=trace`): `cargo xtask bench --lag` does, on a suite
+/// of its own, and reads the marks back from the logs to show where each
+/// millisecond of an event's path goes.
+pub const LAG_TARGET: &str = "blog_lag";
+
+/// Marks that the events `ids` reached `stage` in this process, with the
+/// wall clock in microseconds, so marks from different processes line up.
+/// Costs one check of a cached flag when the target is off.
+pub fn lag_mark<'a>(stage: &str, ids: impl IntoIterator<Item = &'a str>) {
+    if !lag_traced() {
+        return;
+    }
+    let ids = ids.into_iter().collect::<Vec<_>>().join(",");
+    if ids.is_empty() {
+        return;
+    }
+    let at_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    tracing::trace!(target: LAG_TARGET, stage, at_us, ids);
+}
+
+/// Whether [`lag_mark`] records anything: callers that must keep ids for a
+/// later mark copy them only then.
+pub fn lag_traced() -> bool {
+    tracing::enabled!(target: LAG_TARGET, tracing::Level::TRACE)
+}
+
+/// The ids of `events` when [`lag_traced`], for marks taken after the events
+/// were handed on; empty (no allocation) otherwise.
+pub fn lag_ids(events: &[blog_domain::Event]) -> Vec<String> {
+    if lag_traced() { events.iter().map(|e| e.id.clone()).collect() } else { Vec::new() }
+}

@@ -22,7 +22,7 @@ use axum::{
     routing::get,
 };
 use blog_domain::{
-    CommentData, CommentStatus, DomainEvent, Event, Service,
+    CommentData, CommentStatus, DomainEvent, Event, EventKind, Service,
     config::{self, ConfigError},
     text::{self, TextError},
 };
@@ -257,6 +257,10 @@ struct Comments {
 }
 
 impl Consumer for Comments {
+    fn consumes(&self) -> &'static [EventKind] {
+        &[EventKind::PostCreated, EventKind::CommentModerated]
+    }
+
     fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
         match event {
             DomainEvent::PostCreated(post) => {

@@ -1,8 +1,14 @@
 //! Push delivery: one task per subscriber, each with its own persisted cursor.
 //!
 //! A subscriber gets the events after its cursor, in order, in batches (a
-//! burst becomes a few requests, not one per event). The cursor moves only
-//! after the subscriber acknowledged, so delivery is at-least-once and the
+//! burst becomes a few requests, not one per event): only the types it
+//! consumes, which a consumer names in every answer
+//! ([`blog_kit::internal::CONSUMES_HEADER`]; before its first delivery the
+//! bus asks with an empty push, and a subscriber that names none gets every
+//! event). Each push says, in [`blog_kit::internal::COVERS_AFTER_HEADER`],
+//! the last event the subscriber acknowledged, so its replay watermark moves
+//! over the events it was not sent. The cursor moves only after the
+//! subscriber acknowledged, so delivery is at-least-once and the
 //! consumers' inboxes make it effectively-once. A subscriber that is down,
 //! slow or answers 5xx is retried with exponential backoff and jitter in its
 //! own task, so it never holds back the others. A subscriber that refuses an
@@ -17,14 +23,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use blog_domain::Event;
+use blog_domain::{Event, EventKind};
 use blog_kit::{
     Shutdown, StoreError,
-    internal::InternalSecret,
+    internal::{self, InternalSecret},
     messaging::{
         bus_client::post_events,
         retry::{self, DeliveryError, Handover, Pass, Worker},
     },
+    telemetry,
 };
 use serde::Serialize;
 
@@ -70,7 +77,41 @@ pub struct Deliverer {
     pub status: SharedStatus,
     pub flow: tokio::sync::broadcast::Sender<Flow>,
     pub batch: u32,
+    /// Where in the log delivery has got to: everything up to it was
+    /// acknowledged, refused, or is of a type the subscriber does not consume.
     pub cursor: u64,
+    /// The last sequence number the subscriber acknowledged (at start, the
+    /// persisted cursor), sent as [`internal::COVERS_AFTER_HEADER`]: the next
+    /// push holds everything after it that the subscriber consumes, so its
+    /// watermark moves over the events skipped in between. Only this is
+    /// persisted: a restarted bus goes through the skipped events again
+    /// rather than claim a coverage the subscriber never heard of.
+    pub acked: u64,
+    /// What the subscriber said it consumes; `None` until it answered a push,
+    /// and again after a push failed (it may have been replaced by a
+    /// version that consumes other types).
+    pub consumes: Option<Consumes>,
+}
+
+/// What a subscriber consumes, as it declared it (see [`internal::CONSUMES_HEADER`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumes {
+    Everything,
+    Only(Vec<EventKind>),
+}
+
+impl Consumes {
+    /// From an answer's headers: the declared types, or every type without a declaration.
+    fn from_headers(headers: &reqwest::header::HeaderMap) -> Self {
+        internal::consumed(headers).map_or(Consumes::Everything, Consumes::Only)
+    }
+
+    fn wants(&self, event: &Event) -> bool {
+        match self {
+            Consumes::Everything => true,
+            Consumes::Only(kinds) => kinds.contains(&event.kind),
+        }
+    }
 }
 
 /// Why a pass of a deliverer failed.
@@ -88,14 +129,42 @@ impl Deliverer {
         retry::run(Delivery { deliverer: self, head }, shutdown).await;
     }
 
+    /// An empty push, to learn what the subscriber consumes. One that
+    /// refuses it outright is taken to consume everything.
+    async fn ask(&mut self) -> Result<(), DeliveryError> {
+        match self.send(&[]).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => return Err(e),
+            Err(_) => self.consumes = Some(Consumes::Everything),
+        }
+        tracing::info!(subscriber = %self.subscriber.name, consumes = ?self.consumes, "subscriber says what it consumes");
+        Ok(())
+    }
+
+    /// Moves past events the subscriber does not consume, up to `through`.
+    /// Not persisted (see [`Deliverer::acked`]).
+    fn skip_to(&mut self, through: u64) {
+        if through <= self.cursor {
+            return;
+        }
+        self.cursor = through;
+        let head = self.log.head_now();
+        self.update(|s| {
+            s.cursor = through;
+            s.lag = head.saturating_sub(through);
+        });
+    }
+
     async fn advance(&mut self, events: &[Event], rejected: u64) {
         let Some(last) = events.last().and_then(|e| e.seq) else { return };
         self.cursor = last;
+        self.acked = last;
         // Losing this write only means redelivering events the subscriber
         // will recognise, so it does not stop delivery.
         if let Err(e) = self.log.save_cursor(&self.subscriber.name, last).await {
             tracing::error!(error = %e, "cannot persist the delivery cursor");
         }
+        self.mark("cursor.saved", events);
         if self.flow.receiver_count() > 0 {
             for event in events {
                 let record = Delivered {
@@ -120,13 +189,21 @@ impl Deliverer {
         });
     }
 
+    /// A consistency-lag mark naming this subscriber (see [`telemetry::lag_mark`]).
+    fn mark(&self, stage: &str, events: &[Event]) {
+        if telemetry::lag_traced() {
+            telemetry::lag_mark(&format!("{stage}:{}", self.subscriber.name), events.iter().map(|e| e.id.as_str()));
+        }
+    }
+
     fn update(&self, f: impl FnOnce(&mut SubscriberStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
 /// A deliverer on the shared loop: each pass pushes the next batch after the
-/// cursor; idle until the log's head moves.
+/// cursor, less what the subscriber does not consume; idle until the log's
+/// head moves.
 struct Delivery {
     deliverer: Deliverer,
     head: tokio::sync::watch::Receiver<u64>,
@@ -137,11 +214,20 @@ impl Worker for Delivery {
 
     async fn pass(&mut self) -> Result<Pass, DeliveryFailure> {
         self.head.borrow_and_update();
-        let events = self.deliverer.log.after(self.deliverer.cursor, self.deliverer.batch).await?;
-        if events.is_empty() {
-            return Ok(Pass::Idle);
+        let deliverer = &mut self.deliverer;
+        let events = deliverer.log.after(deliverer.cursor, deliverer.batch).await?;
+        let Some(through) = events.last().and_then(|e| e.seq) else { return Ok(Pass::Idle) };
+        // Asked before the first events go out, so even those are only the
+        // ones the subscriber consumes.
+        let Some(consumes) = deliverer.consumes.clone() else {
+            deliverer.ask().await?;
+            return Ok(Pass::Worked);
+        };
+        let wanted: Vec<Event> = events.into_iter().filter(|e| consumes.wants(e)).collect();
+        if !wanted.is_empty() {
+            retry::hand_over(deliverer, &wanted).await?;
         }
-        retry::hand_over(&mut self.deliverer, &events).await?;
+        deliverer.skip_to(through);
         Ok(Pass::Worked)
     }
 
@@ -162,6 +248,10 @@ impl Worker for Delivery {
             DeliveryFailure::Subscriber(_) => tracing::warn!(%subscriber, attempt, %error, "delivery failed; will retry"),
             DeliveryFailure::Log(_) => tracing::error!(%subscriber, attempt, %error, "cannot read the event log; will retry"),
         }
+        if matches!(error, DeliveryFailure::Subscriber(_)) {
+            // Whoever answers next is asked again what it consumes.
+            self.deliverer.consumes = None;
+        }
         let message = error.to_string();
         self.deliverer.update(|s| {
             s.retries += 1;
@@ -174,7 +264,11 @@ impl Handover for Deliverer {
     type Item = Event;
 
     async fn send(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
-        post_events(&self.http, &self.subscriber.url, &self.secret, events, Some(self.cursor)).await
+        self.mark("push.sent", events);
+        let answer = post_events(&self.http, &self.subscriber.url, &self.secret, events, Some(self.acked)).await;
+        self.mark("push.answered", events);
+        self.consumes = Some(Consumes::from_headers(&answer?));
+        Ok(())
     }
 
     async fn accepted(&mut self, events: &[Event]) {
@@ -239,32 +333,37 @@ mod tests {
         Event::from_value(serde_json::json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
     }
 
+    /// Serves `app` on a free port and starts a deliverer of `log` to it, as
+    /// subscriber `name`, from cursor 0; returns the deliverer's status.
+    async fn deliver_to(log: &EventLog, name: &str, app: Router, batch: u32) -> SharedStatus {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let shutdown = Shutdown::new(std::future::pending());
+        tokio::spawn(blog_kit::http::serve::serve(listener, app, shutdown.clone()));
+        let status = SharedStatus::default();
+        let deliverer = Deliverer {
+            subscriber: super::Subscriber { name: name.into(), url },
+            log: log.clone(),
+            http: http_client(Duration::from_secs(5)),
+            secret: InternalSecret::parse(SECRET).unwrap(),
+            status: status.clone(),
+            flow: log.flow().clone(),
+            batch,
+            cursor: 0,
+            acked: 0,
+            consumes: None,
+        };
+        tokio::spawn(deliverer.run(shutdown));
+        status
+    }
+
     #[tokio::test]
     async fn a_refused_event_is_skipped_a_misdirected_answer_retried_and_the_rest_delivered_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::open(Store::open(dir.path(), "event-bus", crate::log::MIGRATIONS).unwrap()).await.unwrap();
         let subscriber = Subscriber::default();
         subscriber.answer.store(404, Ordering::SeqCst);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let shutdown = Shutdown::new(std::future::pending());
-        tokio::spawn(blog_kit::http::serve::serve(
-            listener,
-            Router::new().route("/events", post(receive)).with_state(subscriber.clone()),
-            shutdown.clone(),
-        ));
-        let status = SharedStatus::default();
-        let deliverer = Deliverer {
-            subscriber: super::Subscriber { name: "query".into(), url },
-            log: log.clone(),
-            http: http_client(Duration::from_secs(5)),
-            secret: InternalSecret::parse(SECRET).unwrap(),
-            status: status.clone(),
-            flow: log.flow().clone(),
-            batch: 16,
-            cursor: 0,
-        };
-        tokio::spawn(deliverer.run(shutdown));
+        let status = deliver_to(&log, "query", Router::new().route("/events", post(receive)).with_state(subscriber.clone()), 16).await;
         log.append(vec![event("a"), event("bad"), event("c")]).await.unwrap();
 
         let read = || status.lock().unwrap().clone();
@@ -278,5 +377,83 @@ mod tests {
         assert_eq!((done.delivered, done.rejected, done.lag, done.last_error), (2, 1, 0, None));
         assert!(done.retries >= 2);
         assert_eq!(log.cursors().await.unwrap(), [("query".to_owned(), 3)], "the cursor is persisted");
+    }
+
+    /// A push as a subscriber saw it: its `x-blog-covers-after` and the
+    /// sequence numbers it carried.
+    type Push = (u64, Vec<u64>);
+
+    /// A subscriber that consumes only `PostCreated`, recording each push it
+    /// acknowledges: its `x-blog-covers-after` and the sequence numbers it
+    /// carried. It answers `answer` (200 by default).
+    #[derive(Clone, Default)]
+    struct PostsOnly {
+        pushes: Arc<Mutex<Vec<Push>>>,
+        answer: Arc<AtomicU16>,
+    }
+
+    async fn receive_posts(
+        State(subscriber): State<PostsOnly>,
+        headers: axum::http::HeaderMap,
+        Json(body): Json<Value>,
+    ) -> axum::response::Response {
+        let answer = StatusCode::from_u16(subscriber.answer.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK);
+        if answer != StatusCode::OK {
+            return answer.into_response();
+        }
+        let covers = headers[&internal::COVERS_AFTER_HEADER].to_str().unwrap().parse().unwrap();
+        let seqs = match body {
+            Value::Array(events) => events.iter().filter_map(|e| e["seq"].as_u64()).collect(),
+            single => single["seq"].as_u64().into_iter().collect(),
+        };
+        subscriber.pushes.lock().unwrap().push((covers, seqs));
+        let consumes = internal::consumes_value(&[EventKind::PostCreated]).unwrap();
+        ([(internal::CONSUMES_HEADER.clone(), consumes)], "{}").into_response()
+    }
+
+    fn typed(id: &str, kind: &str) -> Event {
+        Event::from_value(serde_json::json!({"id": id, "type": kind, "data": {"id": id, "postId": "p", "title": "t", "content": "c", "status": "pending"}}))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_is_pushed_only_what_it_consumes_and_told_what_the_push_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(Store::open(dir.path(), "event-bus", crate::log::MIGRATIONS).unwrap()).await.unwrap();
+        log.append(vec![typed("a", "PostCreated"), typed("b", "CommentCreated"), typed("c", "CommentCreated"), typed("d", "PostCreated")])
+            .await
+            .unwrap();
+        let subscriber = PostsOnly::default();
+        subscriber.answer.store(200, Ordering::SeqCst);
+        let app = Router::new().route("/events", post(receive_posts)).with_state(subscriber.clone());
+        let status = deliver_to(&log, "posts-only", app, 100).await;
+        let read = || status.lock().unwrap().clone();
+        let pushes = || subscriber.pushes.lock().unwrap().clone();
+
+        until("the posts are delivered", || read().cursor == 4).await;
+        // Asked first with an empty push, then given the two posts, covering the log from 0.
+        assert_eq!(pushes(), [(0, vec![]), (0, vec![1, 4])]);
+
+        // A comment alone: moved over, not pushed, and not persisted as
+        // acknowledged (the subscriber's watermark never heard of it).
+        log.append(vec![typed("e", "CommentCreated")]).await.unwrap();
+        until("the comment is moved over", || read().cursor == 5).await;
+        assert_eq!((pushes().len(), read().lag), (2, 0));
+        assert_eq!(log.cursors().await.unwrap(), [("posts-only".to_owned(), 4)]);
+
+        // The next post covers everything after what the subscriber acknowledged.
+        log.append(vec![typed("f", "PostCreated")]).await.unwrap();
+        until("the next post is delivered", || read().cursor == 6).await;
+        assert_eq!(pushes()[2], (4, vec![6]));
+        assert_eq!((read().delivered, read().lag), (3, 0));
+
+        // After a failed push, whoever answers next is asked again first.
+        subscriber.answer.store(503, Ordering::SeqCst);
+        log.append(vec![typed("g", "PostCreated")]).await.unwrap();
+        until("the failure is retried", || read().retries >= 1).await;
+        subscriber.answer.store(200, Ordering::SeqCst);
+        until("the post is delivered after the failure", || read().cursor == 7).await;
+        assert_eq!(pushes()[3..], [(6, vec![]), (6, vec![7])]);
+        assert_eq!(log.cursors().await.unwrap(), [("posts-only".to_owned(), 7)]);
     }
 }

@@ -167,6 +167,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             flow: flow.clone(),
             batch: config.batch,
             cursor,
+            acked: cursor,
+            consumes: None,
         };
         // Replicas sharing a JetStream log take turns per subscriber.
         match log.leases() {
@@ -218,6 +220,7 @@ async fn publish(
             event.request_id.clone_from(&request_id.0);
         }
     }
+    blog_kit::telemetry::lag_mark("bus.received", events.iter().map(|e| e.id.as_str()));
     let stored = state.log.append(events).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok(Json(match (batch, stored.as_slice()) {
         (false, [Stored { id, seq }]) => json!({"status": "OK", "id": id, "seq": seq}),
@@ -279,7 +282,7 @@ fn registry(state: &AppState) -> Registry {
     });
     type Field = fn(&SubscriberStatus) -> f64;
     let families: [(&str, &str, Field); 6] = [
-        ("blog_bus_subscriber_cursor", "Last sequence number the subscriber acknowledged.", |s| s.cursor as f64),
+        ("blog_bus_subscriber_cursor", "Where delivery got to: acknowledged, refused or not consumed.", |s| s.cursor as f64),
         ("blog_bus_subscriber_lag", "Events stored but not yet acknowledged by the subscriber.", |s| s.lag as f64),
         ("blog_bus_subscriber_delivered_total", "Events the subscriber acknowledged.", |s| s.delivered as f64),
         ("blog_bus_subscriber_retries_total", "Failed delivery attempts.", |s| s.retries as f64),

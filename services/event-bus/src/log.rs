@@ -23,7 +23,7 @@ use std::{
 };
 
 use blog_domain::Event;
-use blog_kit::{StoreError, Tx, store::Store};
+use blog_kit::{StoreError, Tx, store::Store, telemetry};
 use serde_json::{Map, Value};
 use tokio::sync::{broadcast, watch};
 
@@ -144,20 +144,25 @@ impl EventLog {
     /// Stores `events` durably, each id once.
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Stored>, StoreError> {
         let now = now_millis();
+        let traced = telemetry::lag_ids(&events);
         let store = match &self.backend {
             Backend::Sqlite(store) => store,
             Backend::JetStream(stream) => {
                 // The tail caches the events and tells `/flow`; the head moves
                 // now so deliverers need not wait for it.
+                telemetry::lag_mark("bus.appending", traced.iter().map(String::as_str));
                 let stored = stream.append(events, &format_millis(now)).await?;
+                telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
                 if let Some(max) = stored.iter().map(|s| s.seq).max() {
                     self.advance(max);
                 }
                 return Ok(stored);
             }
         };
+        let traced_in_writer = traced.clone();
         let (stored, fresh) = store
             .write(move |tx| {
+                telemetry::lag_mark("bus.appending", traced_in_writer.iter().map(String::as_str));
                 let mut stored = Vec::with_capacity(events.len());
                 let mut fresh = Vec::with_capacity(events.len());
                 let timestamp = format_millis(now);
@@ -188,6 +193,7 @@ impl EventLog {
                 Ok::<_, StoreError>((stored, fresh))
             })
             .await?;
+        telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
         self.remember(fresh);
         if let Some(max) = stored.iter().map(|s| s.seq).max() {
             self.advance(max);

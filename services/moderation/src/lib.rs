@@ -8,7 +8,7 @@
 
 use axum::Router;
 use blog_domain::{
-    CommentData, CommentStatus, DomainEvent, Event, Service,
+    CommentData, CommentStatus, DomainEvent, Event, EventKind, Service,
     config::{self, ConfigError},
 };
 use blog_kit::{BoxError, Consumer, Outcome, ServiceKit, Shutdown, StoreError, Tx, config::CommonConfig, store::Migration};
@@ -65,6 +65,10 @@ pub struct Moderator {
 }
 
 impl Consumer for Moderator {
+    fn consumes(&self) -> &'static [EventKind] {
+        &[EventKind::CommentCreated]
+    }
+
     fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
         let DomainEvent::CommentCreated(comment) = event else { return Ok(Outcome::Ignored) };
         let status = self.rule.decide(&comment.content);

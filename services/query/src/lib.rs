@@ -29,7 +29,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use blog_domain::{CommentData, CommentStatus, DomainEvent, Event, PostCreated, Service, config::ConfigError};
+use blog_domain::{CommentData, CommentStatus, DomainEvent, Event, EventKind, PostCreated, Service, config::ConfigError};
 use blog_kit::{
     ApiError, Applied, BoxError, Consumer, Kit, Outcome, ServiceKit, Shutdown, StoreError, Tx,
     config::CommonConfig,
@@ -326,6 +326,10 @@ struct Projector {
 }
 
 impl Consumer for Projector {
+    fn consumes(&self) -> &'static [EventKind] {
+        &[EventKind::PostCreated, EventKind::CommentCreated, EventKind::CommentUpdated]
+    }
+
     fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
         let seq = sequenced(envelope);
         match event {

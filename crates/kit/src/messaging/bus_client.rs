@@ -11,20 +11,26 @@ use crate::internal::{self, InternalSecret};
 
 /// Posts `events` to `url` as an internal caller: one event as the original's
 /// single object, more as an array. `covers_after` is sent with pushes from
-/// the bus (see [`internal::COVERS_AFTER_HEADER`]).
+/// the bus (see [`internal::COVERS_AFTER_HEADER`]). Returns the headers of
+/// the acknowledgement (a consumer names what it consumes there, see
+/// [`internal::CONSUMES_HEADER`]).
 pub async fn post_events(
     http: &reqwest::Client,
     url: &str,
     secret: &InternalSecret,
     events: &[Event],
     covers_after: Option<u64>,
-) -> Result<(), DeliveryError> {
+) -> Result<reqwest::header::HeaderMap, DeliveryError> {
     let mut request = http.post(url).header(reqwest::header::AUTHORIZATION, secret.bearer());
     if let Some(after) = covers_after {
         request = request.header(internal::COVERS_AFTER_HEADER.clone(), after);
     }
     let request = if let [single] = events { request.json(single) } else { request.json(events) };
-    check(request.send().await?).await.map(drop)
+    let mut answer = check(request.send().await?).await?;
+    let headers = std::mem::take(answer.headers_mut());
+    // Read to the end, so the connection goes back to the pool.
+    let _ = answer.bytes().await;
+    Ok(headers)
 }
 
 /// The bus as a publisher and a catching-up consumer see it.
@@ -46,7 +52,7 @@ impl BusClient {
         if events.is_empty() {
             return Ok(());
         }
-        post_events(&self.http, &self.events, &self.secret, events, None).await
+        post_events(&self.http, &self.events, &self.secret, events, None).await.map(drop)
     }
 
     /// Up to `limit` stored events with a sequence number above `after`.

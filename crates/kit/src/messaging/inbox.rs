@@ -7,9 +7,13 @@
 //! the effect: a redelivered event finds its id and changes nothing. The
 //! highest bus sequence seen is kept too, so on start the consumer asks the bus
 //! for everything after it ([`catch_up`], on the shared retry loop). A
-//! consumer's one method, [`Consumer::apply`], says whether it acted on an
-//! event ([`Outcome::Handled`]) or not ([`Outcome::Ignored`]); ignored events
-//! and types this version does not know are acknowledged and leave no record; events of known types with malformed data are
+//! consumer names the event types it acts on once ([`Consumer::consumes`]):
+//! only those reach [`Consumer::apply`], and every answer to a push names
+//! them to the bus ([`crate::internal::CONSUMES_HEADER`]), which then pushes
+//! nothing else. `apply` says whether it acted on an event
+//! ([`Outcome::Handled`]) or not ([`Outcome::Ignored`]); ignored events, other
+//! types and types this version does not know are acknowledged and leave no
+//! record; events of known types with malformed data are
 //! refused with a 400 marked as a refusal of the events (see
 //! [`crate::internal::REFUSAL_HEADER`]), which the bus counts and skips rather
 //! than retrying forever.
@@ -19,11 +23,11 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::{DefaultBodyLimit, State},
-    http::StatusCode,
+    http::{HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
 };
-use blog_domain::{DomainEvent, Event};
+use blog_domain::{DomainEvent, Event, EventKind};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -38,6 +42,7 @@ use crate::{
     metrics::{Counter, Registry},
     shutdown::Shutdown,
     store::{Migration, Store, StoreError, Tx},
+    telemetry,
 };
 
 /// The tables every consuming service's database holds.
@@ -74,8 +79,14 @@ pub enum Outcome {
 
 /// What a service does with the events it consumes.
 pub trait Consumer: Send + Sync + 'static {
-    /// Applies `event` inside the delivery's unit of work: events it
-    /// publishes in turn go out with [`Tx::publish`] when the delivery commits.
+    /// The event types this consumer acts on, the one list of them: only
+    /// these reach [`Consumer::apply`] (the rest are acknowledged and
+    /// ignored), and the bus, told with every answer, pushes only these.
+    fn consumes(&self) -> &'static [EventKind];
+
+    /// Applies `event`, of a type in [`Consumer::consumes`], inside the
+    /// delivery's unit of work: events it publishes in turn go out with
+    /// [`Tx::publish`] when the delivery commits.
     fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError>;
 
     /// Runs after the transaction that applied `events` committed.
@@ -119,6 +130,8 @@ pub enum CatchUpError {
 pub struct Inbox {
     store: Store,
     consumer: Arc<dyn Consumer>,
+    /// [`Consumer::consumes`] as the header value every answer carries.
+    consumes: Option<HeaderValue>,
     outbox: Outbox,
     applied: Counter,
     duplicates: Counter,
@@ -137,6 +150,7 @@ impl Inbox {
     pub fn new(store: Store, consumer: impl Consumer, outbox: Outbox, metrics: &Registry) -> Self {
         Self {
             store,
+            consumes: internal::consumes_value(consumer.consumes()),
             consumer: Arc::new(consumer),
             outbox,
             applied: metrics.counter("blog_inbox_applied_total", "Events applied."),
@@ -159,6 +173,9 @@ impl Inbox {
     /// the watermark may move over them.
     pub async fn deliver_range(&self, events: Vec<Event>, covers_after: Option<u64>) -> Result<Report, StoreError> {
         let covers_after = covers_after.and_then(|after| i64::try_from(after).ok());
+        let traced = telemetry::lag_ids(&events);
+        telemetry::lag_mark("inbox.received", traced.iter().map(String::as_str));
+        let consumes = self.consumer.consumes();
         let mut report = Report::default();
         let mut relevant = Vec::with_capacity(events.len());
         // Every event from the bus counts towards the watermark, whatever
@@ -166,8 +183,10 @@ impl Inbox {
         let seqs: Vec<i64> = events.iter().filter_map(|e| e.seq.and_then(|s| i64::try_from(s).ok())).collect();
         for event in events {
             match event.domain() {
-                Ok(DomainEvent::Other(_)) => report.ignored += 1,
-                Ok(domain) => relevant.push((event, domain)),
+                Ok(domain) if consumes.contains(&event.kind) && !matches!(domain, DomainEvent::Other(_)) => {
+                    relevant.push((event, domain));
+                }
+                Ok(_) => report.ignored += 1,
                 Err(e) => report.rejected.push(Rejection { id: event.id.clone(), error: e.to_string() }),
             }
         }
@@ -176,11 +195,13 @@ impl Inbox {
             return Ok(report);
         }
         let consumer = self.consumer.clone();
+        let traced_in_writer = traced.clone();
         // Relaxed: after a power loss the effects roll back with the
         // watermark, and the catch-up on start replays them from the bus.
         let (report, applied) = self
             .outbox
             .commit(false, move |tx| {
+                telemetry::lag_mark("inbox.applying", traced_in_writer.iter().map(String::as_str));
                 let mut applied = Vec::new();
                 for (event, domain) in relevant {
                     let seq = event.seq.and_then(|s| i64::try_from(s).ok());
@@ -206,11 +227,13 @@ impl Inbox {
                 Ok::<_, StoreError>((report, applied))
             })
             .await?;
+        telemetry::lag_mark("inbox.committed", traced.iter().map(String::as_str));
         self.applied.add(report.applied as u64);
         self.duplicates.add(report.duplicates as u64);
         if !applied.is_empty() {
             self.consumer.committed(&applied);
         }
+        telemetry::lag_mark("inbox.done", traced.iter().map(String::as_str));
         Ok(report)
     }
 
@@ -392,13 +415,14 @@ async fn receive(
     State(inbox): State<Inbox>,
     headers: axum::http::HeaderMap,
     Json(body): Json<Value, MAX_EVENTS_BODY>,
-) -> Result<Json<Report>, Response> {
+) -> Result<Response, Response> {
     let (events, batch) = parse_events(body).map_err(IntoResponse::into_response)?;
     let covers_after = headers.get(&internal::COVERS_AFTER_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
     // Detached from the request: a caller that hangs up (the bus killed, a
     // timeout) drops this handler, and a commit already queued would then
     // stand without its after-commit hook (query's view in memory, comments'
     // known posts); a redelivery finds it applied and could not repair that.
+    let consumes = inbox.consumes.clone();
     let report = tokio::spawn(async move { inbox.deliver_range(events, covers_after).await })
         .await
         .map_err(|e| ApiError::from(StoreError::Join(e.to_string())).into_response())?
@@ -406,7 +430,11 @@ async fn receive(
     if !batch && let Some(rejection) = report.rejected.first() {
         return Err(EventsError::Malformed(rejection.error.clone()).into_response());
     }
-    Ok(Json(report))
+    let mut response = axum::Json(report).into_response();
+    if let Some(consumes) = consumes {
+        response.headers_mut().insert(internal::CONSUMES_HEADER.clone(), consumes);
+    }
+    Ok(response)
 }
 
 #[cfg(test)]
@@ -422,6 +450,10 @@ mod tests {
     struct Posts(Mutex<Vec<Applied>>);
 
     impl Consumer for Arc<Posts> {
+        fn consumes(&self) -> &'static [EventKind] {
+            &[EventKind::PostCreated]
+        }
+
         fn apply(&self, tx: &mut Tx<'_>, _: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
             let DomainEvent::PostCreated(post) = event else { return Ok(Outcome::Ignored) };
             tx.execute("INSERT INTO post (id) VALUES ($1)", &[&post.id])?;
@@ -565,6 +597,50 @@ mod tests {
         let committed: usize = replicas.iter().map(|(_, seen, _)| seen.0.lock().unwrap().len()).sum();
         assert_eq!(committed, 300, "each event's after-commit hook ran once, on the replica that applied it");
         assert_eq!((a.cursor().await.unwrap(), b.cursor().await.unwrap()), (300, 300), "one watermark, shared");
+    }
+
+    /// Every answer names what the consumer consumes, the bus's empty ask
+    /// included; a type it does not list never reaches `apply`, even one
+    /// `apply` would take.
+    #[tokio::test]
+    async fn answers_name_the_consumed_types_and_only_those_are_applied() {
+        use tower::ServiceExt;
+
+        /// [`Posts`], which takes every post it is given, listing no posts.
+        struct Unlisted(Arc<Posts>);
+        impl Consumer for Unlisted {
+            fn consumes(&self) -> &'static [EventKind] {
+                &[EventKind::CommentCreated]
+            }
+
+            fn apply(&self, tx: &mut Tx<'_>, envelope: &Event, event: &DomainEvent) -> Result<Outcome, StoreError> {
+                self.0.apply(tx, envelope, event)
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
+        crate::messaging::install(&store).await.unwrap();
+        let inbox =
+            Inbox::new(store.clone(), Unlisted(Arc::default()), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+        let secret = InternalSecret::parse("inbox-test-secret-0123456789").unwrap();
+        let push = |body: Value| {
+            axum::http::Request::post("/events")
+                .header(axum::http::header::AUTHORIZATION, secret.bearer())
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .header(&internal::COVERS_AFTER_HEADER, "0")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap()
+        };
+        let router = inbox.router(&secret);
+        let asked = router.clone().oneshot(push(json!([]))).await.unwrap();
+        assert_eq!(asked.status(), StatusCode::OK);
+        assert_eq!(internal::consumed(asked.headers()), Some(vec![EventKind::CommentCreated]));
+        let pushed = router.oneshot(push(json!([post(1), post(2)]))).await.unwrap();
+        assert_eq!(internal::consumed(pushed.headers()), Some(vec![EventKind::CommentCreated]));
+        let rows: i64 = store.read(|c| c.query_row("SELECT count(*) FROM post", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(rows, 0, "a type the consumer does not list is not applied");
+        assert_eq!(inbox.cursor().await.unwrap(), 2, "but it counts towards the watermark");
     }
 
     #[test]

@@ -47,6 +47,7 @@ use crate::{
     metrics::{Counter, Registry},
     shutdown::Shutdown,
     store::{Engine, Migration, Store, StoreError, Tx},
+    telemetry,
 };
 
 /// The tables every service's database holds.
@@ -289,6 +290,7 @@ impl Shared {
         if staged.is_empty() {
             return;
         }
+        telemetry::lag_mark("outbox.committed", staged.iter().map(|(_, e)| e.id.as_str()));
         {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if !queue.behind && queue.events.len() + staged.len() > QUEUE_CAP {
@@ -334,6 +336,7 @@ impl Worker for Relay {
         if batch.is_empty() {
             return Ok(Pass::Idle);
         }
+        telemetry::lag_mark("relay.taken", batch.iter().map(|(_, e)| e.id.as_str()));
         retry::hand_over(&mut Publisher { outbox: &self.outbox, bus: &self.bus }, &batch).await?;
         Ok(Pass::Worked)
     }
@@ -375,6 +378,7 @@ impl Handover for Publisher<'_> {
     }
 
     async fn accepted(&mut self, batch: &[(i64, Event)]) {
+        telemetry::lag_mark("relay.published", batch.iter().map(|(_, e)| e.id.as_str()));
         self.outbox.acknowledged(batch).await;
     }
 

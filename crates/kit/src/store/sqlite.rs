@@ -342,7 +342,12 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, degraded: &AtomicBool
         }
         // Without the outer transaction each job's savepoint committed on its
         // own when released, so there is nothing left to commit.
+        let committing = std::time::Instant::now();
         let commit = if began.is_ok() { conn.execute_batch("COMMIT") } else { Ok(()) };
+        if crate::telemetry::lag_traced() {
+            let took_us = committing.elapsed().as_micros() as u64;
+            tracing::trace!(target: crate::telemetry::LAG_TARGET, stage = "store.commit", durable, jobs = done.len(), took_us);
+        }
         let error = match commit {
             Ok(()) => None,
             Err(e) => {
