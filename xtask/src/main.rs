@@ -33,9 +33,7 @@ commands:
            --gateway-port N    gateway port on 127.0.0.1 (default 8080)
            --release           build and run release binaries
            --scale N           N replicas of every service but the bus, on
-                                 PostgreSQL (installed with apt when missing);
-                                 refused until the services read DATABASE_URL
-                                 (BLOG_EXPERIMENTAL_SCALE=1: start anyway)
+                                 PostgreSQL (installed with apt when missing)
            --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
            (installs Chromium and PostgreSQL with apt when missing, as root)
