@@ -41,3 +41,4 @@ mod faults;
 mod flow;
 mod front_door;
 mod read_path;
+mod scale_faults;
