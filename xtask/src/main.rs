@@ -55,6 +55,8 @@ commands:
                     --stop-engine       stop the dockerd that `images` started
   bench  build in release mode and measure throughput, consistency lag and
            memory against a bare axum handler on this machine (a few minutes)
+           --scale N           then the same suite with N replicas on PostgreSQL:
+                                 posts/s, lag and RSS beside the embedded default
 ";
 
 fn main() -> ExitCode {
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
         Some("ingress") => deployment::ingress(args),
         Some("images") => containers::images(args),
         Some("e2e-containers") => e2e_containers::run(args),
-        Some("bench") => bench(),
+        Some("bench") => bench(args),
         _ => {
             print!("{HELP}");
             return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };
@@ -139,10 +141,18 @@ fn test(args: pico_args::Arguments) -> Result {
     run(&mut test)
 }
 
-fn bench() -> Result {
+fn bench(mut args: pico_args::Arguments) -> Result {
+    let replicas: usize = args.opt_value_from_str("--scale")?.unwrap_or(1);
+    let rest = args.finish();
+    if !rest.is_empty() {
+        return Err(format!("unexpected arguments: {rest:?}").into());
+    }
+    if replicas > 1 {
+        blog_local::postgres::ensure_installed()?;
+    }
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;
-    run(Command::new(bin_dir.join("blog-bench")).arg("run").arg(&bin_dir))
+    run(Command::new(bin_dir.join("blog-bench")).arg("run").arg(&bin_dir).args(["--scale", &replicas.to_string()]))
 }
 
 /// The browser tests drive Debian's Chromium through chromedriver. On a
