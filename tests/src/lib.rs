@@ -278,6 +278,18 @@ impl TestSuite {
         serde_json::from_value(answer.body).expect("the posts view")
     }
 
+    /// Waits until every query process shows the post (scaled out, a read
+    /// through the gateway may reach a replica that has not caught up yet).
+    pub async fn wait_for_post_in_query(&self, post_id: &str) {
+        for url in self.process_urls(Service::Query) {
+            self.eventually(&format!("post {post_id} at {url}"), || async {
+                let view: Value = self.http.get(format!("{url}/posts")).send().await.ok()?.json().await.ok()?;
+                view.get(post_id).map(|_| ())
+            })
+            .await;
+        }
+    }
+
     /// The comments service's list for a post, through the gateway.
     pub async fn comments(&self, post_id: &str) -> Vec<Comment> {
         let answer = self.get(&format!("/posts/{post_id}/comments")).await;
@@ -285,14 +297,16 @@ impl TestSuite {
         serde_json::from_value(answer.body).expect("a comment list")
     }
 
-    /// Waits until query shows the comment with `status`.
+    /// Waits until query (every query process, scaled out) shows the comment with `status`.
     pub async fn wait_for_status(&self, post_id: &str, comment_id: &str, status: &str) {
-        self.eventually(&format!("comment {comment_id} {status} in query"), || async {
-            let view = self.view().await;
-            let found = view.get(post_id)?.comments.iter().find(|c| c.id == comment_id)?.status == status;
-            found.then_some(())
-        })
-        .await;
+        for url in self.process_urls(Service::Query) {
+            self.eventually(&format!("comment {comment_id} {status} at {url}"), || async {
+                let view: BTreeMap<String, PostView> = self.http.get(format!("{url}/posts")).send().await.ok()?.json().await.ok()?;
+                let found = view.get(post_id)?.comments.iter().find(|c| c.id == comment_id)?.status == status;
+                found.then_some(())
+            })
+            .await;
+        }
     }
 
     /// The bus's whole log.

@@ -79,7 +79,7 @@ async fn malformed_events_are_refused_and_unknown_types_acknowledged(mode: Mode)
 
     // The unknown event is in the log and was delivered without holding anything up.
     let post = suite.create_post("after the noise").await;
-    suite.eventually("the post in query", || async { suite.view().await.contains_key(&post.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&post.id).await;
     suite.shutdown().await;
 }
 
@@ -97,7 +97,7 @@ async fn events_cannot_be_injected_through_the_gateway(mode: Mode) {
     // Give a forged event every chance to land: a real post made afterwards
     // is visible, so anything sent before it would be too.
     let real = suite.create_post("real").await;
-    suite.eventually("the real post in query", || async { suite.view().await.contains_key(&real.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&real.id).await;
     let view = suite.view().await;
     assert_eq!(view.keys().collect::<Vec<_>>(), [&real.id]);
     let log = suite.bus_events().await;
@@ -161,7 +161,7 @@ async fn internal_writes_without_the_secret_are_refused_and_change_nothing(mode:
     // Nothing changed: a real post made afterwards is visible, so any forged
     // event sent before it would be too.
     let real = suite.create_post("after").await;
-    suite.eventually("the real post in query", || async { suite.view().await.contains_key(&real.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&real.id).await;
     let view = suite.view().await;
     assert_eq!(view.len(), 2, "{view:?}");
     assert_eq!(view[&post.id].comments, [comment.clone()]);

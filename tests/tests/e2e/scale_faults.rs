@@ -104,8 +104,11 @@ async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches
     writes_after(&suite, &progress, during, 40).await;
     stop.store(true, Ordering::Relaxed);
     let mut report = load.await.expect("load");
+    // 503 while it is down; a comment on a post whose `PostCreated` comments
+    // has not applied yet once it is back (the bus retries with backoff) gets
+    // the bounded wait's 404, as with one process per service.
     for (outcome, n) in &report.outcomes {
-        assert!(matches!(outcome.as_str(), "201" | "503"), "{n} writes answered {outcome} (only 201 or 503 expected)");
+        assert!(matches!(outcome.as_str(), "201" | "503" | "404"), "{n} writes answered {outcome} (only 201, 503 or 404 expected)");
     }
     let refused_by_load = report.outcomes.get("503").copied().unwrap_or(0);
     assert!(refused_by_load > 0, "the load saw PostgreSQL down: {:?}", report.outcomes);
