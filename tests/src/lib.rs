@@ -379,9 +379,13 @@ impl TestSuite {
     /// Sends `signal` to one process; after SIGKILL, waits until it was restarted and is ready.
     pub async fn kill_process(&self, name: &str, signal: Signal) {
         let old = self.suite().supervisor.pid(name);
-        assert!(self.suite().supervisor.signal(name, signal), "{name} was not running");
+        if !self.suite().supervisor.signal(name, signal) {
+            panic!("{name} was not running (starts so far: {})\n{}", self.suite().supervisor.starts(name), self.logs());
+        }
+        if signal == Signal::KILL && !self.suite().supervisor.wait_restarted(name, old, DEADLINE).await {
+            panic!("{name} was not restarted\n{}", self.logs());
+        }
         if signal == Signal::KILL {
-            assert!(self.suite().supervisor.wait_restarted(name, old, DEADLINE).await, "{name} was not restarted");
             if let Some(url) = self.process_url(name) {
                 self.wait_ready_at(name, &url).await;
             }
