@@ -1,8 +1,12 @@
-# CI stand-in for gcr.io/distroless/cc-debian12:nonroot (no registry can be
+# CI stand-in for gcr.io/distroless/cc-debian13:nonroot (no registry can be
 # reached here): the same contents that matter to our binaries, namely
-# Debian 12's glibc, libgcc and CA bundle, /etc/passwd with nonroot (65532), a
+# Debian 13's glibc, libgcc and CA bundle, /etc/passwd with nonroot (65532), a
 # world-writable /tmp, no shell and no package manager, default user 65532.
-FROM debian:bookworm-slim AS rootfs
+# SUITE is the Debian release the distroless tag names (`cargo xtask images`
+# passes it: trixie for cc-debian13); the binaries are built on bookworm, so
+# they run on its newer glibc.
+ARG SUITE=trixie
+FROM debian:${SUITE}-slim AS rootfs
 # Distroless ships Debian's CA bundle, and the services' HTTP client loads it
 # at start (rustls with the platform verifier).
 # hadolint ignore=DL3008

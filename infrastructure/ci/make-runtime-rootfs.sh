@@ -2,11 +2,12 @@
 # Assembles a distroless-like root filesystem in $1 from the files of the
 # Debian packages our binaries link against (glibc, libgcc, libstdc++, as distroless cc has) plus the few
 # files distroless ships: passwd/group with nonroot 65532, nsswitch.conf,
-# a CA bundle, /tmp. Runs inside a debian:bookworm-slim build stage.
+# a CA bundle, /tmp. Runs inside a debian:<release>-slim build stage (trixie
+# for cc-debian13).
 set -eu
 out=$1
 mkdir -p "$out"
-# Debian 12 merges /usr: /lib, /bin, ... are links into it, so the targets
+# Debian (12 and 13) merges /usr: /lib, /bin, ... are links into it, so the targets
 # must exist before the links are unpacked.
 for dir in bin lib lib64 sbin; do mkdir -p "$out/usr/$dir"; done
 # Every file (and symlink) of the packages, keeping Debian's merged-/usr links.

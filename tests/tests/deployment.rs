@@ -453,28 +453,88 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
             assert!(!text.contains(buildkit_only), "{}: {buildkit_only} needs BuildKit", file.display());
         }
     }
-    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("cargo build --release --locked"));
+    // Release unless told otherwise; the same profile for the dependencies,
+    // the shared crates and each service.
+    let base = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(base.contains("ARG PROFILE=release\n") && base.contains("ENV PROFILE=${PROFILE}"), "Dockerfile.base");
+    assert!(
+        base.contains("cargo chef cook --profile \"$PROFILE\" --locked") && base.contains("cargo build --profile \"$PROFILE\" --locked")
+    );
+    assert!(base.contains("COPY crates crates"), "every shared crate, whatever its name");
     for (service, file) in Service::ALL.iter().zip(&files[1..]) {
         let text = std::fs::read_to_string(file).unwrap();
         let name = service.name();
+        let dir = if *service == Service::Client { "client".to_owned() } else { format!("services/{name}") };
+        assert!(text.contains(&format!("COPY . {dir}/\n")), "{name}: its own crate over the base's stub");
+        assert!(text.contains(&format!("cargo build --profile \"$PROFILE\" --locked -p {name} ")), "{name}: only its own crate");
         assert!(text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{name}\"]")), "{name}: vector ENTRYPOINT");
         assert!(text.contains("USER 65532:65532"), "{name}: numeric non-root user");
-        assert!(text.contains("FROM gcr.io/distroless/cc-debian12:nonroot"), "{name}: minimal runtime");
+        assert!(text.contains("FROM gcr.io/distroless/cc-debian13:nonroot"), "{name}: minimal runtime, supported (debian12 ended in 2026)");
         assert!(text.contains(&format!("EXPOSE {}", service.default_port())), "{name}");
     }
     let ignore = std::fs::read_to_string(root().join(".dockerignore")).expect(".dockerignore exists");
-    for kept_out in ["target/", ".git/"] {
+    for kept_out in ["target/", ".git/", "docs/", "**/*.md", "tests/tests/", "client/tests/"] {
         assert!(ignore.lines().any(|l| l.trim() == kept_out), ".dockerignore must exclude {kept_out}");
+    }
+    for kept_in in ["tests", "tests/", "crates/", "services/", "Cargo.lock"] {
+        assert!(!ignore.lines().any(|l| l.trim() == kept_in), ".dockerignore must not exclude {kept_in}: the build needs it");
     }
 }
 
 #[test]
-fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
-    // In the default manifest set: applied by every deploy, not a profile.
-    let policies = manifests();
-    assert!(skaffold().get("profiles").is_none(), "no profile is needed for the policies");
+fn skaffold_dev_builds_the_same_artifacts_with_the_fast_cargo_profile() {
+    let config = skaffold();
+    let profiles = config["profiles"].as_array().expect("skaffold.yaml has profiles");
+    let dev = profiles.iter().find(|p| p["name"] == "dev").expect("a dev profile");
+    assert_eq!(dev["activation"], serde_json::json!([{ "command": "dev" }]), "on by itself under `skaffold dev` only");
+    let release = config["build"]["artifacts"].as_array().unwrap();
+    let fast = dev["build"]["artifacts"].as_array().unwrap();
+    assert_eq!(fast.len(), release.len());
+    assert_eq!(fast[1..], release[1..], "the same service artifacts");
+    let mut base = fast[0].clone();
+    assert_eq!(base["docker"]["buildArgs"].take(), serde_json::json!({ "PROFILE": "image-dev" }));
+    base["docker"].as_object_mut().unwrap().remove("buildArgs");
+    assert_eq!(base, release[0], "the same base, another cargo profile");
+    assert_eq!(dev["build"]["local"], config["build"]["local"]);
+
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let profile = cargo_section(&cargo, "profile.image-dev");
+    assert_eq!(profile, ["inherits = \"release\"", "lto = false", "codegen-units = 256"]);
+    assert!(cargo_section(&cargo, "profile.release").iter().any(|l| l.starts_with("lto = \"")), "skaffold run ships LTO builds");
+}
+
+/// The settings of one `[section]` of a TOML file, one `key = value` a line.
+fn cargo_section<'a>(toml: &'a str, section: &str) -> Vec<&'a str> {
+    let header = format!("[{section}]");
+    toml.lines()
+        .skip_while(|line| line.trim() != header)
+        .skip(1)
+        .map(str::trim)
+        .take_while(|line| !line.starts_with('['))
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect()
+}
+
+#[test]
+fn skaffold_forwards_every_service_port_and_the_ingress() {
+    let config = skaffold();
+    let forwards = config["portForward"].as_array().expect("portForward");
     for service in Service::ALL {
-        let name = format!("{}-ingress", service.name());
+        let port = service.default_port();
+        let expected =
+            serde_json::json!({ "resourceType": "service", "resourceName": service.k8s_service(), "port": port, "localPort": port });
+        assert!(forwards.contains(&expected), "{service}: {expected}");
+    }
+    assert!(forwards.iter().any(|f| f["namespace"] == k8s::INGRESS_NAMESPACE && f["port"] == 80));
+    assert_eq!(forwards.len(), Service::ALL.len() + 1);
+}
+
+#[test]
+fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
+    // In the default manifest set: applied by every deploy.
+    let policies = manifests();
+    for service in Service::ALL {
+        let name = k8s::network_policy_name(service);
         let policy = policies.named("NetworkPolicy", &name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
         assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app"], service.name());
         for rule in policy["spec"]["ingress"].as_array().unwrap() {
@@ -484,28 +544,50 @@ fn network_policies_admit_each_service_on_its_port_from_known_peers_only() {
                     assert!(Service::from_name(app).is_some(), "{name}: unknown peer {app}");
                     assert_ne!(app, service.name());
                 } else {
-                    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "ingress-nginx", "{name}");
+                    assert_eq!(peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], k8s::INGRESS_NAMESPACE, "{name}");
                 }
             }
         }
     }
-    // Only the bus and the client's health probe reach moderation, which has
-    // no public route.
-    let moderation = policies.named("NetworkPolicy", "moderation-ingress").unwrap();
-    assert_eq!(
-        moderation["spec"]["ingress"][0]["from"],
-        serde_json::json!([{ "podSelector": { "matchLabels": { "app": "event-bus" } } }, { "podSelector": { "matchLabels": { "app": "client" } } }])
-    );
-    // The client reaches everything its status page probes.
-    for service in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
-        let policy = policies.named("NetworkPolicy", &format!("{}-ingress", service.name())).unwrap();
-        let admits_client = policy["spec"]["ingress"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|rule| rule["from"].as_array().unwrap().iter().any(|peer| peer["podSelector"]["matchLabels"]["app"] == "client"));
-        assert!(admits_client, "{service} must admit the client's status probe");
+}
+
+#[test]
+fn network_policies_admit_exactly_the_connections_the_suite_makes() {
+    // Evaluated as an enforcing plugin would: the client's status probes of
+    // every other service, the bus's deliveries, everyone's publishing and
+    // catching up, the ingress to each routed service; nothing else.
+    let manifests = manifests();
+    assert_eq!(k8s::network_policy_mismatches(&manifests, &[k8s::INGRESS_NAMESPACE]).unwrap(), Vec::<String>::new());
+    let client = k8s::PolicyPeer::pod(manifests.pod_labels(Service::Client).unwrap());
+    for probed in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
+        let labels = manifests.pod_labels(probed).unwrap();
+        assert!(manifests.network_policies_admit(&client, &labels, probed.default_port()), "the client's probe of {probed}");
+        assert!(!manifests.network_policies_admit(&client, &labels, 9), "{probed} admits only its own port");
     }
+    let ingress = k8s::PolicyPeer::namespace(k8s::INGRESS_NAMESPACE);
+    let moderation = manifests.pod_labels(Service::Moderation).unwrap();
+    assert!(!manifests.network_policies_admit(&ingress, &moderation, Service::Moderation.default_port()), "moderation has no route");
+}
+
+#[test]
+fn a_policy_that_drops_the_clients_probe_is_reported() {
+    // The check above can fail: the same manifests with the client's peer
+    // removed from moderation's policy, and with the default deny removed
+    // and a policy opened to every pod.
+    let mut documents: Vec<Value> = manifests().documents().map(|(_, doc)| doc.clone()).collect();
+    let render = |documents: &[Value]| {
+        let text: Vec<String> = documents.iter().map(|doc| serde_json::to_string(doc).unwrap()).collect();
+        k8s::Manifests::from_text(&text.join("\n---\n")).unwrap()
+    };
+    let moderation = documents.iter_mut().find(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "moderation-ingress").unwrap();
+    moderation["spec"]["ingress"][0]["from"].as_array_mut().unwrap().retain(|peer| peer["podSelector"]["matchLabels"]["app"] != "client");
+    assert_eq!(
+        k8s::network_policy_mismatches(&render(&documents), &[k8s::INGRESS_NAMESPACE]).unwrap(),
+        ["client -> moderation:4003 is needed but refused"]
+    );
+    documents.retain(|d| d["kind"] != "NetworkPolicy" || d["metadata"]["name"] == "moderation-ingress");
+    let mismatches = k8s::network_policy_mismatches(&render(&documents), &[k8s::INGRESS_NAMESPACE]).unwrap();
+    assert!(mismatches.contains(&"posts -> comments:4001 is admitted but nothing needs it".to_owned()), "{mismatches:?}");
 }
 
 #[test]
@@ -529,7 +611,9 @@ fn the_shared_secret_comes_from_a_secret_for_every_service_but_the_client() {
     // Nothing commits the secret itself: the deploy hook generates it.
     assert_eq!(manifests.of_kind("Secret").count(), 0);
     let hooks = serde_json::to_string(&skaffold()["deploy"]["kubectl"]["hooks"]["before"]).unwrap();
-    assert!(hooks.contains("kubectl create secret generic blog-internal") && hooks.contains("/dev/urandom"), "{hooks}");
+    assert!(hooks.contains("create secret generic blog-internal") && hooks.contains("/dev/urandom"), "{hooks}");
+    // In the context and namespace skaffold deploys to (`skaffold dev -n blog`).
+    assert!(hooks.contains("$SKAFFOLD_KUBE_CONTEXT") && hooks.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{hooks}");
 }
 
 #[test]
@@ -543,5 +627,258 @@ fn every_workload_listens_on_every_interface() {
             if service == Service::Client { "client/Dockerfile".to_owned() } else { format!("services/{}/Dockerfile", service.name()) };
         let text = std::fs::read_to_string(root().join(&dockerfile)).unwrap();
         assert!(text.lines().any(|l| l.starts_with("ENV ") && l.contains("BIND_ADDR=0.0.0.0")), "{dockerfile}");
+    }
+}
+
+// The scale mode: infrastructure/overlays/scale, read with the same reader
+// (`cargo xtask validate` checks that it renders what kubectl renders).
+
+fn scale() -> Manifests {
+    Manifests::load(&root().join(k8s::SCALE_OVERLAY)).expect("the scale overlay renders")
+}
+
+/// A container's `env` entry called `name`, and its position.
+fn env_entry<'a>(container: &'a Value, name: &str) -> Option<(usize, &'a Value)> {
+    container["env"].as_array()?.iter().enumerate().find(|(_, entry)| entry["name"] == name)
+}
+
+#[test]
+fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_database() {
+    let scale = scale();
+    for service in blog_local::postgres::database_services() {
+        let workload = scale.workload(service).unwrap();
+        assert_eq!(workload.kind(), "Deployment", "{service}: its StatefulSet gives way");
+        assert_eq!(workload.doc["spec"]["replicas"], 2, "{service}");
+        assert_eq!(workload.doc["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0, "{service}: a new pod is ready first");
+        assert!(workload.doc["spec"].get("volumeClaimTemplates").is_none(), "{service}");
+        let mounts = workload.mounts().unwrap();
+        assert_eq!(mounts, [Mount::Scratch { name: "tmp".into(), path: "/tmp".into() }], "{service}: no volume of its own");
+        let env = workload.env().unwrap();
+        assert!(env.iter().all(|(name, _)| name != "DATA_DIR"), "{service}: nothing kept in DATA_DIR");
+        let url = env.iter().find(|(name, _)| name == "DATABASE_URL").map(|(_, v)| v.as_str()).expect("DATABASE_URL");
+        let expected = format!(
+            "postgres://{}:$(PGPASSWORD)@{}:{}/{}",
+            blog_local::postgres::ROLE,
+            k8s::POSTGRES_SERVICE,
+            k8s::POSTGRES_PORT,
+            service.name()
+        );
+        assert_eq!(url, expected, "{service}: its own database, the password from the Secret");
+        let secrets = workload.secret_env();
+        assert!(
+            secrets.contains(&k8s::SecretEnv {
+                variable: "PGPASSWORD".into(),
+                secret: "blog-postgres".into(),
+                key: "POSTGRES_PASSWORD".into()
+            }),
+            "{service}: {secrets:?}"
+        );
+        // The kubelet expands $(PGPASSWORD) only from variables listed before.
+        let (password, _) = env_entry(workload.container, "PGPASSWORD").unwrap();
+        let (database, _) = env_entry(workload.container, "DATABASE_URL").unwrap();
+        assert!(password < database, "{service}: PGPASSWORD must come before DATABASE_URL");
+
+        let spread = &workload.pod["topologySpreadConstraints"];
+        assert_eq!(
+            spread,
+            &serde_json::json!([{
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": { "matchLabels": { "app": service.name() } },
+            }]),
+            "{service}"
+        );
+    }
+    // The bus keeps its embedded log and one replica; the client has two.
+    let bus = scale.workload(Service::EventBus).unwrap();
+    assert_eq!((bus.kind(), &bus.doc["spec"]["replicas"]), ("StatefulSet", &serde_json::json!(1)));
+    assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
+    let stateful: Vec<&str> = scale.of_kind("StatefulSet").filter_map(|d| d["metadata"]["name"].as_str()).collect();
+    assert_eq!(stateful, [Service::EventBus.name(), k8s::POSTGRES]);
+}
+
+#[test]
+fn in_the_scale_overlay_every_replicated_service_has_a_disruption_budget_and_a_cpu_autoscaler() {
+    let scale = scale();
+    let replicated: Vec<Service> = blog_local::postgres::database_services().chain([Service::Client]).collect();
+    for service in &replicated {
+        let name = service.name();
+        let budget = scale.named("PodDisruptionBudget", name).unwrap_or_else(|| panic!("{name}: no PodDisruptionBudget"));
+        assert_eq!(budget["spec"]["minAvailable"], 1, "{name}");
+        assert_eq!(budget["spec"]["selector"], serde_json::json!({ "matchLabels": { "app": name } }), "{name}");
+        let hpa = scale.named("HorizontalPodAutoscaler", name).unwrap_or_else(|| panic!("{name}: no HorizontalPodAutoscaler"));
+        assert_eq!(hpa["apiVersion"], "autoscaling/v2");
+        assert_eq!(hpa["spec"]["scaleTargetRef"], serde_json::json!({ "apiVersion": "apps/v1", "kind": "Deployment", "name": name }));
+        let workload = scale.workload(*service).unwrap();
+        assert_eq!(hpa["spec"]["minReplicas"], workload.doc["spec"]["replicas"], "{name}: applying does not fight the HPA's minimum");
+        assert!(hpa["spec"]["maxReplicas"].as_u64().unwrap() > 2, "{name}");
+        let metric = &hpa["spec"]["metrics"][0];
+        assert_eq!((&metric["type"], &metric["resource"]["name"]), (&serde_json::json!("Resource"), &serde_json::json!("cpu")), "{name}");
+        assert!(workload.container["resources"]["requests"]["cpu"].is_string(), "{name}: utilisation is relative to the request");
+    }
+    assert_eq!(scale.of_kind("PodDisruptionBudget").count(), replicated.len());
+    assert_eq!(scale.of_kind("HorizontalPodAutoscaler").count(), replicated.len());
+}
+
+#[test]
+fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_database() {
+    // Hand-kept copies of the base's pod templates: they must not drift
+    // (probes, limits, hardening, labels) beyond what the scale mode changes.
+    let (base, scale) = (manifests(), scale());
+    for service in blog_local::postgres::database_services() {
+        let mut expected = base.workload(service).unwrap().doc["spec"]["template"].clone();
+        let mut actual = scale.workload(service).unwrap().doc["spec"]["template"].clone();
+        let pod = expected["spec"].as_object_mut().unwrap();
+        let security = pod["securityContext"].as_object_mut().unwrap();
+        security.remove("fsGroup");
+        security.remove("fsGroupChangePolicy");
+        let container = &mut pod.get_mut("containers").unwrap()[0];
+        container["env"].as_array_mut().unwrap().retain(|e| e["name"] != "DATA_DIR");
+        container["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "data");
+        let spec = actual["spec"].as_object_mut().unwrap();
+        spec.remove("topologySpreadConstraints");
+        spec.get_mut("containers").unwrap()[0]["env"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| e["name"] != "PGPASSWORD" && e["name"] != "DATABASE_URL");
+        assert_eq!(actual, expected, "{service}: the scale overlay's pod template drifted from the base's");
+    }
+}
+
+#[test]
+fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_service() {
+    let scale = scale();
+    let postgres = scale.workload_named(k8s::POSTGRES).unwrap();
+    assert_eq!(postgres.kind(), "StatefulSet");
+    assert_eq!(postgres.doc["spec"]["replicas"], 1);
+    let image = postgres.image().unwrap();
+    let tag = image.strip_prefix("postgres:").expect("the official image");
+    assert!(tag.split(['.', '-']).next().unwrap().parse::<u32>().unwrap() >= 17, "{image}: a current major version, pinned");
+    let (pod, container) = (postgres.pod, postgres.container);
+    assert_eq!(postgres.run_as(), Some((999, 999)), "the image's own postgres user");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["fsGroup"], 999, "the volume is writable");
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(postgres.read_only_root());
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert!(container["resources"]["limits"]["memory"].is_string() && container["resources"]["requests"]["cpu"].is_string());
+
+    // What it writes: the data on the claim, scratch for the socket and /tmp.
+    let volumes = pod["volumes"].as_array().unwrap();
+    let backing = |path: &str| {
+        let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == path)?;
+        volumes.iter().find(|v| v["name"] == mount["name"]).cloned().or(Some(serde_json::json!({ "claim": mount["name"] })))
+    };
+    for scratch in ["/var/run/postgresql", "/tmp"] {
+        assert!(backing(scratch).is_some_and(|v| v.get("emptyDir").is_some()), "{scratch} is an emptyDir");
+    }
+    let data = backing("/var/lib/postgresql/data").expect("a data volume");
+    assert_eq!(data["claim"], postgres.doc["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]);
+    let env = postgres.env().unwrap();
+    let pgdata = env.iter().find(|(k, _)| k == "PGDATA").map(|(_, v)| v.as_str()).unwrap();
+    assert!(pgdata.starts_with("/var/lib/postgresql/data/"), "{pgdata}: a directory inside the volume, owned by postgres");
+    assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())));
+    assert_eq!(
+        postgres.secret_env(),
+        [k8s::SecretEnv { variable: "POSTGRES_PASSWORD".into(), secret: "blog-postgres".into(), key: "POSTGRES_PASSWORD".into() }]
+    );
+    for probe in ["readinessProbe", "startupProbe", "livenessProbe"] {
+        assert_eq!(container[probe]["exec"]["command"][0], "pg_isready", "{probe}");
+    }
+
+    // The init script, run on first start: one database per data-owning service.
+    let init = backing("/docker-entrypoint-initdb.d").expect("the init scripts are mounted");
+    let config = scale.named("ConfigMap", init["configMap"]["name"].as_str().unwrap()).expect("the init ConfigMap");
+    let scripts: Vec<&str> = config["data"].as_object().unwrap().values().filter_map(Value::as_str).collect();
+    let created: Vec<String> = scripts
+        .iter()
+        .flat_map(|script| script.lines())
+        .filter_map(|line| line.trim().strip_prefix("CREATE DATABASE "))
+        .map(|name| name.trim_end_matches(';').to_owned())
+        .collect();
+    let expected: Vec<String> = blog_local::postgres::database_services().map(|s| s.name().to_owned()).collect();
+    assert_eq!(created, expected);
+
+    // A headless Service for the StatefulSet, a ClusterIP one for DATABASE_URL.
+    let headless = scale.named("Service", postgres.doc["spec"]["serviceName"].as_str().unwrap()).expect("the governing Service");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    let service = scale.named("Service", k8s::POSTGRES_SERVICE).expect("the ClusterIP Service");
+    assert_eq!(service["spec"]["type"], "ClusterIP");
+    for found in [headless, service] {
+        assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": k8s::POSTGRES }));
+        assert_eq!(found["spec"]["ports"][0]["port"], k8s::POSTGRES_PORT);
+    }
+}
+
+#[test]
+fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
+    let scale = scale();
+    assert_eq!(scale.of_kind("Secret").count(), 0, "no Secret is committed");
+    let overlay = std::fs::read_to_string(root().join(k8s::SCALE_OVERLAY).join(k8s::KUSTOMIZATION)).unwrap();
+    assert!(!overlay.contains("secretGenerator"), "a generated Secret would commit its value");
+    for (_, doc) in scale.documents() {
+        let text = doc.to_string();
+        assert!(!text.contains("postgres://blog:") || text.contains("postgres://blog:$(PGPASSWORD)@"), "{text}");
+        assert!(!text.to_lowercase().contains("password=") && !text.contains("\"POSTGRES_PASSWORD\",\"value\""), "{text}");
+    }
+    for (_, doc) in scale.documents().filter(|(_, d)| d["spec"]["template"].is_object()) {
+        for entry in doc["spec"]["template"]["spec"]["containers"][0]["env"].as_array().into_iter().flatten() {
+            if entry["name"].as_str().is_some_and(|n| n.contains("PASSWORD")) {
+                assert!(entry.get("value").is_none(), "{entry}: a password only from a Secret");
+            }
+        }
+    }
+    let config = skaffold();
+    let profile = config["profiles"].as_array().unwrap().iter().find(|p| p["name"] == "scale").expect("a scale profile");
+    assert_eq!(profile["manifests"], serde_json::json!({ "kustomize": { "paths": [k8s::SCALE_OVERLAY] } }));
+    assert!(profile.get("build").is_none() && profile.get("activation").is_none(), "the same images, only when asked for");
+    let hooks = profile["deploy"]["kubectl"]["hooks"]["before"].as_array().unwrap();
+    assert_eq!(hooks[0], config["deploy"]["kubectl"]["hooks"]["before"][0], "blog-internal as in the default deploy");
+    let postgres = serde_json::to_string(&hooks[1]).unwrap();
+    assert!(postgres.contains("create secret generic blog-postgres") && postgres.contains("POSTGRES_PASSWORD="), "{postgres}");
+    assert!(postgres.contains("/dev/urandom") && postgres.contains("od -An -tx1"), "random, and hex: nothing to escape in a URL");
+    assert!(postgres.contains("$SKAFFOLD_KUBE_CONTEXT") && postgres.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{postgres}");
+}
+
+#[test]
+fn in_the_scale_overlay_only_the_data_services_reach_postgres() {
+    let scale = scale();
+    assert_eq!(k8s::network_policy_mismatches(&scale, &[k8s::INGRESS_NAMESPACE]).unwrap(), Vec::<String>::new());
+    let target = scale.target_labels(k8s::Target::Postgres).unwrap();
+    for service in Service::ALL {
+        let peer = k8s::PolicyPeer::pod(scale.pod_labels(service).unwrap());
+        let expected = blog_local::postgres::database_services().any(|s| s == service);
+        assert_eq!(scale.network_policies_admit(&peer, &target, k8s::POSTGRES_PORT), expected, "{service} -> postgres");
+    }
+    let ingress = k8s::PolicyPeer::namespace(k8s::INGRESS_NAMESPACE);
+    assert!(!scale.network_policies_admit(&ingress, &target, k8s::POSTGRES_PORT));
+
+    // The check can fail: query dropped from PostgreSQL's policy, and the
+    // client let in.
+    let mut documents: Vec<Value> = scale.documents().map(|(_, doc)| doc.clone()).collect();
+    let policy = documents.iter_mut().find(|d| d["metadata"]["name"] == "postgres-ingress").expect("PostgreSQL's policy");
+    let peers = policy["spec"]["ingress"][0]["from"].as_array_mut().unwrap();
+    peers.retain(|peer| peer["podSelector"]["matchLabels"]["app"] != "query");
+    peers.push(serde_json::json!({ "podSelector": { "matchLabels": { "app": "client" } } }));
+    let text: Vec<String> = documents.iter().map(|doc| serde_json::to_string(doc).unwrap()).collect();
+    let broken = Manifests::from_text(&text.join("\n---\n")).unwrap();
+    assert_eq!(
+        k8s::network_policy_mismatches(&broken, &[k8s::INGRESS_NAMESPACE]).unwrap(),
+        ["query -> postgres:5432 is needed but refused", "client -> postgres:5432 is admitted but nothing needs it"]
+    );
+}
+
+#[test]
+fn every_object_of_the_scale_overlay_has_the_recommended_labels() {
+    for (_, doc) in scale().documents() {
+        let what = format!("{} {}", doc["kind"], doc["metadata"]["name"]);
+        let (name, component) = assert_recommended_labels(&doc["metadata"]["labels"], &what);
+        if doc["spec"]["template"].is_object() {
+            assert_eq!(assert_recommended_labels(&doc["spec"]["template"]["metadata"]["labels"], &what), (name.clone(), component));
+            assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
+        }
     }
 }

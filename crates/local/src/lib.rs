@@ -17,6 +17,7 @@
 
 pub mod gateway;
 pub mod k8s;
+pub mod nats;
 pub mod postgres;
 pub mod routes;
 pub mod supervisor;

@@ -61,6 +61,7 @@ pub struct SubscriberStatus {
 
 pub type SharedStatus = Arc<Mutex<SubscriberStatus>>;
 
+#[derive(Clone)]
 pub struct Deliverer {
     pub subscriber: Subscriber,
     pub log: EventLog,

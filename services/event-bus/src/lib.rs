@@ -9,6 +9,7 @@
 
 pub mod delivery;
 pub mod flow;
+pub mod lease;
 pub mod log;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -53,6 +54,8 @@ pub struct Config {
     pub internal_secret: InternalSecret,
     /// `DB_MAX_BYTES`: cap of the log's database (unset or 0: none).
     pub db_max_bytes: Option<u64>,
+    /// `EVENT_STORE`: `nats://host:port[,…]` keeps the log in JetStream; unset, in `DATA_DIR`.
+    pub event_store: Option<String>,
 }
 
 impl Config {
@@ -70,7 +73,19 @@ impl Config {
             batch: delivery_batch(config::var("DELIVERY_BATCH", 256)?)?,
             internal_secret: InternalSecret::from_env()?,
             db_max_bytes: config::db_max_bytes()?,
+            event_store: event_store(std::env::var("EVENT_STORE").ok())?,
         })
+    }
+}
+
+/// `EVENT_STORE`, when set, must name JetStream servers.
+fn event_store(value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value.filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(url) => match log::jetstream::parse_servers(url.trim()) {
+            Ok(_) => Ok(Some(url.trim().to_owned())),
+            Err(reason) => Err(ConfigError { name: "EVENT_STORE".into(), value: url, reason }),
+        },
     }
 }
 
@@ -121,8 +136,13 @@ pub struct AppState {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
-    let log = EventLog::open(store.clone()).await?;
+    let (store, log) = match &config.event_store {
+        Some(url) => (None, EventLog::open_jetstream(url, shutdown.clone()).await?),
+        None => {
+            let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
+            (Some(store.clone()), EventLog::open(store).await?)
+        }
+    };
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
     let flow = log.flow().clone();
@@ -148,12 +168,18 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             batch: config.batch,
             cursor,
         };
-        tokio::spawn(deliverer.run(shutdown.clone()));
+        // Replicas sharing a JetStream log take turns per subscriber.
+        match log.leases() {
+            Some(leases) => tokio::spawn(leases.deliver_while_held(deliverer, shutdown.clone())),
+            None => tokio::spawn(deliverer.run(shutdown.clone())),
+        };
     }
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
-    store.register_metrics(&metrics);
-    let app = layers::standard(app(state), Some(store), metrics);
+    if let Some(store) = &store {
+        store.register_metrics(&metrics);
+    }
+    let app = layers::standard(app(state), store, metrics);
     serve(listener, app, shutdown).await?;
     Ok(())
 }

