@@ -3,6 +3,12 @@
 //! data directory, behind the same gateway `cargo xtask up` runs, and offers
 //! typed steps (`create_post`, `comment`, `wait_for_status`) so each test
 //! reads as arrange, act, assert. Waiting is always polling with a deadline.
+//!
+//! A suite runs in one of two [`Mode`]s: one process per service on SQLite,
+//! as `cargo xtask up` runs it, or scaled out, as `cargo xtask up --scale N`
+//! runs it (N replicas of every service but the bus, on the suite's own
+//! PostgreSQL). Process control takes a service (all its processes) or one
+//! process by name (`posts-1`).
 
 pub mod load;
 pub mod postgres;
@@ -17,7 +23,7 @@ use std::{
 };
 
 use blog_domain::Service;
-use blog_local::{Options, Suite, supervisor::LogSink};
+use blog_local::{Options, Suite, postgres::PROCESS, supervisor::LogSink};
 pub use rustix::process::Signal;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -65,8 +71,33 @@ pub enum Auth {
     Wrong,
 }
 
+/// How the suite runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One process per service, each on its SQLite database.
+    Single,
+    /// This many replicas of every service but the bus, on one PostgreSQL.
+    Scaled(usize),
+}
+
+impl Mode {
+    /// `replicas` replicas on PostgreSQL, or `None` (the test skips) when
+    /// PostgreSQL is not installed and cannot be; in CI (`CI` set) that fails instead.
+    pub fn scaled(replicas: usize) -> Option<Self> {
+        match blog_local::postgres::ensure_installed() {
+            Ok(_) => Some(Self::Scaled(replicas)),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("CI must run the scaled-out tests: {e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+}
+
 pub struct TestSuite {
     suite: Option<Suite>,
+    pub mode: Mode,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     /// `http://127.0.0.1:<port>` of the gateway.
@@ -95,6 +126,21 @@ pub fn binaries() -> PathBuf {
         .clone()
 }
 
+/// The last lines of each named process's log in `dir`.
+fn logs_in(dir: &std::path::Path, names: &[String]) -> String {
+    let mut out = String::new();
+    for name in names {
+        let Ok(log) = std::fs::read_to_string(dir.join(format!("{name}.log"))) else { continue };
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        out.push_str(&format!("--- {name} ---\n"));
+        for line in tail.into_iter().rev() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port").port()
@@ -102,19 +148,34 @@ pub fn free_port() -> u16 {
 
 impl TestSuite {
     pub async fn launch() -> Self {
-        Self::launch_with(|_| {}).await
+        Self::launch_in(Mode::Single).await
+    }
+
+    pub async fn launch_in(mode: Mode) -> Self {
+        Self::launch_with_in(mode, |_| {}).await
     }
 
     /// Starts the suite after `configure` adjusted the launch options.
     pub async fn launch_with(configure: impl FnOnce(&mut Options)) -> Self {
-        let dir = tempfile::tempdir().expect("a temp dir");
+        Self::launch_with_in(Mode::Single, configure).await
+    }
+
+    /// Starts the suite in `mode` after `configure` adjusted the launch options.
+    pub async fn launch_with_in(mode: Mode, configure: impl FnOnce(&mut Options)) -> Self {
+        // Scaled out, PostgreSQL runs as its own account and needs to reach its directory.
+        let dir = postgres::reachable_tempdir();
         let mut options = Options::standard(binaries(), dir.path().join("data"), 0, LogSink::Dir(dir.path().to_owned()));
         options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
         options.env.push((Service::Comments, "POST_WAIT_MS".into(), "2000".into()));
+        if let Mode::Scaled(replicas) = mode {
+            options.scale(replicas, free_port(), |_, _| free_port());
+        }
         configure(&mut options);
-        let suite = Suite::launch(options).await.expect("the suite launches");
+        let suite = Suite::launch(options)
+            .await
+            .unwrap_or_else(|e| panic!("the suite launches: {e}\n{}", logs_in(dir.path(), &[PROCESS.to_owned()])));
         let gateway = format!("http://{}", suite.gateway_addr);
-        let this = Self { suite: Some(suite), dir, http: blog_kit::http::client::http_client(Duration::from_secs(15)), gateway };
+        let this = Self { suite: Some(suite), mode, dir, http: blog_kit::http::client::http_client(Duration::from_secs(15)), gateway };
         if let Err(e) = this.suite().wait_ready(DEADLINE).await {
             panic!("suite not ready: {e}\n{}", this.logs());
         }
@@ -130,19 +191,25 @@ impl TestSuite {
         self.suite().options.url(service)
     }
 
-    /// Every service's log, for failure messages.
+    /// The names of `service`'s processes: its name, or `<service>-<i>` per replica.
+    pub fn processes(&self, service: Service) -> Vec<String> {
+        self.suite().options.processes(service).into_iter().map(|(name, _)| name).collect()
+    }
+
+    /// The base URL of each of `service`'s processes, bypassing any balancer.
+    pub fn process_urls(&self, service: Service) -> Vec<String> {
+        self.suite().options.process_urls(service)
+    }
+
+    /// The suite's PostgreSQL, scaled out.
+    pub fn postgres(&self) -> Option<&blog_local::postgres::Postgres> {
+        self.suite().postgres.as_ref()
+    }
+
+    /// Every process's log (and PostgreSQL's), for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for service in Service::ALL {
-            let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", service.name()))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            out.push_str(&format!("--- {service} ---\n"));
-            for line in tail.into_iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        let names: Vec<String> = Service::ALL.into_iter().flat_map(|s| self.processes(s)).chain([PROCESS.to_owned()]).collect();
+        logs_in(self.dir.path(), &names)
     }
 
     // ---- requests ----
@@ -211,6 +278,18 @@ impl TestSuite {
         serde_json::from_value(answer.body).expect("the posts view")
     }
 
+    /// Waits until every query process shows the post (scaled out, a read
+    /// through the gateway may reach a replica that has not caught up yet).
+    pub async fn wait_for_post_in_query(&self, post_id: &str) {
+        for url in self.process_urls(Service::Query) {
+            self.eventually(&format!("post {post_id} at {url}"), || async {
+                let view: Value = self.http.get(format!("{url}/posts")).send().await.ok()?.json().await.ok()?;
+                view.get(post_id).map(|_| ())
+            })
+            .await;
+        }
+    }
+
     /// The comments service's list for a post, through the gateway.
     pub async fn comments(&self, post_id: &str) -> Vec<Comment> {
         let answer = self.get(&format!("/posts/{post_id}/comments")).await;
@@ -218,14 +297,16 @@ impl TestSuite {
         serde_json::from_value(answer.body).expect("a comment list")
     }
 
-    /// Waits until query shows the comment with `status`.
+    /// Waits until query (every query process, scaled out) shows the comment with `status`.
     pub async fn wait_for_status(&self, post_id: &str, comment_id: &str, status: &str) {
-        self.eventually(&format!("comment {comment_id} {status} in query"), || async {
-            let view = self.view().await;
-            let found = view.get(post_id)?.comments.iter().find(|c| c.id == comment_id)?.status == status;
-            found.then_some(())
-        })
-        .await;
+        for url in self.process_urls(Service::Query) {
+            self.eventually(&format!("comment {comment_id} {status} at {url}"), || async {
+                let view: BTreeMap<String, PostView> = self.http.get(format!("{url}/posts")).send().await.ok()?.json().await.ok()?;
+                let found = view.get(post_id)?.comments.iter().find(|c| c.id == comment_id)?.status == status;
+                found.then_some(())
+            })
+            .await;
+        }
     }
 
     /// The bus's whole log.
@@ -263,32 +344,74 @@ impl TestSuite {
 
     // ---- process control ----
 
-    /// Stops a service (SIGTERM) and keeps it stopped.
+    /// Stops every process of a service (SIGTERM) and keeps them stopped.
     pub async fn stop(&self, service: Service) {
-        self.suite().supervisor.stop(service.name()).await;
-    }
-
-    /// Starts a stopped service again and waits until it is ready.
-    pub async fn restart(&self, service: Service) {
-        self.suite().supervisor.start(service.name());
-        self.wait_ready(service).await;
-    }
-
-    /// Sends `signal` to a service; the supervisor restarts it if it dies.
-    pub async fn kill(&self, service: Service, signal: Signal) {
-        let name = service.name();
-        let old = self.suite().supervisor.pid(name);
-        assert!(self.suite().supervisor.signal(name, signal), "{name} was not running");
-        if signal == Signal::KILL {
-            assert!(self.suite().supervisor.wait_restarted(name, old, DEADLINE).await, "{name} was not restarted");
-            self.wait_ready(service).await;
+        for name in self.processes(service) {
+            self.stop_process(&name).await;
         }
     }
 
+    /// Starts a stopped service's processes again and waits until they are ready.
+    pub async fn restart(&self, service: Service) {
+        for name in self.processes(service) {
+            self.suite().supervisor.start(&name);
+        }
+        self.wait_ready(service).await;
+    }
+
+    /// Sends `signal` to every process of a service; the supervisor restarts one that dies.
+    pub async fn kill(&self, service: Service, signal: Signal) {
+        for name in self.processes(service) {
+            self.kill_process(&name, signal).await;
+        }
+    }
+
+    /// Stops one process (`posts-1`, or `posts` unscaled; `postgres` scaled out) and keeps it stopped.
+    pub async fn stop_process(&self, name: &str) {
+        self.suite().supervisor.stop(name).await;
+    }
+
+    /// Starts a stopped process again, without waiting for it.
+    pub fn start_process(&self, name: &str) {
+        self.suite().supervisor.start(name);
+    }
+
+    /// Sends `signal` to one process; after SIGKILL, waits until it was restarted and is ready.
+    pub async fn kill_process(&self, name: &str, signal: Signal) {
+        let old = self.suite().supervisor.pid(name);
+        if !self.suite().supervisor.signal(name, signal) {
+            panic!("{name} was not running (starts so far: {})\n{}", self.suite().supervisor.starts(name), self.logs());
+        }
+        if signal == Signal::KILL && !self.suite().supervisor.wait_restarted(name, old, DEADLINE).await {
+            panic!("{name} was not restarted\n{}", self.logs());
+        }
+        if signal == Signal::KILL {
+            if let Some(url) = self.process_url(name) {
+                self.wait_ready_at(name, &url).await;
+            }
+        }
+    }
+
+    /// The base URL of the service process called `name`.
+    fn process_url(&self, name: &str) -> Option<String> {
+        Service::ALL
+            .into_iter()
+            .flat_map(|s| self.suite().options.processes(s))
+            .find(|(n, _)| n == name)
+            .map(|(_, port)| format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Waits until every process of `service` is ready.
     pub async fn wait_ready(&self, service: Service) {
+        for (name, url) in self.processes(service).into_iter().zip(self.process_urls(service)) {
+            self.wait_ready_at(&name, &url).await;
+        }
+    }
+
+    async fn wait_ready_at(&self, name: &str, url: &str) {
         let deadline = Instant::now() + DEADLINE;
-        if let Err(e) = blog_local::wait_ready(&self.http, &self.url(service), deadline).await {
-            panic!("{service}: {e}\n{}", self.logs());
+        if let Err(e) = blog_local::wait_ready(&self.http, url, deadline).await {
+            panic!("{name}: {e}\n{}", self.logs());
         }
     }
 

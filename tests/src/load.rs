@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -27,6 +27,8 @@ pub struct LoadReport {
     pub attempted_contents: HashSet<String>,
     /// Requests that failed (refused connections while a service was down, 502s).
     pub failures: usize,
+    /// How many write requests ended how: `"201"`, `"503"`, ..., or `"no answer"`.
+    pub outcomes: BTreeMap<String, usize>,
 }
 
 impl LoadReport {
@@ -36,6 +38,16 @@ impl LoadReport {
         self.attempted_titles.extend(other.attempted_titles);
         self.attempted_contents.extend(other.attempted_contents);
         self.failures += other.failures;
+        for (outcome, n) in other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += n;
+        }
+    }
+
+    /// The share of write requests answered 201, in percent.
+    pub fn accepted_percent(&self) -> f64 {
+        let total: usize = self.outcomes.values().sum();
+        let accepted = self.outcomes.get("201").copied().unwrap_or(0);
+        if total == 0 { 100.0 } else { 100.0 * accepted as f64 / total as f64 }
     }
 }
 
@@ -50,11 +62,27 @@ pub fn expected_status(content: &str) -> &'static str {
 /// Runs `workers` concurrent writers, each creating `rounds` posts with two
 /// comments each (one of them rejected), through the gateway at `gateway`.
 pub async fn run(http: reqwest::Client, gateway: String, tag: String, workers: usize, rounds: usize, progress: Progress) -> LoadReport {
+    run_until(http, gateway, tag, workers, rounds, progress, Stop::default()).await
+}
+
+/// Set to end a load run early: each writer finishes the post it is on and stops.
+pub type Stop = Arc<AtomicBool>;
+
+/// [`run`], ending early once `stop` is set.
+pub async fn run_until(
+    http: reqwest::Client,
+    gateway: String,
+    tag: String,
+    workers: usize,
+    rounds: usize,
+    progress: Progress,
+    stop: Stop,
+) -> LoadReport {
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
-            let (http, gateway, progress) = (http.clone(), gateway.clone(), progress.clone());
+            let (http, gateway, progress, stop) = (http.clone(), gateway.clone(), progress.clone(), stop.clone());
             let tag = format!("{tag}-w{w}");
-            tokio::spawn(async move { writer(http, gateway, tag, rounds, progress).await })
+            tokio::spawn(async move { writer(http, gateway, tag, rounds, progress, stop).await })
         })
         .collect();
     let mut report = LoadReport::default();
@@ -67,14 +95,16 @@ pub async fn run(http: reqwest::Client, gateway: String, tag: String, workers: u
 /// Creates `rounds` posts (each with its comments). A failed attempt (a
 /// service restarting) is retried after a short pause under a new title, since
 /// the failed one may still have been committed.
-async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usize, progress: Progress) -> LoadReport {
+async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usize, progress: Progress, stop: Stop) -> LoadReport {
     let mut report = LoadReport::default();
     let mut attempt = 0;
-    while report.posts.len() < rounds && attempt < rounds * 50 {
+    while report.posts.len() < rounds && attempt < rounds.saturating_mul(50) && !stop.load(Ordering::Relaxed) {
         attempt += 1;
         let title = format!("{tag}-a{attempt}");
         report.attempted_titles.insert(title.clone());
-        let Some(post) = post_json::<Post>(&http, &format!("{gateway}/posts/create"), json!({ "title": title })).await else {
+        let Some(post) =
+            post_json::<Post>(&http, &format!("{gateway}/posts/create"), json!({ "title": title }), &mut report.outcomes).await
+        else {
             report.failures += 1;
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
             continue;
@@ -83,7 +113,8 @@ async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usi
         for (i, text) in ["fine", "an orange"].iter().enumerate() {
             let content = format!("{tag}-a{attempt}-c{i} {text}");
             report.attempted_contents.insert(content.clone());
-            match post_json::<Vec<Comment>>(&http, &format!("{gateway}/posts/{}/comments", post.id), json!({ "content": content })).await {
+            let url = format!("{gateway}/posts/{}/comments", post.id);
+            match post_json::<Vec<Comment>>(&http, &url, json!({ "content": content }), &mut report.outcomes).await {
                 Some(list) => match list.into_iter().find(|c| c.content == content) {
                     Some(comment) => {
                         progress.fetch_add(1, Ordering::Relaxed);
@@ -99,9 +130,23 @@ async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usi
     report
 }
 
-async fn post_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str, body: Value) -> Option<T> {
-    let response = http.post(url).json(&body).send().await.ok()?;
-    if response.status().as_u16() != 201 {
+/// POSTs `body`; the 201 answer's body, with the outcome counted in `outcomes`.
+async fn post_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    body: Value,
+    outcomes: &mut BTreeMap<String, usize>,
+) -> Option<T> {
+    let response = match http.post(url).json(&body).send().await {
+        Ok(response) => response,
+        Err(_) => {
+            *outcomes.entry("no answer".to_owned()).or_default() += 1;
+            return None;
+        }
+    };
+    let status = response.status().as_u16();
+    *outcomes.entry(status.to_string()).or_default() += 1;
+    if status != 201 {
         return None;
     }
     response.json().await.ok()
@@ -150,8 +195,15 @@ impl TestSuite {
                 }
             }
             let listed = self.comments(&post.id).await;
-            let by_comments: Vec<_> = listed.iter().map(|c| (&c.id, &c.status)).collect();
-            let by_query: Vec<_> = post.comments.iter().map(|c| (&c.id, &c.status)).collect();
+            let mut by_comments: Vec<_> = listed.iter().map(|c| (&c.id, &c.status)).collect();
+            let mut by_query: Vec<_> = post.comments.iter().map(|c| (&c.id, &c.status)).collect();
+            if matches!(self.mode, crate::Mode::Scaled(_)) {
+                // Replicas relay their own outboxes: two comments made on
+                // different replicas may reach the bus, and so query, in
+                // either order. The same comments, the same statuses.
+                by_comments.sort();
+                by_query.sort();
+            }
             if by_comments != by_query {
                 return Err(format!("comments and query disagree on post {}: {by_comments:?} vs {by_query:?}", post.title));
             }

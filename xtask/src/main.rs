@@ -33,9 +33,7 @@ commands:
            --gateway-port N    gateway port on 127.0.0.1 (default 8080)
            --release           build and run release binaries
            --scale N           N replicas of every service but the bus, on
-                                 PostgreSQL (installed with apt when missing);
-                                 refused until the services read DATABASE_URL
-                                 (BLOG_EXPERIMENTAL_SCALE=1: start anyway)
+                                 PostgreSQL (installed with apt when missing)
            --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
            (installs Chromium and PostgreSQL with apt when missing, as root,
@@ -60,6 +58,8 @@ commands:
            memory against a bare axum handler on this machine (a few minutes)
                     --lag               only the consistency lag and where it
                                         goes, traced inside the services (about a minute)
+                    --scale N           then the same suite with N replicas on PostgreSQL:
+                                        posts/s, lag and RSS beside the embedded default
 ";
 
 fn main() -> ExitCode {
@@ -146,14 +146,24 @@ fn test(args: pico_args::Arguments) -> Result {
 }
 
 fn bench(mut args: pico_args::Arguments) -> Result {
-    let mode = if args.contains("--lag") { "lag" } else { "run" };
+    let lag_only = args.contains("--lag");
+    let replicas: usize = args.opt_value_from_str("--scale")?.unwrap_or(1);
     let rest = args.finish();
     if !rest.is_empty() {
         return Err(format!("unexpected arguments: {rest:?}").into());
     }
+    if replicas > 1 {
+        blog_local::postgres::ensure_installed()?;
+    }
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;
-    run(Command::new(bin_dir.join("blog-bench")).arg(mode).arg(&bin_dir))
+    let mut bench = Command::new(bin_dir.join("blog-bench"));
+    if lag_only {
+        bench.arg("lag").arg(&bin_dir);
+    } else {
+        bench.arg("run").arg(&bin_dir).args(["--scale", &replicas.to_string()]);
+    }
+    run(&mut bench)
 }
 
 /// The browser tests drive Debian's Chromium through chromedriver. On a

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use blog_domain::Service;
 use blog_kit::shutdown::shutdown_signal;
-use blog_local::{EXPERIMENTAL_SCALE_ENV, Options, Suite, postgres, routes, scale_supported, supervisor::LogSink};
+use blog_local::{Options, Suite, postgres, routes, supervisor::LogSink};
 
 /// Replicas `--scale` accepts: replica i of a service listens on its usual
 /// port + 100 × i, which stays clear of the other services' ports up to 9.
@@ -31,8 +31,6 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     let data_dir = std::path::absolute(data_dir)?;
     let mut options = Options::standard(PathBuf::new(), data_dir.clone(), gateway_port, LogSink::Stdout);
     options.scale(replicas, postgres_port, |service, i| service.default_port() + 100 * i as u16);
-    options.experimental_scale = std::env::var(EXPERIMENTAL_SCALE_ENV).is_ok_and(|v| v == "1");
-    scale_supported(&options)?;
     if options.postgres_port.is_some() {
         postgres::ensure_installed()?;
     }

@@ -56,14 +56,29 @@ fn main() -> Result<(), Error> {
             baseline(port, view)
         }
         Some("run") => {
-            let bin_dir = PathBuf::from(args.next().ok_or("run BIN_DIR")?);
-            tokio::runtime::Runtime::new()?.block_on(run(bin_dir))
+            let bin_dir = PathBuf::from(args.next().ok_or("run BIN_DIR [--scale N]")?);
+            let replicas = match (args.next().as_deref(), args.next()) {
+                (None, _) => 1,
+                (Some("--scale"), Some(n)) => n.parse()?,
+                _ => return Err("run BIN_DIR [--scale N]".into()),
+            };
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let embedded = run(bin_dir.clone()).await?;
+                if replicas > 1 {
+                    let scaled = scaled(&bin_dir, replicas).await?;
+                    compare(&embedded, &scaled, replicas);
+                }
+                Ok(())
+            })
         }
         Some("lag") => {
             let bin_dir = PathBuf::from(args.next().ok_or("lag BIN_DIR")?);
-            tokio::runtime::Runtime::new()?.block_on(async { lag(&client_builder().build()?, &bin_dir).await })
+            tokio::runtime::Runtime::new()?.block_on(async { lag(&client_builder().build()?, &bin_dir).await.map(drop) })
         }
-        _ => Err("usage: blog-bench run BIN_DIR | blog-bench lag BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]".into()),
+        _ => {
+            Err("usage: blog-bench run BIN_DIR [--scale N] | blog-bench lag BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]"
+                .into())
+        }
     }
 }
 
@@ -156,15 +171,22 @@ fn rss_line(suite: &Suite) -> String {
         .join(", ")
 }
 
-/// Starts the suite as `cargo xtask up` does, on free ports, in `dir`.
-async fn launch(bin_dir: &std::path::Path, dir: &std::path::Path) -> Result<Suite, Error> {
-    launch_with(bin_dir, dir, |_| {}).await
+/// Starts the suite as `cargo xtask up` does, on free ports, in `dir`; with
+/// more than one replica as `cargo xtask up --scale` does, on PostgreSQL.
+async fn launch(bin_dir: &std::path::Path, dir: &std::path::Path, replicas: usize) -> Result<Suite, Error> {
+    launch_with(bin_dir, dir, replicas, |_| {}).await
 }
 
 /// [`launch`] with the options adjusted by `configure`.
-async fn launch_with(bin_dir: &std::path::Path, dir: &std::path::Path, configure: impl FnOnce(&mut Options)) -> Result<Suite, Error> {
+async fn launch_with(
+    bin_dir: &std::path::Path,
+    dir: &std::path::Path,
+    replicas: usize,
+    configure: impl FnOnce(&mut Options),
+) -> Result<Suite, Error> {
     let mut options = Options::standard(bin_dir.to_owned(), dir.join("data"), free_port(), LogSink::Dir(dir.to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
+    options.scale(replicas, free_port(), |_, _| free_port());
     configure(&mut options);
     let suite = Suite::launch(options).await?;
     suite.wait_ready(Duration::from_secs(30)).await?;
@@ -225,7 +247,7 @@ async fn read_phase(url: String, headers: &[(&'static str, &'static str)], expec
     (rate, failed)
 }
 
-async fn run(bin_dir: PathBuf) -> Result<(), Error> {
+async fn run(bin_dir: PathBuf) -> Result<Summary, Error> {
     println!(
         "blog-bench: {CLIENTS} concurrent clients, {} s per throughput phase, {} cores",
         PHASE.as_secs(),
@@ -235,16 +257,16 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
 
     // A. Fresh suites: the consistency lag at idle and where it goes; then
     // memory under readers.
-    lag(&http, &bin_dir).await?;
+    let streamed = lag(&http, &bin_dir).await?;
     let dir = tempfile::tempdir()?;
-    let suite = launch(&bin_dir, dir.path()).await?;
+    let suite = launch(&bin_dir, dir.path(), 1).await?;
     memory_under_readers(&http, &suite).await?;
     suite.stop().await;
     drop(dir);
 
     // B. Throughput: reads of a 1,000 x 1 view, then writes.
     let dir = tempfile::tempdir()?;
-    let suite = launch(&bin_dir, dir.path()).await?;
+    let suite = launch(&bin_dir, dir.path(), 1).await?;
     let gateway = format!("http://{}", suite.gateway_addr);
     let query = suite.options.url(Service::Query);
     let bus = suite.options.url(Service::EventBus);
@@ -304,33 +326,8 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     );
 
     // 3. Durable post creation through the gateway.
-    let url = format!("{gateway}/posts/create");
-    let (posts, created, failed) = saturate(move |http, i| {
-        let url = url.clone();
-        async move { http.post(url).json(&json!({ "title": format!("bench {i}") })).send().await.is_ok_and(|r| r.status().as_u16() == 201) }
-    })
-    .await;
-    // The bus being idle is not enough: a relay may still hold a batch.
-    let drain = Instant::now();
-    let expected = created as usize + READ_VIEW_POSTS;
-    let mut shown;
-    loop {
-        shown = http.get(format!("{gateway}/posts")).send().await?.json::<serde_json::Map<String, Value>>().await?.len();
-        if shown >= expected || drain.elapsed() > Duration::from_secs(60) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let drained = drain.elapsed();
-    println!(
-        "posts through the gateway:    {posts:>9.0} posts/s  = {:.1} % of the bare handler ({failed} failed); {shown} of {expected} in query, {:.2} s after the last write",
-        100.0 * posts / bare,
-        drained.as_secs_f64()
-    );
-    if shown != expected {
-        return Err(format!("query shows {shown} posts, {expected} were created").into());
-    }
-
+    let written = posts_phase(&http, &gateway, READ_VIEW_POSTS).await?;
+    println!("posts through the gateway:    {}", written.line(Some(bare)));
     // 4. Events accepted by the bus: one per request, and in batches of 100.
     let events = format!("{bus}/events");
     let secret = suite.options.internal_secret.clone();
@@ -378,11 +375,148 @@ async fn run(bin_dir: PathBuf) -> Result<(), Error> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!("RSS MiB at idle after start:  {idle_rss}");
     println!("RSS MiB at idle after load:   {}", rss_line(&suite));
+    let rss = total_rss_mib(&suite);
 
     suite.stop().await;
     let _ = baseline.kill();
     let _ = baseline.wait();
-    Ok(())
+    Ok(Summary { posts_per_s: written.per_s, lag: streamed, rss_mib: rss })
+}
+
+/// What the scaled-out run is compared on.
+struct Summary {
+    posts_per_s: f64,
+    /// Consistency lag at idle, by query's live stream, sorted.
+    lag: Vec<Duration>,
+    /// Every process of the suite (PostgreSQL with its backends), at idle after the write load.
+    rss_mib: f64,
+}
+
+/// A write phase's result.
+struct Written {
+    per_s: f64,
+    failed: u64,
+    shown: usize,
+    expected: usize,
+    drained: Duration,
+}
+
+impl Written {
+    fn line(&self, bare: Option<f64>) -> String {
+        let ratio = bare.map(|bare| format!("  = {:.1} % of the bare handler", 100.0 * self.per_s / bare)).unwrap_or_default();
+        format!(
+            "{:>9.0} posts/s{ratio} ({} failed); {} of {} in query, {:.2} s after the last write",
+            self.per_s,
+            self.failed,
+            self.shown,
+            self.expected,
+            self.drained.as_secs_f64()
+        )
+    }
+}
+
+/// Durable post creation through the gateway for [`PHASE`] by [`CLIENTS`]
+/// clients, then waits until query shows every post (`already` were there).
+async fn posts_phase(http: &reqwest::Client, gateway: &str, already: usize) -> Result<Written, Error> {
+    let url = format!("{gateway}/posts/create");
+    let (per_s, created, failed) = saturate(move |http, i| {
+        let url = url.clone();
+        async move { http.post(url).json(&json!({ "title": format!("bench {i}") })).send().await.is_ok_and(|r| r.status().as_u16() == 201) }
+    })
+    .await;
+    // The bus being idle is not enough: a relay may still hold a batch.
+    let drain = Instant::now();
+    let expected = created as usize + already;
+    let mut shown;
+    loop {
+        shown = http.get(format!("{gateway}/posts")).send().await?.json::<serde_json::Map<String, Value>>().await?.len();
+        if shown >= expected || drain.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let written = Written { per_s, failed, shown, expected, drained: drain.elapsed() };
+    if shown != expected {
+        return Err(format!("query shows {shown} posts, {expected} were created").into());
+    }
+    Ok(written)
+}
+
+/// The RSS of `pid` and every process below it (PostgreSQL's backends), in KiB.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let parent_of = |child: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+        stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    };
+    let all: Vec<u32> =
+        std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(all.iter().copied().filter(|child| parent_of(*child) == Some(parent)));
+        i += 1;
+    }
+    tree.into_iter().map(rss_kib).sum()
+}
+
+/// Per service, the RSS of all its processes, in MiB; PostgreSQL last when it runs.
+fn rss_by_service(suite: &Suite) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Service::ALL
+        .iter()
+        .map(|s| {
+            let kib: u64 = suite.options.processes(*s).iter().map(|(name, _)| suite.supervisor.pid(name).map_or(0, rss_kib)).sum();
+            (s.name().to_owned(), kib as f64 / 1024.0)
+        })
+        .collect();
+    if let Some(pid) = suite.supervisor.pid(blog_local::postgres::PROCESS) {
+        out.push(("postgres".to_owned(), tree_rss_kib(pid) as f64 / 1024.0));
+    }
+    out
+}
+
+fn total_rss_mib(suite: &Suite) -> f64 {
+    rss_by_service(suite).iter().map(|(_, mib)| mib).sum()
+}
+
+/// The same write throughput, idle consistency lag and memory on a suite
+/// scaled out to `replicas` replicas on the suite's own PostgreSQL.
+async fn scaled(bin_dir: &std::path::Path, replicas: usize) -> Result<Summary, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    println!("\nscaled out: {replicas} replicas of every service but the bus, on PostgreSQL");
+    blog_local::postgres::ensure_installed()?;
+    let http = client_builder().build()?;
+    let dir = tempfile::tempdir()?;
+    // PostgreSQL runs as its own account when this runs as root.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    let suite = launch(bin_dir, dir.path(), replicas).await?;
+    let gateway = format!("http://{}", suite.gateway_addr);
+    let bus = suite.options.url(Service::EventBus);
+    let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
+    let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
+    let lag = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
+    print_lag("consistency lag, idle, query's live stream:          ", &lag);
+    let written = posts_phase(&http, &gateway, 1).await?;
+    println!("posts through the gateway:    {}", written.line(None));
+    wait_for_idle_bus(&http, &bus).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = rss_by_service(&suite);
+    let line: Vec<String> = rss.iter().map(|(name, mib)| format!("{name} {mib:.1}")).collect();
+    println!("RSS MiB at idle after load (all replicas of a service together): {}", line.join(", "));
+    let rss_mib = rss.iter().map(|(_, mib)| mib).sum();
+    suite.stop().await;
+    Ok(Summary { posts_per_s: written.per_s, lag, rss_mib })
+}
+
+fn compare(embedded: &Summary, scaled: &Summary, replicas: usize) {
+    let lag = |s: &Summary| {
+        format!("p50 {:.2} ms, p99 {:.2} ms", percentile(&s.lag, 0.50).as_secs_f64() * 1e3, percentile(&s.lag, 0.99).as_secs_f64() * 1e3)
+    };
+    println!("\nside by side, this run:            embedded (SQLite, 1 each)   PostgreSQL, {replicas} replicas");
+    println!("  posts/s through the gateway:     {:>12.0}                {:>12.0}", embedded.posts_per_s, scaled.posts_per_s);
+    println!("  consistency lag, idle, stream:   {:<27} {}", lag(embedded), lag(scaled));
+    println!("  RSS MiB at idle, whole suite:    {:>12.1}                {:>12.1}", embedded.rss_mib, scaled.rss_mib);
 }
 
 /// Creates `count` posts with one comment each through the gateway and waits
@@ -491,9 +625,9 @@ async fn wait_for_idle_bus(http: &reqwest::Client, bus: &str) {
 /// The consistency lag on a fresh, idle suite, by polling and by the stream,
 /// with the breakdown seen from outside; then, on a fresh suite with the
 /// services' trace points on, the breakdown from inside (see [`trace`]).
-async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<(), Error> {
+async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<Vec<Duration>, Error> {
     let dir = tempfile::tempdir()?;
-    let suite = launch(bin_dir, dir.path()).await?;
+    let suite = launch(bin_dir, dir.path(), 1).await?;
     let gateway = format!("http://{}", suite.gateway_addr);
     let query = suite.options.url(Service::Query);
     let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
@@ -505,7 +639,8 @@ async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<(), Er
     lag_breakdown(http, &gateway, &suite.options.url(Service::EventBus), &post_id, LAG_SAMPLES / 2).await?;
     suite.stop().await;
     drop(dir);
-    trace::breakdown(http, bin_dir, LAG_SAMPLES / 2).await
+    trace::breakdown(http, bin_dir, LAG_SAMPLES / 2).await?;
+    Ok(streamed)
 }
 
 /// Comments on `post_id` through the gateway; returns the new comment's id.

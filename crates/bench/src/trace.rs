@@ -45,7 +45,7 @@ fn wall_us() -> u64 {
 /// Runs `samples` comments through a traced suite and prints each hop's stages.
 pub(crate) async fn breakdown(http: &reqwest::Client, bin_dir: &Path, samples: usize) -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
-    let suite = launch_with(bin_dir, dir.path(), |options| {
+    let suite = launch_with(bin_dir, dir.path(), 1, |options| {
         for service in Service::ALL {
             options.env.push((service, "RUST_LOG".into(), format!("info,{LAG_TARGET}=trace")));
             options.env.push((service, "LOG_FORMAT".into(), "json".into()));

@@ -308,10 +308,15 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             headers.append(name, value.clone());
         }
     }
-    if let Some(host) = parts.headers.get(header::HOST) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    // A service's own address stands for a Kubernetes Service, which forwards
+    // without a trace: only the public front says it is a proxy (the client
+    // keeps `/healthz` and `/metrics` from anyone who came through one).
+    if matches!(gateway.front, Front::Public) {
+        if let Some(host) = parts.headers.get(header::HOST) {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        }
+        headers.insert(HeaderName::from_static("x-forwarded-proto"), axum::http::HeaderValue::from_static("http"));
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), axum::http::HeaderValue::from_static("http"));
     for replica in replicas.order() {
         let upstream = gateway
             .http

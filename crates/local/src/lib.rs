@@ -55,30 +55,6 @@ pub struct Options {
     pub replicas: BTreeMap<Service, Vec<u16>>,
     /// Port of the suite's own PostgreSQL, when it runs one (scaled out).
     pub postgres_port: Option<u16>,
-    /// Scale out even though the services do not keep their data in
-    /// PostgreSQL yet (see [`scale_supported`]): for testing the launcher.
-    pub experimental_scale: bool,
-}
-
-/// Whether the services keep their data in PostgreSQL when given
-/// `DATABASE_URL`. Until they do, replicas of a service would each keep a
-/// SQLite database of their own and split the data, so scaling out is refused.
-pub const SERVICES_USE_DATABASE_URL: bool = false;
-
-/// `BLOG_EXPERIMENTAL_SCALE=1` lets `cargo xtask up --scale` start anyway
-/// (each replica on its own SQLite database: for trying the launcher only).
-pub const EXPERIMENTAL_SCALE_ENV: &str = "BLOG_EXPERIMENTAL_SCALE";
-
-/// Whether `options` may scale out, or why not.
-pub fn scale_supported(options: &Options) -> Result<(), String> {
-    if options.replicas.is_empty() || SERVICES_USE_DATABASE_URL || options.experimental_scale {
-        return Ok(());
-    }
-    Err(format!(
-        "--scale needs the services to keep their data in PostgreSQL (DATABASE_URL), which they do not yet (issue 11): \
-         replicas would each keep a SQLite database of their own and disagree. \
-         {EXPERIMENTAL_SCALE_ENV}=1 starts them anyway, for trying the launcher only."
-    ))
 }
 
 /// The services that run as replicas when scaled out: all but the bus,
@@ -105,7 +81,6 @@ impl Options {
             internal_secret: fresh_secret(),
             replicas: BTreeMap::new(),
             postgres_port: None,
-            experimental_scale: false,
         }
     }
 
@@ -187,7 +162,6 @@ impl Suite {
     /// Starts every service and the gateway; does not wait for the services'
     /// readiness. Scaled out, PostgreSQL is started first and waited for.
     pub async fn launch(options: Options) -> io::Result<Self> {
-        scale_supported(&options).map_err(io::Error::other)?;
         std::fs::create_dir_all(&options.data_dir)?;
         for service in Service::ALL {
             let program = options.bin_dir.join(service.name());
@@ -311,7 +285,6 @@ mod tests {
         for (service, processes) in Service::ALL.into_iter().zip(&unscaled) {
             assert_eq!(processes, &[(service.name().to_owned(), service.default_port())]);
         }
-        assert_eq!(scale_supported(&options), Ok(()));
         options.scale(1, 5433, |_, _| unreachable!("one replica is the usual suite"));
         assert!(options.replicas.is_empty() && options.postgres_port.is_none());
 
@@ -328,11 +301,6 @@ mod tests {
         assert_eq!(value("PORT").as_deref(), Some("4200"));
         assert_eq!(value("DATA_DIR").as_deref(), Some("data/posts-2"));
         assert_eq!(value("EVENT_BUS_URL").as_deref(), Some("http://127.0.0.1:4005"));
-
-        let refused = scale_supported(&options).unwrap_err();
-        assert!(refused.contains("DATABASE_URL") && refused.contains(EXPERIMENTAL_SCALE_ENV), "{refused}");
-        options.experimental_scale = true;
-        assert_eq!(scale_supported(&options), Ok(()));
     }
 
     #[test]

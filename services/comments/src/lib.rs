@@ -192,7 +192,19 @@ async fn create(
     checked_post_id(&post_id).map_err(IntoResponse::into_response)?;
     match state.known.wait_for(&post_id, state.post_wait).await {
         Ok(()) => {}
-        Err(WaitError::Unknown) => return Err(post_not_found(&post_id).into_response()),
+        Err(WaitError::Unknown) => {
+            // Only the database can say the post does not exist: while it is
+            // unreachable the post's event may be waiting to be applied (503).
+            let id = post_id.clone();
+            let stored = state
+                .kit
+                .read(move |tx| tx.query_all("SELECT id FROM post WHERE id = $1", &[&id], |_| Ok(())))
+                .await
+                .map_err(|e| ApiError::from(e).into_response())?;
+            if stored.is_empty() {
+                return Err(post_not_found(&post_id).into_response());
+            }
+        }
         Err(WaitError::Busy) => return Err(http::retry_later("too many comments are waiting for their post, try again", 1)),
     }
     let comment = CommentData {

@@ -5,8 +5,16 @@
 
 use blog_domain::{DomainEvent, Event, EventKind, Service};
 use blog_kit::{internal::REFUSAL_HEADER, messaging::inbox::MAX_BATCH};
-use blog_tests::{Answer, Auth, Signal, TestSuite};
+use blog_tests::{Answer, Auth, Mode, Signal, TestSuite};
 use serde_json::{Value, json};
+
+in_both_modes!(
+    malformed_events_are_refused_and_unknown_types_acknowledged,
+    events_cannot_be_injected_through_the_gateway,
+    oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected,
+    internal_writes_without_the_secret_are_refused_and_change_nothing,
+    a_forged_decision_with_the_predictable_id_cannot_preempt_moderation,
+);
 
 fn assert_client_error(answer: &Answer, status: u16, what: &str) {
     assert_eq!(answer.status, status, "{what}: {:?}", answer.body);
@@ -15,9 +23,8 @@ fn assert_client_error(answer: &Answer, status: u16, what: &str) {
     assert!(!message.is_empty(), "{what}: no error message in {:?}", answer.body);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_events_are_refused_and_unknown_types_acknowledged() {
-    let suite = TestSuite::launch().await;
+async fn malformed_events_are_refused_and_unknown_types_acknowledged(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let malformed = [
         ("no type", json!({"data": {"id": "1"}})),
         ("empty type", json!({"type": "", "data": {}})),
@@ -72,13 +79,12 @@ async fn malformed_events_are_refused_and_unknown_types_acknowledged() {
 
     // The unknown event is in the log and was delivered without holding anything up.
     let post = suite.create_post("after the noise").await;
-    suite.eventually("the post in query", || async { suite.view().await.contains_key(&post.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&post.id).await;
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_cannot_be_injected_through_the_gateway() {
-    let suite = TestSuite::launch().await;
+async fn events_cannot_be_injected_through_the_gateway(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let forged = json!({"type": "PostCreated", "data": {"id": "forged", "title": "forged"}});
     for path in ["/events", "/EVENTS", "/posts/events", "/posts/x/events", "/posts/create/../events"] {
         let answer = suite.post_json(path, &forged).await;
@@ -91,7 +97,7 @@ async fn events_cannot_be_injected_through_the_gateway() {
     // Give a forged event every chance to land: a real post made afterwards
     // is visible, so anything sent before it would be too.
     let real = suite.create_post("real").await;
-    suite.eventually("the real post in query", || async { suite.view().await.contains_key(&real.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&real.id).await;
     let view = suite.view().await;
     assert_eq!(view.keys().collect::<Vec<_>>(), [&real.id]);
     let log = suite.bus_events().await;
@@ -100,9 +106,8 @@ async fn events_cannot_be_injected_through_the_gateway() {
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected() {
-    let suite = TestSuite::launch().await;
+async fn oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let post = suite.create_post("target").await;
     let url = format!("{}/posts/{}/comments", suite.gateway, post.id);
     let oversized = json!({ "content": "x".repeat(200_000) }).to_string();
@@ -122,9 +127,8 @@ async fn oversized_bodies_are_refused_cleanly_and_the_next_request_is_unaffected
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_writes_without_the_secret_are_refused_and_change_nothing() {
-    let suite = TestSuite::launch().await;
+async fn internal_writes_without_the_secret_are_refused_and_change_nothing(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let post = suite.create_post("before").await;
     let mut comment = suite.comment(&post.id, "fine").await.remove(0);
     suite.wait_for_status(&post.id, &comment.id, "approved").await;
@@ -157,7 +161,7 @@ async fn internal_writes_without_the_secret_are_refused_and_change_nothing() {
     // Nothing changed: a real post made afterwards is visible, so any forged
     // event sent before it would be too.
     let real = suite.create_post("after").await;
-    suite.eventually("the real post in query", || async { suite.view().await.contains_key(&real.id).then_some(()) }).await;
+    suite.wait_for_post_in_query(&real.id).await;
     let view = suite.view().await;
     assert_eq!(view.len(), 2, "{view:?}");
     assert_eq!(view[&post.id].comments, [comment.clone()]);
@@ -167,9 +171,8 @@ async fn internal_writes_without_the_secret_are_refused_and_change_nothing() {
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation() {
-    let suite = TestSuite::launch().await;
+async fn a_forged_decision_with_the_predictable_id_cannot_preempt_moderation(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let post = suite.create_post("target").await;
     // Moderation frozen, so the forgery arrives before the real decision.
     suite.kill(Service::Moderation, Signal::STOP).await;

@@ -2,12 +2,19 @@
 //! with the statuses reaching both the comments service and query.
 
 use blog_domain::Service;
-use blog_tests::TestSuite;
+use blog_tests::{Mode, TestSuite};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_comment_is_moderated_and_its_status_reaches_query_and_comments() {
-    let suite = TestSuite::launch().await;
+in_both_modes!(
+    a_comment_is_moderated_and_its_status_reaches_query_and_comments,
+    blocked_words_come_from_the_environment,
+    the_gateway_routes_like_the_ingress_whatever_the_host,
+    a_comment_on_a_post_created_a_moment_ago_is_accepted,
+    live_streams_show_the_view_changing_and_the_events_flowing,
+);
+
+async fn a_comment_is_moderated_and_its_status_reaches_query_and_comments(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
 
     let post = suite.create_post("First post").await;
     assert_eq!(post.title, "First post");
@@ -47,9 +54,8 @@ async fn a_comment_is_moderated_and_its_status_reaches_query_and_comments() {
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blocked_words_come_from_the_environment() {
-    let suite = TestSuite::launch_with(|options| {
+async fn blocked_words_come_from_the_environment(mode: Mode) {
+    let suite = TestSuite::launch_with_in(mode, |options| {
         options.env.push((Service::Moderation, "BLOCKED_WORDS".into(), "Kiwi, plum".into()));
     })
     .await;
@@ -61,9 +67,8 @@ async fn blocked_words_come_from_the_environment() {
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_routes_like_the_ingress_whatever_the_host() {
-    let suite = TestSuite::launch().await;
+async fn the_gateway_routes_like_the_ingress_whatever_the_host(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let created = suite
         .send(suite.http.post(format!("{}/posts/create", suite.gateway)).header("host", "posts.com").json(&json!({"title": "Via host"})))
         .await;
@@ -97,9 +102,8 @@ async fn the_gateway_routes_like_the_ingress_whatever_the_host() {
     suite.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_comment_on_a_post_created_a_moment_ago_is_accepted() {
-    let suite = TestSuite::launch().await;
+async fn a_comment_on_a_post_created_a_moment_ago_is_accepted(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     // No wait between the two: comments learns of the post by event.
     for i in 0..20 {
         let post = suite.create_post(&format!("post {i}")).await;
@@ -128,9 +132,8 @@ async fn read_events(mut response: reqwest::Response, done: impl Fn(&[(String, S
     events
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_streams_show_the_view_changing_and_the_events_flowing() {
-    let suite = TestSuite::launch().await;
+async fn live_streams_show_the_view_changing_and_the_events_flowing(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let live = suite.http.get(format!("{}/posts/stream", suite.gateway)).send().await.expect("stream opens");
     assert_eq!(live.headers()["content-type"], "text/event-stream");
     let flow = suite.http.get(format!("{}/flow", suite.url(Service::EventBus))).send().await.expect("flow opens");

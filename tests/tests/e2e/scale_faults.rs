@@ -1,0 +1,228 @@
+//! Faults against the scaled-out suite (2 replicas of every service but the
+//! bus, on PostgreSQL): a replica of each service killed in turn under load,
+//! PostgreSQL stopped under load, and two replicas of a consumer given the
+//! same batch at the same moment. Afterwards the suite must hold exactly what
+//! was accepted, as in `faults.rs`.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use blog_domain::{DomainEvent, Event, EventKind, Service};
+use blog_tests::{
+    Mode, Signal, TestSuite,
+    load::{self, LoadReport, Progress, Stop},
+};
+use serde_json::{Value, json};
+
+/// Starts writers through the gateway until `stop` is set.
+fn start_load(suite: &TestSuite, tag: &str, workers: usize) -> (tokio::task::JoinHandle<LoadReport>, Progress, Stop) {
+    let (progress, stop) = (Progress::default(), Stop::default());
+    let run = load::run_until(suite.http.clone(), suite.gateway.clone(), tag.to_owned(), workers, 10_000, progress.clone(), stop.clone());
+    (tokio::spawn(run), progress, stop)
+}
+
+/// Waits until the load has had `n` more writes accepted than `from`.
+async fn writes_after(suite: &TestSuite, progress: &Progress, from: usize, n: usize) -> usize {
+    suite
+        .eventually(&format!("{n} more accepted writes"), || async {
+            let now = progress.load(Ordering::Relaxed);
+            (now >= from + n).then_some(now)
+        })
+        .await
+}
+
+fn print_outcome(name: &str, report: &LoadReport, counts: (usize, usize, usize)) {
+    println!(
+        "{name}: {} write requests, answered {:?} ({:.2} % 201); converged to {} posts, {} comments, {} events, \
+         none lost or duplicated",
+        report.outcomes.values().sum::<usize>(),
+        report.outcomes,
+        report.accepted_percent(),
+        counts.0,
+        counts.1,
+        counts.2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_replica_of_every_service_in_turn_loses_nothing_and_barely_interrupts_writes() {
+    let Some(mode) = Mode::scaled(2) else { return };
+    let suite = TestSuite::launch_in(mode).await;
+    let (load, progress, stop) = start_load(&suite, "replica-kill", 4);
+    let mut done = writes_after(&suite, &progress, 0, 20).await;
+    // Replica 1 of some, 2 of others; the bus is one process and takes its turn too.
+    let victims = ["posts-1", "comments-2", "moderation-1", "query-2", "client-1", "event-bus", "posts-2", "comments-1"];
+    for victim in victims {
+        suite.kill_process(victim, Signal::KILL).await;
+        // Writes go on while it restarts, and for a while after.
+        done = writes_after(&suite, &progress, done, 100).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.expect("load");
+    let counts = suite.assert_converged(&report).await;
+    print_outcome(&format!("SIGKILL of {}, one at a time", victims.join(", ")), &report, counts);
+    // Every answer that was not a 201 says the request failed in a way a client may retry.
+    for (outcome, n) in &report.outcomes {
+        assert!(matches!(outcome.as_str(), "201" | "502" | "503" | "504" | "no answer"), "{n} writes answered {outcome}");
+    }
+    assert!(report.accepted_percent() >= 99.0, "only {:.2} % of writes answered 201: {:?}", report.accepted_percent(), report.outcomes);
+    suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches_up() {
+    let Some(mode) = Mode::scaled(2) else { return };
+    let suite = TestSuite::launch_in(mode).await;
+    let target = suite.create_post("commented while postgres is down").await;
+    let known = suite.comment(&target.id, "before the stop").await.remove(0);
+    let (load, progress, stop) = start_load(&suite, "postgres-down", 4);
+    writes_after(&suite, &progress, 0, 20).await;
+    suite.stop_process(blog_local::postgres::PROCESS).await;
+
+    // While it is down, a write answers a clear 503 JSON (the first after the
+    // stop may still have been on its way; the next are refused).
+    let refused = suite
+        .eventually("a write refused with 503 while PostgreSQL is down", || async {
+            let answer = suite.post_json("/posts/create", &json!({ "title": "while postgres is down" })).await;
+            (answer.status == 503).then_some(answer)
+        })
+        .await;
+    assert!(refused.content_type.starts_with("application/json"), "{refused:?}");
+    assert!(refused.body["error"].as_str().is_some_and(|e| !e.is_empty()), "{refused:?}");
+    let during = progress.load(Ordering::Relaxed);
+    // A few seconds down, under load.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = suite.post_json(&format!("/posts/{}/comments", target.id), &json!({ "content": "while postgres is down" })).await;
+    assert_eq!(still.status, 503, "a comment while PostgreSQL is down: {:?}", still.body);
+
+    suite.start_process(blog_local::postgres::PROCESS);
+    let after = suite
+        .eventually("a write accepted again", || async {
+            let answer = suite.post_json("/posts/create", &json!({ "title": "postgres is back" })).await;
+            (answer.status == 201).then_some(answer)
+        })
+        .await;
+    writes_after(&suite, &progress, during, 40).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut report = load.await.expect("load");
+    // 503 while it is down; a comment on a post whose `PostCreated` comments
+    // has not applied yet once it is back (the bus retries with backoff) gets
+    // the bounded wait's 404, as with one process per service.
+    for (outcome, n) in &report.outcomes {
+        assert!(matches!(outcome.as_str(), "201" | "503" | "404"), "{n} writes answered {outcome} (only 201, 503 or 404 expected)");
+    }
+    let refused_by_load = report.outcomes.get("503").copied().unwrap_or(0);
+    assert!(refused_by_load > 0, "the load saw PostgreSQL down: {:?}", report.outcomes);
+    // The probes are part of what was attempted; the last one was accepted.
+    report.attempted_titles.extend([target.title.clone(), "while postgres is down".to_owned(), "postgres is back".to_owned()]);
+    report.attempted_contents.extend([known.content.clone(), "while postgres is down".to_owned()]);
+    report.posts.extend([target.clone(), serde_json::from_value(after.body).expect("a post")]);
+    report.comments.push((target.id.clone(), known));
+    let counts = suite.assert_converged(&report).await;
+    print_outcome("PostgreSQL stopped for 3 s under load", &report, counts);
+    suite.shutdown().await;
+}
+
+/// The sum over `service`'s replicas of an unlabelled counter in their `/metrics`.
+async fn counter(suite: &TestSuite, service: Service, name: &str) -> u64 {
+    let mut sum = 0;
+    for url in suite.process_urls(service) {
+        let text = suite.http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        sum += text.lines().find_map(|line| line.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    }
+    sum
+}
+
+/// `POST /events` with `batch` to both replicas of `service` at the same moment; both must answer 200.
+async fn to_both_replicas_at_once(suite: &TestSuite, service: Service, batch: &Value) {
+    let urls = suite.process_urls(service);
+    assert_eq!(urls.len(), 2);
+    let send =
+        |url: &str| suite.send(suite.internal(reqwest::Method::POST, &format!("{url}/events"), blog_tests::Auth::Secret).json(batch));
+    let (first, second) = tokio::join!(send(&urls[0]), send(&urls[1]));
+    assert_eq!((first.status, second.status), (200, 200), "{service}: {:?} / {:?}", first.body, second.body);
+}
+
+fn event(kind: EventKind, data: Value) -> Value {
+    let domain = DomainEvent::parse(&kind, data.as_object().expect("an object")).expect("valid event data");
+    serde_json::to_value(Event::new(&domain, None)).expect("an event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_of_a_consumer_given_the_same_batch_at_once_apply_it_once() {
+    let Some(mode) = Mode::scaled(2) else { return };
+    let suite = TestSuite::launch_in(mode).await;
+    const ROUNDS: u64 = 20;
+    const BATCH: u64 = 5;
+    let post = suite.create_post("target").await;
+    suite.eventually("the post in query", || async { suite.view().await.contains_key(&post.id).then_some(()) }).await;
+    let applied = "blog_inbox_applied_total";
+    let duplicates = "blog_inbox_duplicates_total";
+    let before = [
+        (counter(&suite, Service::Moderation, applied).await, counter(&suite, Service::Moderation, duplicates).await),
+        (counter(&suite, Service::Query, applied).await, counter(&suite, Service::Query, duplicates).await),
+    ];
+
+    let mut comment_ids = Vec::new();
+    for round in 0..ROUNDS {
+        // New comments to moderation: each must be decided once.
+        let comments: Vec<Value> = (0..BATCH)
+            .map(|i| {
+                let id = format!("same-batch-{round}-{i}");
+                comment_ids.push(id.clone());
+                event(EventKind::CommentCreated, json!({"id": id, "postId": post.id, "content": "an orange", "status": "pending"}))
+            })
+            .collect();
+        to_both_replicas_at_once(&suite, Service::Moderation, &Value::Array(comments)).await;
+        // New posts to query: each must be shown once.
+        let posts: Vec<Value> = (0..BATCH)
+            .map(|i| event(EventKind::PostCreated, json!({"id": format!("same-post-{round}-{i}"), "title": "twice at once"})))
+            .collect();
+        to_both_replicas_at_once(&suite, Service::Query, &Value::Array(posts)).await;
+    }
+
+    let sent = ROUNDS * BATCH;
+    let after = [
+        (counter(&suite, Service::Moderation, applied).await, counter(&suite, Service::Moderation, duplicates).await),
+        (counter(&suite, Service::Query, applied).await, counter(&suite, Service::Query, duplicates).await),
+    ];
+    for (service, (before, after)) in [Service::Moderation, Service::Query].into_iter().zip(before.into_iter().zip(after)) {
+        assert_eq!((after.0 - before.0, after.1 - before.1), (sent, sent), "{service}: (applied, duplicates) over both replicas");
+    }
+    // Moderation decided each comment once: one decision row, one CommentModerated in the log.
+    let moderation = suite.postgres().expect("PostgreSQL").connect("moderation").await.unwrap();
+    let decisions: i64 =
+        moderation.query_one("SELECT count(*) FROM decision WHERE comment_id LIKE 'same-batch-%'", &[]).await.unwrap().get(0);
+    assert_eq!(decisions, sent as i64);
+    let decided = suite
+        .eventually("every decision in the bus's log", || async {
+            let log = suite.bus_events().await;
+            let decided: Vec<String> = log
+                .iter()
+                .filter(|e| e["type"] == "CommentModerated")
+                .filter_map(|e| e["data"]["id"].as_str().map(str::to_owned))
+                .filter(|id| id.starts_with("same-batch-"))
+                .collect();
+            (decided.len() >= comment_ids.len()).then_some(decided)
+        })
+        .await;
+    let mut unique = decided.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!((decided.len(), unique.len()), (comment_ids.len(), comment_ids.len()), "one decision per comment");
+    // Query shows each post once, on both replicas (keys of a JSON object are unique: count them).
+    for url in suite.process_urls(Service::Query) {
+        suite
+            .eventually(&format!("every post at {url}"), || async {
+                let view: Value = suite.http.get(format!("{url}/posts")).send().await.ok()?.json().await.ok()?;
+                let shown = view.as_object()?.keys().filter(|id| id.starts_with("same-post-")).count();
+                (shown as u64 == sent).then_some(())
+            })
+            .await;
+    }
+    println!(
+        "{sent} CommentCreated to both moderation replicas and {sent} PostCreated to both query replicas at once, \
+         in batches of {BATCH}: each applied once ({sent} applied + {sent} duplicates per service), {} decisions",
+        unique.len()
+    );
+    suite.shutdown().await;
+}
