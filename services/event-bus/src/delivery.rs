@@ -190,9 +190,9 @@ impl Deliverer {
     }
 
     /// A consistency-lag mark naming this subscriber (see [`telemetry::lag_mark`]).
-    fn mark(&self, stage: &str, events: &[Event]) {
+    fn mark(&self, point: &str, events: &[Event]) {
         if telemetry::lag_traced() {
-            telemetry::lag_mark(&format!("{stage}:{}", self.subscriber.name), events.iter().map(|e| e.id.as_str()));
+            telemetry::lag_mark(&format!("{point}:{}", self.subscriber.name), events.iter().map(|e| e.id.as_str()));
         }
     }
 
