@@ -107,9 +107,10 @@ impl Supervisor {
         self.processes.get(name).is_some_and(|m| *m.wanted.borrow())
     }
 
-    /// The pid of the running process, if any.
+    /// The pid of the running process, if any (`None` too for a name this
+    /// supervisor does not run, such as PostgreSQL in a suite without it).
     pub fn pid(&self, name: &str) -> Option<u32> {
-        *self.get(name).pid.lock().unwrap_or_else(|p| p.into_inner())
+        *self.processes.get(name)?.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How many times the process has been started.
