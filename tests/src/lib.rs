@@ -166,7 +166,10 @@ impl TestSuite {
         let dir = postgres::reachable_tempdir();
         let mut options = Options::standard(binaries(), dir.path().join("data"), 0, LogSink::Dir(dir.path().to_owned()));
         options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
-        options.env.push((Service::Comments, "POST_WAIT_MS".into(), "2000".into()));
+        // The tests check what is accepted, not how fast: a comment's post may
+        // take seconds to reach comments on a loaded machine (CI runs many
+        // suites at once), so the bounded wait is as long as any other wait here.
+        options.env.push((Service::Comments, "POST_WAIT_MS".into(), DEADLINE.as_millis().to_string()));
         if let Mode::Scaled(replicas) = mode {
             options.scale(replicas, free_port(), |_, _| free_port());
         }
