@@ -16,7 +16,6 @@ pub mod postgres;
 use std::{
     collections::BTreeMap,
     future::Future,
-    net::TcpListener,
     path::PathBuf,
     sync::OnceLock,
     time::{Duration, Instant},
@@ -141,10 +140,7 @@ fn logs_in(dir: &std::path::Path, names: &[String]) -> String {
     out
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port").port()
-}
+pub use blog_kit::ports::free_port;
 
 impl TestSuite {
     pub async fn launch() -> Self {

@@ -24,7 +24,7 @@ use std::{
 };
 
 use blog_domain::Service;
-use blog_kit::http::client::client_builder;
+use blog_kit::{http::client::client_builder, ports::free_port};
 use blog_local::{Options, Suite, supervisor::LogSink};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -104,10 +104,6 @@ fn baseline(port: u16, view: Option<(Vec<u8>, Vec<u8>)>) -> Result<(), Error> {
         blog_kit::http::serve::serve(listener, app, never).await?;
         Ok(())
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(0, |a| a.port())
 }
 
 /// Runs `CLIENTS` loops of `request` for [`PHASE`]; returns successful

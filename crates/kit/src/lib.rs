@@ -22,6 +22,7 @@ pub mod http;
 pub mod internal;
 pub mod messaging;
 pub mod metrics;
+pub mod ports;
 pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use blog_kit::ports::free_port;
 use rustix::process::Signal;
 
 use crate::supervisor::{LogSink, ProcessSpec, Supervisor};
@@ -192,9 +193,7 @@ impl Cluster {
 
     /// Starts `count` nodes (1 for a single-node JetStream).
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
-        let nodes = (0..count)
-            .map(|_| Ok(NodePorts { client: free_port()?, cluster: free_port()?, monitor: free_port()? }))
-            .collect::<io::Result<_>>()?;
+        let nodes = (0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect();
         let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
         match start(&mut supervisor, data_dir, nodes).await {
             Ok(nats) => Ok(Self { nats, supervisor }),
@@ -209,10 +208,6 @@ impl Cluster {
     pub async fn stop(self) {
         self.supervisor.shutdown().await;
     }
-}
-
-fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The `nats-server` binary: `$BLOG_NATS_SERVER`, else one on `PATH` or in

@@ -423,6 +423,8 @@ fn run(command: &mut Command) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use blog_kit::ports::free_port;
+
     use super::*;
 
     #[test]
@@ -439,10 +441,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         dir
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,10 +106,6 @@ fn spawn(bin: &Path, dir: &Path, port: u16) -> Result<Child, String> {
     as_account(postgres, account()).spawn().map_err(|e| format!("postgres: {e}"))
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl TestServer {
     /// A server of the caller's own (to stop and start again), or `None`
     /// as for [`shared`].
@@ -141,7 +137,7 @@ impl TestServer {
             let err = std::fs::read_to_string(dir.path().join("initdb.err")).unwrap_or_default();
             return Err(format!("initdb failed ({status}): {err}"));
         }
-        let port = free_port().map_err(|e| e.to_string())?;
+        let port = crate::ports::free_port();
         let child = spawn(bin, dir.path(), port)?;
         let server = Self { child, bin: bin.to_owned(), port, dir };
         server.wait_ready()?;
