@@ -763,7 +763,10 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
         let spec = actual["spec"].as_object_mut().unwrap();
         spec.remove("topologySpreadConstraints");
         let container = &mut spec.get_mut("containers").unwrap()[0];
-        container["env"].as_array_mut().unwrap().retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
+        container["env"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
         if service == Service::EventBus {
             container.as_object_mut().unwrap().remove("startupProbe");
         }
@@ -985,7 +988,8 @@ fn the_scale_overlays_nats_config_agrees_with_its_pods_services_and_the_bus() {
     let store = one("jetstream.store_dir");
     assert!(store == mount_of(claim) || store.starts_with(&format!("{}/", mount_of(claim))), "{store}: the store is on the claim");
     let max_store = k8s::parse_quantity(one("jetstream.max_file_store")).unwrap();
-    let volume = k8s::parse_quantity(nats.doc["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].as_str().unwrap());
+    let volume =
+        k8s::parse_quantity(nats.doc["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].as_str().unwrap());
     assert!(max_store < volume.unwrap(), "JetStream stops before the volume is full");
 
     // Lame duck on the way out, within the grace period; the pid file in scratch space.
@@ -1155,4 +1159,26 @@ fn in_the_scale_overlay_only_the_bus_reaches_nats_and_the_servers_each_other() {
             "nats -> nats:8222 is admitted but nothing needs it",
         ]
     );
+}
+
+#[test]
+fn the_scale_overlays_requests_fit_a_two_cpu_minikube_beside_its_control_plane() {
+    // A 2-CPU minikube's control plane requests 750m (etcd 100m, the API
+    // server 250m, the controller manager 200m, the scheduler 100m, CoreDNS
+    // 100m) and ingress-nginx 100m: 1,150m are left for the scale mode.
+    let scale = scale();
+    let (mut millis, mut bytes) = (0, 0);
+    for doc in scale.of_kind("StatefulSet").chain(scale.of_kind("Deployment")) {
+        let replicas = doc["spec"]["replicas"].as_u64().unwrap_or(1);
+        for container in doc["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+            let requests = &container["resources"]["requests"];
+            let cpu = requests["cpu"].as_str().and_then(|c| c.strip_suffix('m')).and_then(|c| c.parse::<u64>().ok());
+            let memory = requests["memory"].as_str().and_then(k8s::parse_quantity);
+            let (Some(cpu), Some(memory)) = (cpu, memory) else { panic!("{}: requests in millicores and bytes", doc["metadata"]["name"]) };
+            millis += replicas * cpu;
+            bytes += replicas * memory;
+        }
+    }
+    assert!(millis <= 1_150, "CPU requests add up to {millis}m");
+    assert!(bytes <= 1 << 30, "memory requests add up to {} Mi", bytes >> 20);
 }

@@ -1162,10 +1162,7 @@ mod tests {
 
     #[test]
     fn the_bus_names_every_nats_server_by_its_stable_name() {
-        assert_eq!(
-            nats_event_store(),
-            "nats://nats-0.nats-headless:4222,nats-1.nats-headless:4222,nats-2.nats-headless:4222"
-        );
+        assert_eq!(nats_event_store(), "nats://nats-0.nats-headless:4222,nats-1.nats-headless:4222,nats-2.nats-headless:4222");
         assert_eq!(nats_event_store().matches(".nats-headless:").count(), crate::nats::NODES);
     }
 
