@@ -421,11 +421,6 @@ impl Manifests {
         Ok(labels_of(&self.workload_named(target.name())?.doc["spec"]["template"]["metadata"]["labels"]))
     }
 
-    /// Whether these manifests run the scale mode's PostgreSQL server.
-    pub fn runs_postgres(&self) -> bool {
-        self.workload_named(POSTGRES).is_ok()
-    }
-
     /// The servers of the scale mode these manifests run (PostgreSQL, NATS),
     /// beside the suite's own services.
     pub fn servers(&self) -> Vec<Target> {
