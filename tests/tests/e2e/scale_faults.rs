@@ -71,7 +71,13 @@ async fn killing_one_replica_of_every_service_in_turn_loses_nothing_and_barely_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches_up() {
     let Some(mode) = Mode::scaled(2) else { return };
-    let suite = TestSuite::launch_in(mode).await;
+    // Comments' default wait for a post: while PostgreSQL is down no
+    // `PostCreated` can be applied, and the load's comments on new posts must
+    // end in their 503 within the outage, not wait out the harness's long wait.
+    let suite = TestSuite::launch_with_in(mode, |options| {
+        options.env.push((Service::Comments, "POST_WAIT_MS".into(), "2000".into()));
+    })
+    .await;
     let target = suite.create_post("commented while postgres is down").await;
     let known = suite.comment(&target.id, "before the stop").await.remove(0);
     let (load, progress, stop) = start_load(&suite, "postgres-down", 4);
