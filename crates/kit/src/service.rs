@@ -93,6 +93,7 @@ impl Kit {
         messaging::install(&store).await?;
         let metrics = Registry::default();
         store.register_metrics(&metrics);
+        bus.calls().register(&metrics);
         let outbox = Outbox::new(store.clone(), &metrics);
         Ok(Self { service, store, outbox, metrics, bus, secret })
     }
