@@ -1,10 +1,42 @@
 //! Structured logs through `tracing`: human-readable by default, one JSON
 //! object per line when `LOG_FORMAT=json` (what a cluster's log collector
 //! wants). The level comes from `RUST_LOG`, `info` by default.
+//!
+//! Trace context: every request runs in a `request` span and every applied
+//! event in an `apply` span, each with a `trace_id` field, so their log lines
+//! carry it (`RUST_LOG=debug` adds one line per request and per applied or
+//! delivered event). The context itself is W3C `traceparent`
+//! ([`blog_domain::TraceParent`]): taken from a request's header or started,
+//! held for the request's task ([`current_trace`]), written into each event
+//! the request publishes, and continued from the event by the bus's
+//! deliveries and every consumer's apply ([`continue_trace`]).
 
 use std::io::IsTerminal;
 
+use blog_domain::TraceParent;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+tokio::task_local! {
+    static CURRENT: TraceParent;
+}
+
+/// The trace context of the request this task serves, if any.
+pub fn current_trace() -> Option<TraceParent> {
+    CURRENT.try_with(|trace| *trace).ok()
+}
+
+/// Runs `f` with `trace` as its [`current_trace`].
+pub async fn in_trace<F: std::future::Future>(trace: TraceParent, f: F) -> F::Output {
+    CURRENT.scope(trace, f).await
+}
+
+/// The trace context of a new span `span`: a child of `parent`, or the start
+/// of a new trace. Its `trace_id` field is recorded (declare it `Empty`).
+pub fn continue_trace(span: &tracing::Span, parent: Option<TraceParent>) -> TraceParent {
+    let trace = parent.map_or_else(TraceParent::start, |parent| parent.child());
+    span.record("trace_id", trace.trace_id_hex());
+    trace
+}
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

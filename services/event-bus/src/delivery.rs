@@ -268,7 +268,20 @@ impl Handover for Deliverer {
     async fn send(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         self.mark("push.sent", events);
         let peer = Peer { url: &self.subscriber.url, name: &self.subscriber.name, calls: &self.calls };
+        // One `deliver` span per event, continuing its trace, for as long as the push takes.
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|event| {
+                let span = tracing::info_span!("deliver", subscriber = %self.subscriber.name, event_id = %event.id, kind = %event.kind, trace_id = tracing::field::Empty);
+                telemetry::continue_trace(&span, event.trace());
+                span
+            })
+            .collect();
         let answer = post_events(&self.http, peer, &self.secret, events, Some(self.acked)).await;
+        for span in &spans {
+            tracing::debug!(parent: span, ok = answer.is_ok(), "event pushed");
+        }
+        drop(spans);
         self.mark("push.answered", events);
         self.consumes = Some(Consumes::from_headers(&answer?));
         Ok(())

@@ -222,6 +222,9 @@ async fn publish(
         if event.request_id.is_none() {
             event.request_id.clone_from(&request_id.0);
         }
+        if event.traceparent.is_none() {
+            event.traceparent = blog_kit::telemetry::current_trace().map(|t| t.to_string());
+        }
     }
     blog_kit::telemetry::lag_mark("bus.received", events.iter().map(|e| e.id.as_str()));
     let stored = state.log.append(events).await.map_err(|e| ApiError::from(e).into_response())?;

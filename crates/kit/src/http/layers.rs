@@ -21,11 +21,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use blog_domain::TraceParent;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
+use tracing::Instrument;
 
 use super::{
     error::{self, error_response},
@@ -34,7 +36,11 @@ use super::{
 use crate::{
     metrics::{Histograms, LATENCY_BUCKETS, Registry},
     store::Store,
+    telemetry,
 };
+
+/// The W3C trace context header.
+pub const TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
 
 /// The route label of requests no route matched.
 pub const UNMATCHED: &str = "unmatched";
@@ -84,13 +90,24 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
         .layer(CatchPanicLayer::custom(|_| error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
         .layer(axum::middleware::from_fn(time_limit))
         .layer(axum::middleware::from_fn_with_state(requests, record))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let path = req.extensions().get::<MatchedPath>().map_or(req.uri().path(), MatchedPath::as_str);
-            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::debug_span!("request", method = %req.method(), path, request_id = id)
-        }))
+        // The span is `traced`'s, so TraceLayer's lines carry the trace id.
+        .layer(TraceLayer::new_for_http().make_span_with(|_: &Request| tracing::Span::current()))
+        .layer(axum::middleware::from_fn(traced))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// Runs a request in its `request` span and trace context: the caller's
+/// `traceparent` continued, or a new trace. Handlers find it as an extension
+/// and [`telemetry::current_trace`]; what they publish carries it.
+async fn traced(mut request: Request, next: axum::middleware::Next) -> Response {
+    let parent = request.headers().get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    let path = request.extensions().get::<MatchedPath>().map_or(request.uri().path(), MatchedPath::as_str);
+    let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let span = tracing::info_span!("request", method = %request.method(), path, request_id = id, trace_id = tracing::field::Empty);
+    let trace = telemetry::continue_trace(&span, parent);
+    request.extensions_mut().insert(trace);
+    telemetry::in_trace(trace, next.run(request)).instrument(span).await
 }
 
 /// Records a request in the RED histogram (see the module doc).

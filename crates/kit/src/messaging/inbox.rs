@@ -211,7 +211,16 @@ impl Inbox {
                         report.duplicates += 1;
                         continue;
                     }
-                    match consumer.apply(tx, &event, &domain)? {
+                    // The apply continues the event's trace; what it
+                    // publishes (a decision, a recorded status) is its child.
+                    let span = tracing::info_span!("apply", event_id = %event.id, kind = %event.kind, trace_id = tracing::field::Empty);
+                    let trace = telemetry::continue_trace(&span, event.trace());
+                    let _entered = span.enter();
+                    let published_before = tx.published_count();
+                    let outcome = consumer.apply(tx, &event, &domain)?;
+                    tx.trace_published_since(published_before, &trace.to_string());
+                    tracing::debug!(?outcome, "event applied");
+                    match outcome {
                         Outcome::Handled => {
                             report.applied += 1;
                             applied.push(Applied { seq: event.seq, event: domain });

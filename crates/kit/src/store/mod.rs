@@ -505,6 +505,19 @@ impl<'c> Tx<'c> {
         Ok(())
     }
 
+    /// How many events this unit of work has published so far.
+    pub(crate) fn published_count(&self) -> usize {
+        self.published.len()
+    }
+
+    /// Puts `traceparent` on the events published after the first `from`
+    /// (what a consumer's apply published: its span is their parent).
+    pub(crate) fn trace_published_since(&mut self, from: usize, traceparent: &str) {
+        for event in self.published.iter_mut().skip(from) {
+            event.traceparent = Some(traceparent.to_owned());
+        }
+    }
+
     /// The events published so far, taken.
     pub(crate) fn take_published(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.published)
