@@ -143,6 +143,9 @@ async fn metrics_show_red_series_with_bounded_labels_after_unknown_paths() {
         sample(&posts, "blog_outbound_request_duration_seconds_count{peer=\"event-bus\",outcome=\"ok\"}").is_some_and(|n| n >= 1),
         "{posts}"
     );
+    let query = http.get(format!("{}/metrics", suite.url(Service::Query))).send().await.unwrap().text().await.unwrap();
+    let lag = "blog_inbox_consistency_lag_seconds_count{type=\"PostCreated\"}";
+    assert_eq!(sample(&query, lag), Some(1), "query's consistency lag counts the one post it applied\n{query}");
     let bus = http.get(format!("{}/metrics", suite.url(Service::EventBus))).send().await.unwrap().text().await.unwrap();
     let peers = label_values(&bus, "blog_outbound_request_duration_seconds_count", "peer");
     assert_eq!(peers, ["comments", "moderation", "query"].map(str::to_owned).into(), "{bus}");
