@@ -202,7 +202,7 @@ where
     F: FnOnce(TcpListener, C, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    telemetry::init();
+    telemetry::init(service.name());
     let config = match config().and_then(|config| Ok((crate::config::bind_addr()?, config))) {
         Ok(config) => config,
         Err(e) => {
@@ -227,6 +227,7 @@ where
         run(listener, config, Shutdown::new(shutdown_signal())).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
+    telemetry::shutdown();
     match result {
         Ok(()) => {
             tracing::info!(service = service.name(), "stopped");

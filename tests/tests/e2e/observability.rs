@@ -2,7 +2,12 @@
 //! (in the bus's log and in each service's log lines), and every service's
 //! `/metrics` has the RED series with label sets that unknown paths cannot grow.
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use blog_domain::{Service, TraceParent};
 use blog_local::supervisor::LogSink;
@@ -14,13 +19,20 @@ const TRACE_ID: &str = "5e1ec7ab1e0ddba11c0ffee15badcafe";
 const TRACEPARENT: &str = "00-5e1ec7ab1e0ddba11c0ffee15badcafe-b0a710ad5eed1e55-01";
 
 /// The suite with debug lines from the kit and the bus (one per request,
-/// applied and delivered event), its logs in `logs`.
-async fn launch_logging_to(logs: &Path) -> TestSuite {
+/// applied and pushed event), its logs in `logs`, exporting spans to
+/// `collector` when given.
+async fn launch_logging_to(logs: &Path, collector: Option<&str>) -> TestSuite {
     let logs = logs.to_owned();
+    let collector = collector.map(str::to_owned);
     TestSuite::launch_with(move |options| {
         options.log = LogSink::Dir(logs);
         for service in Service::ALL {
             options.env.push((service, "RUST_LOG".into(), "info,blog_kit=debug,event_bus=debug,tower_http=debug".into()));
+            if let Some(endpoint) = &collector {
+                options.env.push((service, "OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
+                // Export within a fraction of a second rather than the default 5 s.
+                options.env.push((service, "OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()));
+            }
         }
     })
     .await
@@ -30,10 +42,87 @@ fn log_of(dir: &Path, service: Service) -> String {
     std::fs::read_to_string(dir.join(format!("{}.log", service.name()))).unwrap_or_default()
 }
 
+/// One exported span, as the collector received it.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+}
+
+/// A real OTLP/HTTP receiver on 127.0.0.1: `POST /v1/traces` with an
+/// `ExportTraceServiceRequest` in protobuf, decoded with opentelemetry-proto.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl Collector {
+    async fn start() -> (Self, String) {
+        use axum::{body::Bytes, extract::State, http::StatusCode, routing::post};
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+
+        async fn receive(State(collector): State<Collector>, body: Bytes) -> (StatusCode, [(&'static str, &'static str); 1], Vec<u8>) {
+            let Ok(request) = ExportTraceServiceRequest::decode(body) else {
+                return (StatusCode::BAD_REQUEST, [("content-type", "text/plain")], b"not an ExportTraceServiceRequest".to_vec());
+            };
+            let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            let mut spans = collector.spans.lock().unwrap();
+            for resource_spans in request.resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| a.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                    spans.push(ReceivedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                    });
+                }
+            }
+            (StatusCode::OK, [("content-type", "application/x-protobuf")], Vec::new())
+        }
+
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().route("/v1/traces", post(receive)).with_state(collector.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (collector, endpoint)
+    }
+
+    fn spans_of(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comment_is_one_trace_through_every_service_and_the_bus_log() {
+    one_comment_one_trace(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_is_one_exported_trace_at_an_otlp_collector() {
+    let (collector, endpoint) = Collector::start().await;
+    one_comment_one_trace(Some((collector, endpoint))).await;
+}
+
+async fn one_comment_one_trace(collector: Option<(Collector, String)>) {
     let logs = tempfile::tempdir().unwrap();
-    let suite = launch_logging_to(logs.path()).await;
+    let suite = launch_logging_to(logs.path(), collector.as_ref().map(|(_, endpoint)| endpoint.as_str())).await;
     let post = suite.create_post("Traced").await;
     suite.wait_for_post_in_query(&post.id).await;
 
@@ -81,6 +170,37 @@ async fn a_comment_is_one_trace_through_every_service_and_the_bus_log() {
         );
     }
     assert!(!log_of(logs.path(), Service::Posts).contains(TRACE_ID));
+
+    // Exported: every service's spans are in the trace, and they form one
+    // tree under the caller's span (each parent is in the trace, or is the caller).
+    if let Some((collector, _)) = collector {
+        let expected: BTreeSet<(&str, &str)> =
+            [("comments", "request"), ("comments", "apply"), ("moderation", "apply"), ("query", "apply"), ("event-bus", "deliver")].into();
+        let spans = suite
+            .eventually("every service's spans at the collector", || async {
+                let spans = collector.spans_of(TRACE_ID);
+                let seen: BTreeSet<(&str, &str)> = spans.iter().map(|s| (s.service.as_str(), s.name.as_str())).collect();
+                expected.is_subset(&seen).then_some(spans.clone())
+            })
+            .await;
+        let caller = &TRACEPARENT[36..52];
+        let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+        for span in &spans {
+            assert!(
+                span.parent_span_id == caller || ids.contains(span.parent_span_id.as_str()),
+                "{span:?} hangs outside the trace: {spans:#?}"
+            );
+        }
+        // The events' parents are exported spans (the request, an apply).
+        for event in &caused {
+            let parent = TraceParent::parse(event["traceparent"].as_str().unwrap()).unwrap();
+            let parent_hex: String = parent.span_id.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(ids.contains(parent_hex.as_str()), "{event}: its parent span was not exported: {spans:#?}");
+        }
+        let posts = collector.spans.lock().unwrap().iter().filter(|s| s.service == "posts").count();
+        assert!(posts >= 1, "posts exports its own spans (the post's trace)");
+        assert!(spans.iter().all(|s| s.service != "posts"), "{spans:#?}");
+    }
     suite.shutdown().await;
 }
 
