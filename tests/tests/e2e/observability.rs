@@ -197,6 +197,17 @@ async fn one_comment_one_trace(collector: Option<(Collector, String)>) {
             let parent_hex: String = parent.span_id.iter().map(|b| format!("{b:02x}")).collect();
             assert!(ids.contains(parent_hex.as_str()), "{event}: its parent span was not exported: {spans:#?}");
         }
+        // The trace as a tree, for `--nocapture` (the README shows one).
+        fn draw(spans: &[ReceivedSpan], parent: &str, depth: usize, out: &mut Vec<String>) {
+            for span in spans.iter().filter(|s| s.parent_span_id == parent) {
+                out.push(format!("{}{} {} ({})", "  ".repeat(depth), span.service, span.name, span.span_id));
+                draw(spans, &span.span_id, depth + 1, out);
+            }
+        }
+        let mut tree = Vec::new();
+        draw(&spans, caller, 0, &mut tree);
+        println!("trace {TRACE_ID}, {} spans:\n{}", spans.len(), tree.join("\n"));
+        assert_eq!(tree.len(), spans.len(), "every span is in the tree under the caller");
         let posts = collector.spans.lock().unwrap().iter().filter(|s| s.service == "posts").count();
         assert!(posts >= 1, "posts exports its own spans (the post's trace)");
         assert!(spans.iter().all(|s| s.service != "posts"), "{spans:#?}");
