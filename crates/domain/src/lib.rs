@@ -10,6 +10,8 @@ pub mod config;
 pub mod events;
 pub mod text;
 pub mod topology;
+pub mod trace;
 
 pub use events::{CommentData, CommentStatus, DomainEvent, Event, EventKind, PostCreated};
 pub use topology::Service;
+pub use trace::TraceParent;

@@ -93,6 +93,7 @@ impl Kit {
         messaging::install(&store).await?;
         let metrics = Registry::default();
         store.register_metrics(&metrics);
+        bus.calls().register(&metrics);
         let outbox = Outbox::new(store.clone(), &metrics);
         Ok(Self { service, store, outbox, metrics, bus, secret })
     }
@@ -201,7 +202,7 @@ where
     F: FnOnce(TcpListener, C, Shutdown) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    telemetry::init();
+    telemetry::init(service.name());
     let config = match config().and_then(|config| Ok((crate::config::bind_addr()?, config))) {
         Ok(config) => config,
         Err(e) => {
@@ -226,6 +227,7 @@ where
         run(listener, config, Shutdown::new(shutdown_signal())).await
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
+    telemetry::shutdown();
     match result {
         Ok(()) => {
             tracing::info!(service = service.name(), "stopped");

@@ -28,7 +28,7 @@ use blog_kit::{
     Shutdown, StoreError,
     internal::{self, InternalSecret},
     messaging::{
-        bus_client::post_events,
+        bus_client::{OutboundCalls, Peer, post_events},
         retry::{self, DeliveryError, Handover, Pass, Worker},
     },
     telemetry,
@@ -91,6 +91,8 @@ pub struct Deliverer {
     /// and again after a push failed (it may have been replaced by a
     /// version that consumes other types).
     pub consumes: Option<Consumes>,
+    /// The timings of pushes, shared by every deliverer (labelled by subscriber).
+    pub calls: OutboundCalls,
 }
 
 /// What a subscriber consumes, as it declared it (see [`internal::CONSUMES_HEADER`]).
@@ -265,7 +267,21 @@ impl Handover for Deliverer {
 
     async fn send(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         self.mark("push.sent", events);
-        let answer = post_events(&self.http, &self.subscriber.url, &self.secret, events, Some(self.acked)).await;
+        let peer = Peer { url: &self.subscriber.url, name: &self.subscriber.name, calls: &self.calls };
+        // One `deliver` span per event, continuing its trace, for as long as the push takes.
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|event| {
+                let span = tracing::info_span!("deliver", subscriber = %self.subscriber.name, event_id = %event.id, kind = %event.kind, trace_id = tracing::field::Empty);
+                telemetry::continue_trace(&span, event.trace());
+                span
+            })
+            .collect();
+        let answer = post_events(&self.http, peer, &self.secret, events, Some(self.acked)).await;
+        for span in &spans {
+            tracing::debug!(parent: span, ok = answer.is_ok(), "event pushed");
+        }
+        drop(spans);
         self.mark("push.answered", events);
         self.consumes = Some(Consumes::from_headers(&answer?));
         Ok(())
@@ -334,8 +350,9 @@ mod tests {
     }
 
     /// Serves `app` on a free port and starts a deliverer of `log` to it, as
-    /// subscriber `name`, from cursor 0; returns the deliverer's status.
-    async fn deliver_to(log: &EventLog, name: &str, app: Router, batch: u32) -> SharedStatus {
+    /// subscriber `name`, from cursor 0; returns the deliverer's status and
+    /// the metrics its pushes are recorded in.
+    async fn deliver_to(log: &EventLog, name: &str, app: Router, batch: u32) -> (SharedStatus, blog_kit::metrics::Registry) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/events", listener.local_addr().unwrap());
         let shutdown = Shutdown::new(std::future::pending());
@@ -352,9 +369,12 @@ mod tests {
             cursor: 0,
             acked: 0,
             consumes: None,
+            calls: OutboundCalls::default(),
         };
+        let metrics = blog_kit::metrics::Registry::default();
+        deliverer.calls.register(&metrics);
         tokio::spawn(deliverer.run(shutdown));
-        status
+        (status, metrics)
     }
 
     #[tokio::test]
@@ -363,7 +383,8 @@ mod tests {
         let log = EventLog::open(Store::open(dir.path(), "event-bus", crate::log::MIGRATIONS).unwrap()).await.unwrap();
         let subscriber = Subscriber::default();
         subscriber.answer.store(404, Ordering::SeqCst);
-        let status = deliver_to(&log, "query", Router::new().route("/events", post(receive)).with_state(subscriber.clone()), 16).await;
+        let (status, metrics) =
+            deliver_to(&log, "query", Router::new().route("/events", post(receive)).with_state(subscriber.clone()), 16).await;
         log.append(vec![event("a"), event("bad"), event("c")]).await.unwrap();
 
         let read = || status.lock().unwrap().clone();
@@ -377,6 +398,16 @@ mod tests {
         assert_eq!((done.delivered, done.rejected, done.lag, done.last_error), (2, 1, 0, None));
         assert!(done.retries >= 2);
         assert_eq!(log.cursors().await.unwrap(), [("query".to_owned(), 3)], "the cursor is persisted");
+        // Every push is timed by subscriber and outcome: the 404s as errors,
+        // the refusal of "bad" once, and the deliveries that went through.
+        let text = metrics.render();
+        let calls = |outcome: &str| {
+            let series = format!("blog_outbound_request_duration_seconds_count{{peer=\"query\",outcome=\"{outcome}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |n| n.parse::<u64>().unwrap())
+        };
+        assert_eq!(calls("error"), done.misdirected, "{text}");
+        assert_eq!(calls("refused"), 2, "the batch, then \"bad\" alone: {text}");
+        assert!(calls("ok") >= 2, "{text}");
     }
 
     /// A push as a subscriber saw it: its `x-blog-covers-after` and the
@@ -426,7 +457,7 @@ mod tests {
         let subscriber = PostsOnly::default();
         subscriber.answer.store(200, Ordering::SeqCst);
         let app = Router::new().route("/events", post(receive_posts)).with_state(subscriber.clone());
-        let status = deliver_to(&log, "posts-only", app, 100).await;
+        let (status, _) = deliver_to(&log, "posts-only", app, 100).await;
         let read = || status.lock().unwrap().clone();
         let pushes = || subscriber.pushes.lock().unwrap().clone();
 

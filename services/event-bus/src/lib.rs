@@ -148,6 +148,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let flow = log.flow().clone();
     let head = log.head_now();
     let mut statuses = Vec::new();
+    let calls = blog_kit::messaging::bus_client::OutboundCalls::default();
     for subscriber in config.subscribers {
         let cursor = saved.get(&subscriber.name).copied().unwrap_or(0);
         let status = SharedStatus::new(std::sync::Mutex::new(SubscriberStatus {
@@ -169,6 +170,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             cursor,
             acked: cursor,
             consumes: None,
+            calls: calls.clone(),
         };
         // Replicas sharing a JetStream log take turns per subscriber.
         match log.leases() {
@@ -178,6 +180,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     }
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
+    calls.register(&metrics);
     if let Some(store) = &store {
         store.register_metrics(&metrics);
     }
@@ -218,6 +221,9 @@ async fn publish(
         }
         if event.request_id.is_none() {
             event.request_id.clone_from(&request_id.0);
+        }
+        if event.traceparent.is_none() {
+            event.traceparent = blog_kit::telemetry::current_trace().map(|t| t.to_string());
         }
     }
     blog_kit::telemetry::lag_mark("bus.received", events.iter().map(|e| e.id.as_str()));

@@ -32,7 +32,8 @@ use crate::flow::{Flow, Published};
 /// Events kept in memory for delivery.
 const RECENT: usize = 8_192;
 
-pub const MIGRATIONS: &[&str] = &["
+pub const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE event (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         id TEXT NOT NULL UNIQUE,
@@ -42,7 +43,9 @@ pub const MIGRATIONS: &[&str] = &["
         request_id TEXT
     );
     CREATE TABLE subscriber_cursor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
-"];
+",
+    "ALTER TABLE event ADD COLUMN traceparent TEXT;",
+];
 
 /// Where one stored event landed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -177,8 +180,8 @@ impl EventLog {
                     let seq = match existing {
                         Some(seq) => seq,
                         None => tx.query_row(
-                            "INSERT INTO event (id, type, data, timestamp, request_id) VALUES ($1, $2, $3, $4, $5) RETURNING seq",
-                            &[&event.id, &event.kind.as_str(), &data, &now, &event.request_id],
+                            "INSERT INTO event (id, type, data, timestamp, request_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                            &[&event.id, &event.kind.as_str(), &data, &now, &event.request_id, &event.traceparent],
                             |r| r.get(0),
                         )?,
                     } as u64;
@@ -296,7 +299,7 @@ impl EventLog {
 
 fn read_after(tx: &Tx<'_>, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
     tx.query_all(
-        "SELECT seq, id, type, data, timestamp, request_id FROM event WHERE seq > $1 ORDER BY seq LIMIT $2",
+        "SELECT seq, id, type, data, timestamp, request_id, traceparent FROM event WHERE seq > $1 ORDER BY seq LIMIT $2",
         &[&(after as i64), &limit],
         |row| {
             let data: String = row.get(3)?;
@@ -308,6 +311,7 @@ fn read_after(tx: &Tx<'_>, after: u64, limit: u32) -> Result<Vec<Event>, StoreEr
                 data: serde_json::from_str::<Map<String, Value>>(&data).unwrap_or_default(),
                 timestamp: Some(format_millis(millis)),
                 request_id: row.get(5)?,
+                traceparent: row.get(6)?,
             })
         },
     )

@@ -40,5 +40,6 @@ mod durability;
 mod faults;
 mod flow;
 mod front_door;
+mod observability;
 mod read_path;
 mod scale_faults;

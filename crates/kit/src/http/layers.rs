@@ -1,28 +1,49 @@
 //! The standard routes and layers every service gets: `/healthz`,
 //! `/readyz`, `/metrics`, JSON answers for unknown routes and methods, the
 //! read limit, panics caught as JSON 500s, a request timeout answered as a
-//! JSON 503, tracing spans with the matched path, and request ids.
+//! JSON 503, tracing spans with the matched path and the trace context,
+//! request ids, and the RED metrics of every route.
+//!
+//! RED metrics: `blog_http_request_duration_seconds{route,method,status}` is a
+//! histogram whose `_count` is the request count. `route` is the route
+//! template axum matched (`/posts/{id}/comments`), or `unmatched` for anything
+//! no route took, never the raw path, so a scan of random URLs cannot grow the
+//! label set; `method` is one of the standard methods or `other`; `status`
+//! is the class (`2xx` … `5xx`). The time is to the response head: a live
+//! stream counts when it starts, not for as long as it runs.
 
 use std::time::Duration;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request},
-    http::{StatusCode, header},
+    extract::{DefaultBodyLimit, MatchedPath, Request, State},
+    http::{Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use blog_domain::TraceParent;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
+use tracing::Instrument;
 
 use super::{
     error::{self, error_response},
     extract::REQUEST_ID,
 };
-use crate::{metrics::Registry, store::Store};
+use crate::{
+    metrics::{Histograms, LATENCY_BUCKETS, Registry},
+    store::Store,
+    telemetry,
+};
+
+/// The W3C trace context header.
+pub const TRACEPARENT: header::HeaderName = header::HeaderName::from_static("traceparent");
+
+/// The route label of requests no route matched.
+pub const UNMATCHED: &str = "unmatched";
 
 /// How much of a body a service reads before refusing it (the gateway's and
 /// ingress-nginx's default limit); routes apply their own, smaller limits to
@@ -50,6 +71,12 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
             }
         }
     };
+    let requests = metrics.histograms(
+        "blog_http_request_duration_seconds",
+        "HTTP requests by route template, method and status class: time to the response head (_count: requests).",
+        &["route", "method", "status"],
+        LATENCY_BUCKETS,
+    );
     let metrics_text = move || {
         let text = metrics.render();
         async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text) }
@@ -62,13 +89,59 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
         .layer(DefaultBodyLimit::max(READ_LIMIT))
         .layer(CatchPanicLayer::custom(|_| error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")))
         .layer(axum::middleware::from_fn(time_limit))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let path = req.extensions().get::<MatchedPath>().map_or(req.uri().path(), MatchedPath::as_str);
-            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::debug_span!("request", method = %req.method(), path, request_id = id)
-        }))
+        .layer(axum::middleware::from_fn_with_state(requests, record))
+        // The span is `traced`'s, so TraceLayer's lines carry the trace id.
+        .layer(TraceLayer::new_for_http().make_span_with(|_: &Request| tracing::Span::current()))
+        .layer(axum::middleware::from_fn(traced))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+/// Runs a request in its `request` span and trace context: the caller's
+/// `traceparent` continued, or a new trace. Handlers find it as an extension
+/// and [`telemetry::current_trace`]; what they publish carries it.
+async fn traced(mut request: Request, next: axum::middleware::Next) -> Response {
+    let parent = request.headers().get(&TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+    let path = request.extensions().get::<MatchedPath>().map_or(request.uri().path(), MatchedPath::as_str);
+    let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let span = tracing::info_span!("request", method = %request.method(), path, request_id = id, trace_id = tracing::field::Empty);
+    let trace = telemetry::continue_trace(&span, parent);
+    request.extensions_mut().insert(trace);
+    telemetry::in_trace(trace, next.run(request)).instrument(span).await
+}
+
+/// Records a request in the RED histogram (see the module doc).
+async fn record(State(requests): State<Histograms>, request: Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or(UNMATCHED, MatchedPath::as_str).to_owned();
+    let method = method_label(request.method());
+    let response = next.run(request).await;
+    let status = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    requests.with(&[&route, method, status]).observe_duration(started.elapsed());
+    response
+}
+
+/// A method as a label: the standard ones by name, anything else `other`
+/// (a method is any token, so raw values would be unbounded).
+fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    KNOWN.iter().find(|known| *known == method).map_or("other", Method::as_str)
 }
 
 /// Answers a request that outlives [`REQUEST_TIMEOUT`] with a JSON 503 and
@@ -112,6 +185,28 @@ mod tests {
         assert_eq!(headers[header::RETRY_AFTER], RETRY_AFTER_SECS.to_string());
         assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_route_template_with_bounded_labels() {
+        let metrics = Registry::default();
+        let app = Router::new().route("/posts/{id}/comments", get(|| async { "ok" }));
+        let app = standard(app, None, metrics.clone());
+        for uri in ["/posts/1/comments", "/posts/2/comments", "/nope/1", "/nope/2", "/posts/1/comments/x"] {
+            app.clone().oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+        }
+        let odd = Request::builder().method("BREW").uri("/posts/1/comments").body(Body::empty()).unwrap();
+        app.clone().oneshot(odd).await.unwrap();
+        let text = metrics.render();
+        let count = |labels: &str| {
+            let line = format!("blog_http_request_duration_seconds_count{{{labels}}} ");
+            text.lines().find_map(|l| l.strip_prefix(&line)).map(|n| n.parse::<u64>().unwrap())
+        };
+        assert_eq!(count("route=\"/posts/{id}/comments\",method=\"GET\",status=\"2xx\""), Some(2), "{text}");
+        assert_eq!(count("route=\"unmatched\",method=\"GET\",status=\"4xx\""), Some(3), "{text}");
+        assert_eq!(count("route=\"/posts/{id}/comments\",method=\"other\",status=\"4xx\""), Some(1), "{text}");
+        assert!(!text.contains("/nope"), "{text}");
+        assert!(text.contains("le=\"+Inf\""), "{text}");
     }
 
     #[tokio::test]

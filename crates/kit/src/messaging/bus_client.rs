@@ -1,20 +1,83 @@
 //! The HTTP side of handing events over: [`post_events`], which the relay
 //! (through [`BusClient::publish`]) and the bus's deliverers both use, and
-//! the bus's read API for consumers catching up.
+//! the bus's read API for consumers catching up. Every hand-over is timed in
+//! [`OutboundCalls`] (the relay's calls to the bus, the bus's pushes to each
+//! subscriber): the RED metrics of the suite's outbound traffic.
 
 use blog_domain::{Event, config::endpoint};
 use serde::Deserialize;
 use url::Url;
 
 use super::retry::DeliveryError;
-use crate::internal::{self, InternalSecret};
+use crate::{
+    internal::{self, InternalSecret},
+    metrics::{Histograms, LATENCY_BUCKETS, Registry, SIZE_BUCKETS},
+};
 
-/// Posts `events` to `url` as an internal caller: one event as the original's
+/// Outbound hand-overs by peer (`event-bus`, or a subscriber's name: both
+/// come from configuration, so the set is bounded) and outcome (`ok`,
+/// `refused`: the peer refused the events, `error`: anything else, retried).
+#[derive(Debug, Clone)]
+pub struct OutboundCalls {
+    seconds: Histograms,
+    events: Histograms,
+}
+
+impl Default for OutboundCalls {
+    fn default() -> Self {
+        Self { seconds: Histograms::new(&["peer", "outcome"], LATENCY_BUCKETS), events: Histograms::new(&["peer"], SIZE_BUCKETS) }
+    }
+}
+
+impl OutboundCalls {
+    pub fn register(&self, metrics: &Registry) {
+        metrics.add_histograms(
+            "blog_outbound_request_duration_seconds",
+            "Hand-overs of events to a peer (relay to the bus, bus to a subscriber) by outcome (_count: calls).",
+            &self.seconds,
+        );
+        metrics.add_histograms("blog_outbound_events", "Events per hand-over (batch size).", &self.events);
+    }
+
+    fn observe<T>(&self, peer: &str, events: usize, started: std::time::Instant, result: &Result<T, DeliveryError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(DeliveryError::Status { refused: true, .. }) => "refused",
+            Err(_) => "error",
+        };
+        self.seconds.with(&[peer, outcome]).observe_duration(started.elapsed());
+        self.events.with(&[peer]).observe(events as f64);
+    }
+}
+
+/// Where a hand-over goes and how it is recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    pub url: &'a str,
+    /// The `peer` label: a configured name, never a URL.
+    pub name: &'a str,
+    pub calls: &'a OutboundCalls,
+}
+
+/// Posts `events` to `peer` as an internal caller: one event as the original's
 /// single object, more as an array. `covers_after` is sent with pushes from
 /// the bus (see [`internal::COVERS_AFTER_HEADER`]). Returns the headers of
 /// the acknowledgement (a consumer names what it consumes there, see
 /// [`internal::CONSUMES_HEADER`]).
 pub async fn post_events(
+    http: &reqwest::Client,
+    peer: Peer<'_>,
+    secret: &InternalSecret,
+    events: &[Event],
+    covers_after: Option<u64>,
+) -> Result<reqwest::header::HeaderMap, DeliveryError> {
+    let started = std::time::Instant::now();
+    let result = post_events_untimed(http, peer.url, secret, events, covers_after).await;
+    peer.calls.observe(peer.name, events.len(), started, &result);
+    result
+}
+
+async fn post_events_untimed(
     http: &reqwest::Client,
     url: &str,
     secret: &InternalSecret,
@@ -39,11 +102,17 @@ pub struct BusClient {
     http: reqwest::Client,
     events: String,
     secret: InternalSecret,
+    calls: OutboundCalls,
 }
 
 impl BusClient {
     pub fn new(http: reqwest::Client, base_url: &Url, secret: InternalSecret) -> Self {
-        Self { http, events: endpoint(base_url, "/events"), secret }
+        Self { http, events: endpoint(base_url, "/events"), secret, calls: OutboundCalls::default() }
+    }
+
+    /// The timings of this client's publishes, to register with the service's metrics.
+    pub fn calls(&self) -> &OutboundCalls {
+        &self.calls
     }
 
     /// Publishes `events` in one request; the bus stores each id once, so a
@@ -52,7 +121,8 @@ impl BusClient {
         if events.is_empty() {
             return Ok(());
         }
-        post_events(&self.http, &self.events, &self.secret, events, None).await.map(drop)
+        let peer = Peer { url: &self.events, name: blog_domain::Service::EventBus.name(), calls: &self.calls };
+        post_events(&self.http, peer, &self.secret, events, None).await.map(drop)
     }
 
     /// Up to `limit` stored events with a sequence number above `after`.

@@ -39,7 +39,7 @@ use super::{
 use crate::{
     http::{ApiError, Json, error_response},
     internal::{self, InternalSecret},
-    metrics::{Counter, Registry},
+    metrics::{Counter, Histograms, LATENCY_BUCKETS, Registry},
     shutdown::Shutdown,
     store::{Migration, Store, StoreError, Tx},
     telemetry,
@@ -136,6 +136,8 @@ pub struct Inbox {
     applied: Counter,
     duplicates: Counter,
     rejected: Counter,
+    /// From the bus storing an event to its effect committed here, by type.
+    consistency_lag: Histograms,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -156,6 +158,12 @@ impl Inbox {
             applied: metrics.counter("blog_inbox_applied_total", "Events applied."),
             duplicates: metrics.counter("blog_inbox_duplicates_total", "Redelivered events recognised and skipped."),
             rejected: metrics.counter("blog_inbox_rejected_total", "Events refused for malformed data."),
+            consistency_lag: metrics.histograms(
+                "blog_inbox_consistency_lag_seconds",
+                "From the bus storing an event to this consumer committing its effect (wall clocks), by event type.",
+                &["type"],
+                LATENCY_BUCKETS,
+            ),
         }
     }
 
@@ -198,11 +206,12 @@ impl Inbox {
         let traced_in_writer = traced.clone();
         // Relaxed: after a power loss the effects roll back with the
         // watermark, and the catch-up on start replays them from the bus.
-        let (report, applied) = self
+        let (report, applied, stored_at) = self
             .outbox
             .commit(false, move |tx| {
                 telemetry::lag_mark("inbox.applying", traced_in_writer.iter().map(String::as_str));
                 let mut applied = Vec::new();
+                let mut stored_at = Vec::new();
                 for (event, domain) in relevant {
                     let seq = event.seq.and_then(|s| i64::try_from(s).ok());
                     let fresh =
@@ -211,9 +220,19 @@ impl Inbox {
                         report.duplicates += 1;
                         continue;
                     }
-                    match consumer.apply(tx, &event, &domain)? {
+                    // The apply continues the event's trace; what it
+                    // publishes (a decision, a recorded status) is its child.
+                    let span = tracing::info_span!("apply", event_id = %event.id, kind = %event.kind, trace_id = tracing::field::Empty);
+                    let trace = telemetry::continue_trace(&span, event.trace());
+                    let _entered = span.enter();
+                    let published_before = tx.published_count();
+                    let outcome = consumer.apply(tx, &event, &domain)?;
+                    tx.trace_published_since(published_before, &trace.to_string());
+                    tracing::debug!(?outcome, "event applied");
+                    match outcome {
                         Outcome::Handled => {
                             report.applied += 1;
+                            stored_at.push((event.kind.clone(), event.timestamp.clone()));
                             applied.push(Applied { seq: event.seq, event: domain });
                         }
                         Outcome::Ignored => {
@@ -224,9 +243,15 @@ impl Inbox {
                     }
                 }
                 advance_watermark(tx, &seqs, covers_after)?;
-                Ok::<_, StoreError>((report, applied))
+                Ok::<_, StoreError>((report, applied, stored_at))
             })
             .await?;
+        let now = std::time::SystemTime::now();
+        for (kind, timestamp) in stored_at {
+            let Some(stored) = timestamp.and_then(|t| humantime::parse_rfc3339_weak(&t).ok()) else { continue };
+            // A clock step backwards between hosts reads as no lag, not as an error.
+            self.consistency_lag.with(&[kind.as_str()]).observe_duration(now.duration_since(stored).unwrap_or_default());
+        }
         telemetry::lag_mark("inbox.committed", traced.iter().map(String::as_str));
         self.applied.add(report.applied as u64);
         self.duplicates.add(report.duplicates as u64);

@@ -144,10 +144,16 @@ impl Outbox {
         E: From<StoreError> + Send + 'static,
     {
         let shared = self.shared.clone();
+        // Events published without a trace of their own belong to the
+        // request (or other traced task) that commits them.
+        let trace = telemetry::current_trace().map(|t| t.to_string());
         let stage = move |tx: &mut Tx<'_>| -> Result<(T, Vec<(i64, Event)>), E> {
             let value = f(tx)?;
             let mut staged = Vec::new();
-            for event in tx.take_published() {
+            for mut event in tx.take_published() {
+                if event.traceparent.is_none() {
+                    event.traceparent.clone_from(&trace);
+                }
                 let json = serde_json::to_string(&event).map_err(|e| StoreError::Commit(format!("cannot serialise an event: {e}")))?;
                 let pos = tx.query_row(stage_sql(tx.engine()), &[&json], |row| row.get(0))?;
                 staged.push((pos, event));

@@ -137,6 +137,36 @@ pub async fn next_refresh(receiver: &mut broadcast::Receiver<Refresh>) -> Option
     }
 }
 
+/// What every commit records: how long the `COMMIT` took (with its fsync
+/// when durable) and how many units of work it carried (SQLite's group
+/// commit; on PostgreSQL each unit of work is its own transaction, so 1),
+/// labelled `durable` (`true` waits for the disk, `false` is a relaxed
+/// consumer commit). Made with the store, registered with the service's
+/// metrics later ([`Store::register_metrics`]).
+#[derive(Clone, Debug)]
+pub(crate) struct CommitMetrics {
+    seconds: crate::metrics::Histograms,
+    jobs: crate::metrics::Histograms,
+}
+
+impl CommitMetrics {
+    pub(crate) fn new() -> Self {
+        use crate::metrics::{Histograms, LATENCY_BUCKETS, SIZE_BUCKETS};
+        Self { seconds: Histograms::new(&["durable"], LATENCY_BUCKETS), jobs: Histograms::new(&["durable"], SIZE_BUCKETS) }
+    }
+
+    pub(crate) fn observe(&self, durable: bool, jobs: usize, took: std::time::Duration) {
+        let durable = if durable { "true" } else { "false" };
+        self.seconds.with(&[durable]).observe_duration(took);
+        self.jobs.with(&[durable]).observe(jobs as f64);
+    }
+
+    pub(crate) fn register(&self, metrics: &crate::metrics::Registry) {
+        metrics.add_histograms("blog_store_commit_seconds", "Time of each database COMMIT (with its fsync when durable).", &self.seconds);
+        metrics.add_histograms("blog_store_commit_jobs", "Units of work per commit (the group commit's size).", &self.jobs);
+    }
+}
+
 /// A service's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store(Backend);
@@ -250,7 +280,8 @@ impl Store {
         }
     }
 
-    /// Gauges of the database (size, cap, free space, degraded).
+    /// Gauges of the database (size, cap, free space, degraded) and the
+    /// histograms of its commits (see [`CommitMetrics`]).
     pub fn register_metrics(&self, metrics: &crate::metrics::Registry) {
         match &self.0 {
             Backend::Sqlite(s) => s.register_metrics(metrics),
@@ -472,6 +503,19 @@ impl<'c> Tx<'c> {
     pub fn publish(&mut self, event: &Event) -> Result<(), StoreError> {
         self.published.push(event.clone());
         Ok(())
+    }
+
+    /// How many events this unit of work has published so far.
+    pub(crate) fn published_count(&self) -> usize {
+        self.published.len()
+    }
+
+    /// Puts `traceparent` on the events published after the first `from`
+    /// (what a consumer's apply published: its span is their parent).
+    pub(crate) fn trace_published_since(&mut self, from: usize, traceparent: &str) {
+        for event in self.published.iter_mut().skip(from) {
+            event.traceparent = Some(traceparent.to_owned());
+        }
     }
 
     /// The events published so far, taken.

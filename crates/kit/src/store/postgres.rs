@@ -110,6 +110,7 @@ struct Inner {
     /// Tells this replica's notifications from other replicas'.
     origin: String,
     listeners: Mutex<HashMap<&'static str, broadcast::Sender<Refresh>>>,
+    commits: super::CommitMetrics,
 }
 
 impl Postgres {
@@ -129,7 +130,16 @@ impl Postgres {
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let origin = uuid::Uuid::new_v4().simple().to_string();
-        let store = Self { inner: Arc::new(Inner { pool, config, name: name.to_owned(), origin, listeners: Mutex::default() }) };
+        let store = Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                name: name.to_owned(),
+                origin,
+                listeners: Mutex::default(),
+                commits: super::CommitMetrics::new(),
+            }),
+        };
         store.migrate(migrations).await?;
         Ok(store)
     }
@@ -191,7 +201,7 @@ impl Postgres {
         E: From<StoreError> + Send + 'static,
     {
         let session = Session::new(self.client().await?);
-        let origin = self.inner.origin.clone();
+        let (origin, commits) = (self.inner.origin.clone(), self.inner.commits.clone());
         tokio::task::spawn_blocking(move || {
             session.execute_batch(if durable { "BEGIN" } else { "BEGIN; SET LOCAL synchronous_commit = off" })?;
             let mut tx = Tx::postgres(&session);
@@ -204,7 +214,9 @@ impl Postgres {
                     return Err(e);
                 }
             };
+            let committing = std::time::Instant::now();
             let committed = notify(&session, &origin, notes).and_then(|()| session.commit());
+            commits.observe(durable, 1, committing.elapsed());
             if let Err(e) = committed {
                 session.rollback();
                 return Err(e.into());
@@ -236,6 +248,7 @@ impl Postgres {
     }
 
     pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+        self.inner.commits.register(metrics);
         let inner = self.inner.clone();
         metrics.gauge("blog_db_connections", "Connections to PostgreSQL held by the pool.", move |out| {
             out.push((String::new(), inner.pool.status().size as f64));

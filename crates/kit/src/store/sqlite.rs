@@ -85,6 +85,7 @@ struct Inner {
     degraded: Arc<AtomicBool>,
     /// `DB_MAX_BYTES`, when set.
     max_bytes: Option<u64>,
+    commits: super::CommitMetrics,
     readers: Mutex<Vec<Connection>>,
     /// Kept so that listeners' receivers stay open; nothing is ever sent
     /// (one process: nobody else changes the database).
@@ -121,16 +122,26 @@ impl Sqlite {
         let writer_alive = Arc::new(AtomicBool::new(true));
         let alive = WriterAlive(writer_alive.clone());
         let writer_degraded = degraded.clone();
+        let commits = super::CommitMetrics::new();
+        let writer_commits = commits.clone();
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
             .spawn(move || {
                 let _alive = alive;
-                write_loop(conn, jobs, &writer_degraded);
+                write_loop(conn, jobs, &writer_degraded, &writer_commits);
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
-        let inner =
-            Inner { path, writer, writer_alive, degraded, max_bytes, readers: Mutex::new(Vec::new()), refresh: broadcast::Sender::new(1) };
+        let inner = Inner {
+            path,
+            writer,
+            writer_alive,
+            degraded,
+            max_bytes,
+            commits,
+            readers: Mutex::new(Vec::new()),
+            refresh: broadcast::Sender::new(1),
+        };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -217,6 +228,7 @@ impl Sqlite {
     /// Gauges of the database's size on disk, its cap and the free space of
     /// the filesystem holding it.
     pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
+        self.inner.commits.register(metrics);
         let inner = self.inner.clone();
         metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
             let size = |suffix: &str| {
@@ -300,7 +312,7 @@ where
     }
 }
 
-fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, degraded: &AtomicBool) {
+fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, degraded: &AtomicBool, commits: &super::CommitMetrics) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Completion> = Vec::with_capacity(MAX_BATCH);
     let mut synced = true;
@@ -344,6 +356,7 @@ fn write_loop(conn: Connection, jobs: mpsc::Receiver<Job>, degraded: &AtomicBool
         // own when released, so there is nothing left to commit.
         let committing = std::time::Instant::now();
         let commit = if began.is_ok() { conn.execute_batch("COMMIT") } else { Ok(()) };
+        commits.observe(durable, done.len(), committing.elapsed());
         if crate::telemetry::lag_traced() {
             let took_us = committing.elapsed().as_micros() as u64;
             tracing::trace!(target: crate::telemetry::LAG_TARGET, stage = "store.commit", durable, jobs = done.len(), took_us);
