@@ -303,9 +303,12 @@ fn color(name: &str) -> u8 {
 mod tests {
     use super::*;
 
-    /// A shell that, asked to stop, waits `linger` then appends `name` to `log`.
+    /// A shell that, asked to stop, waits `linger` then appends `name` to `log`;
+    /// it creates `<log>.<name>` once its trap is set (a TERM before that
+    /// would end it without a word).
     fn recorder(name: &str, log: &std::path::Path, linger: &str, stops_last: bool) -> ProcessSpec {
-        let script = format!("trap 'sleep {linger}; echo {name} >> \"$LOG\"; exit 0' TERM; while :; do sleep 0.05; done");
+        let script =
+            format!("trap 'sleep {linger}; echo {name} >> \"$LOG\"; exit 0' TERM; : > \"$LOG.{name}\"; while :; do sleep 0.05; done");
         let mut spec = ProcessSpec::new(name, PathBuf::from("/bin/sh"), vec![("LOG".into(), log.display().to_string())]);
         spec.args = vec!["-c".into(), script];
         spec.stops_last = stops_last;
@@ -320,8 +323,9 @@ mod tests {
         supervisor.add(recorder("server", &log, "0", true));
         supervisor.add(recorder("client", &log, "0.3", false));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while supervisor.pid("server").is_none() || supervisor.pid("client").is_none() {
-            assert!(Instant::now() < deadline, "both started");
+        let trapping = |name: &str| dir.path().join(format!("stopped.{name}")).exists();
+        while supervisor.pid("server").is_none() || supervisor.pid("client").is_none() || !trapping("server") || !trapping("client") {
+            assert!(Instant::now() < deadline, "both started and set their traps");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let group_of = |name: &str| {
