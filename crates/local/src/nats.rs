@@ -140,8 +140,7 @@ impl Nats {
 
     /// `EVENT_STORE` for the bus: `nats://127.0.0.1:<port>,…`, every node.
     pub fn url(&self) -> String {
-        let addresses: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.client)).collect();
-        format!("nats://{}", addresses.join(","))
+        url_of(&self.nodes)
     }
 
     /// Waits until every node's `/healthz` answers 200: JetStream is up and
@@ -164,6 +163,17 @@ impl Nats {
         }
         Ok(())
     }
+}
+
+/// `EVENT_STORE` for nodes on 127.0.0.1: `nats://127.0.0.1:<port>,…`.
+pub fn url_of(nodes: &[NodePorts]) -> String {
+    let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.client)).collect();
+    format!("nats://{}", addresses.join(","))
+}
+
+/// `count` nodes on free ports of 127.0.0.1, for tests and benchmarks.
+pub fn free_nodes(count: usize) -> io::Result<Vec<NodePorts>> {
+    (0..count).map(|_| Ok(NodePorts { client: free_port()?, cluster: free_port()?, monitor: free_port()? })).collect()
 }
 
 /// Prepares the cluster under `data_dir`, runs its nodes under `supervisor`
@@ -192,9 +202,7 @@ impl Cluster {
 
     /// Starts `count` nodes (1 for a single-node JetStream).
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
-        let nodes = (0..count)
-            .map(|_| Ok(NodePorts { client: free_port()?, cluster: free_port()?, monitor: free_port()? }))
-            .collect::<io::Result<_>>()?;
+        let nodes = free_nodes(count)?;
         let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
         match start(&mut supervisor, data_dir, nodes).await {
             Ok(nats) => Ok(Self { nats, supervisor }),
