@@ -152,6 +152,37 @@ async fn post_json<T: serde::de::DeserializeOwned>(
     response.json().await.ok()
 }
 
+/// Starts `workers` writers through `suite`'s gateway until `stop` is set.
+pub fn start(suite: &TestSuite, tag: &str, workers: usize) -> (tokio::task::JoinHandle<LoadReport>, Progress, Stop) {
+    let (progress, stop) = (Progress::default(), Stop::default());
+    let run = run_until(suite.http.clone(), suite.gateway.clone(), tag.to_owned(), workers, 10_000, progress.clone(), stop.clone());
+    (tokio::spawn(run), progress, stop)
+}
+
+/// Waits until the load has had `n` more writes accepted than `from`; returns the count.
+pub async fn writes_after(suite: &TestSuite, progress: &Progress, from: usize, n: usize) -> usize {
+    suite
+        .eventually(&format!("{n} more accepted writes"), || async {
+            let now = progress.load(Ordering::Relaxed);
+            (now >= from + n).then_some(now)
+        })
+        .await
+}
+
+/// Prints what a fault test's load saw and what the suite converged to.
+pub fn print_outcome(name: &str, report: &LoadReport, counts: (usize, usize, usize)) {
+    println!(
+        "{name}: {} write requests, answered {:?} ({:.2} % 201); converged to {} posts, {} comments, {} events, \
+         none lost or duplicated",
+        report.outcomes.values().sum::<usize>(),
+        report.outcomes,
+        report.accepted_percent(),
+        counts.0,
+        counts.1,
+        counts.2
+    );
+}
+
 impl TestSuite {
     /// Waits until query, the comments service and the bus's log all hold
     /// exactly what `report` says, and returns the counts checked:

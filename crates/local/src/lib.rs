@@ -193,7 +193,27 @@ impl Suite {
                 ));
             }
         }
+        // Bind every address first, so a taken port fails the launch before
+        // anything runs (and no other socket takes one while the stores start).
+        let listener = TcpListener::bind(options.gateway_addr).await?;
+        let gateway_addr = listener.local_addr()?;
+        let mut service_addresses = Vec::new();
+        for service in options.replicas.keys() {
+            let address = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.ports[service]))).await?;
+            service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
+        }
         let mut supervisor = Supervisor::new(options.data_dir.clone(), options.log.clone());
+        // The NATS nodes start (and elect) while PostgreSQL starts.
+        let nats = match options.nats.as_slice() {
+            [] => None,
+            nodes => {
+                let nats = nats::Nats::prepare(&options.data_dir, nodes.to_vec())?;
+                for spec in nats.processes() {
+                    supervisor.add(spec);
+                }
+                Some(nats)
+            }
+        };
         let postgres = match options.postgres_port {
             Some(port) => {
                 postgres::ensure_installed()?;
@@ -207,28 +227,16 @@ impl Suite {
             }
             None => None,
         };
-        let nats = match options.nats.as_slice() {
-            [] => None,
-            nodes => match nats::start(&mut supervisor, &options.data_dir, nodes.to_vec()).await {
-                Ok(nats) => Some(nats),
-                Err(e) => {
-                    supervisor.shutdown().await;
-                    return Err(e);
-                }
-            },
-        };
+        if let Some(nats) = &nats
+            && let Err(e) = nats.wait_ready(Instant::now() + nats::START_TIMEOUT).await
+        {
+            supervisor.shutdown().await;
+            return Err(e);
+        }
         let (stop_gateway, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
         });
-        // Bind every address first, so a taken port fails the launch before anything runs.
-        let listener = TcpListener::bind(options.gateway_addr).await?;
-        let gateway_addr = listener.local_addr()?;
-        let mut service_addresses = Vec::new();
-        for service in options.replicas.keys() {
-            let address = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.ports[service]))).await?;
-            service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
-        }
         for service in Service::ALL {
             let program = options.bin_dir.join(service.name());
             for (name, port) in options.processes(service) {
