@@ -174,7 +174,9 @@ impl TestSuite {
         // suites at once), so the bounded wait is as long as any other wait here.
         options.env.push((Service::Comments, "POST_WAIT_MS".into(), DEADLINE.as_millis().to_string()));
         if let Mode::Scaled(replicas) = mode {
-            options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES).expect("free ports"), |_, _| free_port());
+            options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES).expect("free ports"), |_, _| {
+                free_port()
+            });
         }
         configure(&mut options);
         let suite = Suite::launch(options)

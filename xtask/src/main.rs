@@ -157,6 +157,7 @@ fn bench(mut args: pico_args::Arguments) -> Result {
     }
     if replicas > 1 {
         blog_local::postgres::ensure_installed()?;
+        blog_local::nats::ensure_installed()?;
     }
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;

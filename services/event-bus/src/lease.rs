@@ -91,7 +91,8 @@ impl Leases {
         let mut holders = BTreeMap::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| unavailable(&e))?;
-            let (Some(name), Some(value)) = (crate::log::jetstream::decode_key(&key), self.kv.get(&key).await.map_err(|e| unavailable(&e))?)
+            let (Some(name), Some(value)) =
+                (crate::log::jetstream::decode_key(&key), self.kv.get(&key).await.map_err(|e| unavailable(&e))?)
             else {
                 continue;
             };

@@ -65,12 +65,8 @@ async fn deliverer_of(suite: &TestSuite, subscriber: &str) -> String {
 
 /// After convergence: the recorder got the whole log, first receipts in order.
 async fn assert_delivered_in_order(suite: &TestSuite, recorder: &Recorder) -> (usize, usize) {
-    let log: Vec<(u64, String)> = suite
-        .bus_events()
-        .await
-        .iter()
-        .map(|e| (e["seq"].as_u64().expect("a seq"), e["id"].as_str().expect("an id").to_owned()))
-        .collect();
+    let log: Vec<(u64, String)> =
+        suite.bus_events().await.iter().map(|e| (e["seq"].as_u64().expect("a seq"), e["id"].as_str().expect("an id").to_owned())).collect();
     let deadline = Instant::now() + DEADLINE;
     loop {
         match recorder.check_order(&log) {

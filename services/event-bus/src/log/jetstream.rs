@@ -118,7 +118,13 @@ impl JetStreamLog {
         if let Some(leader) = &cluster.leader {
             replicas.insert(0, Peer { name: leader.clone(), current: true });
         }
-        Ok(StreamState { stream: STREAM, last_seq: info.state.last_sequence, messages: info.state.messages, leader: cluster.leader, replicas })
+        Ok(StreamState {
+            stream: STREAM,
+            last_seq: info.state.last_sequence,
+            messages: info.state.messages,
+            leader: cluster.leader,
+            replicas,
+        })
     }
 
     /// Publishes every event (pipelined), then waits for each acknowledgement in order.
