@@ -479,6 +479,10 @@ fn rss_by_service(suite: &Suite) -> Vec<(String, f64)> {
     if let Some(pid) = suite.supervisor.pid(blog_local::postgres::PROCESS) {
         out.push(("postgres".to_owned(), tree_rss_kib(pid) as f64 / 1024.0));
     }
+    if let Some(nats) = &suite.nats {
+        let kib: u64 = (1..=nats.nodes().len()).filter_map(|i| suite.supervisor.pid(&blog_local::nats::process_name(i))).map(rss_kib).sum();
+        out.push(("nats (3 nodes)".to_owned(), kib as f64 / 1024.0));
+    }
     out
 }
 

@@ -62,12 +62,6 @@ pub struct Options {
     pub nats: Vec<nats::NodePorts>,
 }
 
-/// The services that run as replicas when scaled out: every one, the bus
-/// on JetStream (its replicas share the log and take turns per subscriber).
-pub fn scales(_service: Service) -> bool {
-    true
-}
-
 /// The supervisor's name for replica `i` (from 1) of `service`; its pid file is `<name>.pid`.
 pub fn replica_name(service: Service, i: usize) -> String {
     format!("{}-{i}", service.name())
@@ -100,8 +94,8 @@ impl Options {
             self.nats.clear();
             return;
         }
-        self.replicas =
-            Service::ALL.into_iter().filter(|s| scales(*s)).map(|s| (s, (1..=replicas).map(|i| port(s, i)).collect())).collect();
+        // Every service, the bus on JetStream (its replicas share the log and take turns per subscriber).
+        self.replicas = Service::ALL.into_iter().map(|s| (s, (1..=replicas).map(|i| port(s, i)).collect())).collect();
         self.postgres_port = Some(postgres_port);
         self.nats = nats;
     }

@@ -329,6 +329,13 @@ mod tests {
             pids.push(pid);
         }
         assert_eq!(cluster.nats.url().matches("127.0.0.1:").count(), NODES);
+        // Every node syncs each write to disk (its `/varz` says so), not every two minutes.
+        let http = blog_kit::http::client::http_client(Duration::from_secs(5));
+        for node in cluster.nats.nodes() {
+            let varz: serde_json::Value =
+                http.get(format!("http://127.0.0.1:{}/varz", node.monitor)).send().await.unwrap().json().await.unwrap();
+            assert_eq!(varz["jetstream"]["config"]["sync_always"], serde_json::json!(true), "{varz}");
+        }
         cluster.stop().await;
         for pid in pids {
             let alive = rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap()).is_ok();
