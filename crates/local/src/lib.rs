@@ -197,17 +197,6 @@ impl Suite {
             service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
         }
         let mut supervisor = Supervisor::new(options.data_dir.clone(), options.log.clone());
-        // The NATS nodes start (and elect) while PostgreSQL starts.
-        let nats = match options.nats.as_slice() {
-            [] => None,
-            nodes => {
-                let nats = nats::Nats::prepare(&options.data_dir, nodes.to_vec())?;
-                for spec in nats.processes() {
-                    supervisor.add(spec);
-                }
-                Some(nats)
-            }
-        };
         let postgres = match options.postgres_port {
             Some(port) => {
                 postgres::ensure_installed()?;
@@ -221,12 +210,23 @@ impl Suite {
             }
             None => None,
         };
-        if let Some(nats) = &nats
-            && let Err(e) = nats.wait_ready(Instant::now() + nats::START_TIMEOUT).await
-        {
-            supervisor.shutdown().await;
-            return Err(e);
-        }
+        // The NATS nodes elect while the services start (the bus waits for
+        // JetStream): the services' ports, chosen before, are taken soonest.
+        let nats = match options.nats.as_slice() {
+            [] => None,
+            nodes => match nats::Nats::prepare(&options.data_dir, nodes.to_vec()) {
+                Ok(nats) => {
+                    for spec in nats.processes() {
+                        supervisor.add(spec);
+                    }
+                    Some(nats)
+                }
+                Err(e) => {
+                    supervisor.shutdown().await;
+                    return Err(e);
+                }
+            },
+        };
         let (stop_gateway, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
@@ -246,6 +246,12 @@ impl Suite {
         }
         let upstreams = Service::ALL.iter().map(|s| (*s, options.process_urls(*s))).collect();
         tokio::spawn(gateway::serve(listener, gateway::Gateway::balanced(upstreams), shutdown));
+        if let Some(nats) = &nats
+            && let Err(e) = nats.wait_ready(Instant::now() + nats::START_TIMEOUT).await
+        {
+            supervisor.shutdown().await;
+            return Err(e);
+        }
         Ok(Self { options, supervisor, gateway_addr, postgres, nats, stop_gateway })
     }
 

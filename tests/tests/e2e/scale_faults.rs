@@ -9,7 +9,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use blog_domain::{DomainEvent, Event, EventKind, Service};
 use blog_tests::{
     Mode, Signal, TestSuite,
-    load::{print_outcome, start as start_load, writes_after},
+    load::{self, print_outcome, start as start_load, writes_after},
 };
 use serde_json::{Value, json};
 
@@ -45,6 +45,15 @@ async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches
     let target = suite.create_post("commented while postgres is down").await;
     let known = suite.comment(&target.id, "before the stop").await.remove(0);
     let (load, progress, stop) = start_load(&suite, "postgres-down", 4);
+    // Writers of comments may all be waiting for their post's event while
+    // PostgreSQL is down (it arrives once it is back); this one keeps writing.
+    let posts_only = tokio::spawn(load::posts_until(
+        suite.http.clone(),
+        suite.gateway.clone(),
+        "postgres-down-posts".into(),
+        progress.clone(),
+        stop.clone(),
+    ));
     writes_after(&suite, &progress, 0, 20).await;
     suite.stop_process(blog_local::postgres::PROCESS).await;
 
@@ -74,6 +83,7 @@ async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches
     writes_after(&suite, &progress, during, 40).await;
     stop.store(true, Ordering::Relaxed);
     let mut report = load.await.expect("load");
+    report.merge(posts_only.await.expect("posts-only load"));
     // 503 while it is down; a comment on a post whose `PostCreated` comments
     // has not applied yet once it is back (the bus retries with backoff) gets
     // the bounded wait's 404, as with one process per service.
