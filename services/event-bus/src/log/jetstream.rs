@@ -32,8 +32,11 @@ pub const SUBJECT: &str = "blog.events";
 pub const CURSORS: &str = "blog-bus-cursors";
 /// How long JetStream remembers a `Nats-Msg-Id` (its default, stated here).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// How long an acknowledgement or a read may take before the request fails (503).
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an acknowledgement or a read may take before the request fails
+/// (503). Short: while a stream elects a new leader (its leader's node lost)
+/// a publish goes unanswered, and the publisher's relay retries it sooner
+/// (idempotent by `Nats-Msg-Id`) than a long wait would end.
+const TIMEOUT: Duration = Duration::from_secs(3);
 /// Reads of one page in flight at once.
 const READ_AHEAD: usize = 64;
 
