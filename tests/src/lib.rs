@@ -144,9 +144,24 @@ fn logs_in(dir: &std::path::Path, names: &[String]) -> String {
     out
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process handed out before:
+/// the tests of a binary run in parallel, and the OS may offer a port one
+/// test chose (but whose process has not bound it yet) to another.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("an ephemeral port").port();
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Ports for the suite's NATS nodes, from [`free_port`].
+pub fn nats_nodes() -> Vec<blog_local::nats::NodePorts> {
+    (0..blog_local::nats::NODES)
+        .map(|_| blog_local::nats::NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() })
+        .collect()
 }
 
 impl TestSuite {
@@ -174,9 +189,7 @@ impl TestSuite {
         // suites at once), so the bounded wait is as long as any other wait here.
         options.env.push((Service::Comments, "POST_WAIT_MS".into(), DEADLINE.as_millis().to_string()));
         if let Mode::Scaled(replicas) = mode {
-            options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES).expect("free ports"), |_, _| {
-                free_port()
-            });
+            options.scale(replicas, free_port(), nats_nodes(), |_, _| free_port());
         }
         configure(&mut options);
         let suite = Suite::launch(options)

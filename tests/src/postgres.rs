@@ -104,7 +104,7 @@ mod tests {
         let data = dir.path().join("data");
         let mut options = Options::standard(binaries(), data.clone(), 0, LogSink::Dir(dir.path().to_owned()));
         options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
-        options.scale(2, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES).unwrap(), |_, _| free_port());
+        options.scale(2, free_port(), crate::nats_nodes(), |_, _| free_port());
         let suite = Suite::launch(options).await.expect("the suite launches");
         suite.wait_ready(DEADLINE).await.expect("every replica ready");
         let postgres = suite.postgres.clone().expect("PostgreSQL runs");
