@@ -219,8 +219,16 @@ impl Cluster {
     }
 }
 
+/// A free port on 127.0.0.1, never one this process handed out before:
+/// clusters started in parallel (tests) must not be offered each other's.
 fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// The `nats-server` binary: `$BLOG_NATS_SERVER`, else one on `PATH` or in
