@@ -39,7 +39,9 @@ impl Recorder {
     pub async fn start() -> Self {
         let receipts = Receipts::default();
         let app = Router::new().route("/events", post(record)).with_state(receipts.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for the recorder");
+        // A port from the harness's registry: one the OS picked here could be
+        // one another suite of this process chose and has not bound yet.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", crate::free_port())).await.expect("a port for the recorder");
         let url = format!("http://{}/events", listener.local_addr().expect("its address"));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
