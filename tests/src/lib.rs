@@ -6,12 +6,14 @@
 //!
 //! A suite runs in one of two [`Mode`]s: one process per service on SQLite,
 //! as `cargo xtask up` runs it, or scaled out, as `cargo xtask up --scale N`
-//! runs it (N replicas of every service but the bus, on the suite's own
-//! PostgreSQL). Process control takes a service (all its processes) or one
-//! process by name (`posts-1`).
+//! runs it (N replicas of every service on the suite's own PostgreSQL, the
+//! bus's on the suite's own 3-node NATS cluster with JetStream). Process
+//! control takes a service (all its processes) or one process by name
+//! (`posts-1`, `event-bus-2`, `nats-3`).
 
 pub mod load;
 pub mod postgres;
+pub mod recorder;
 
 use std::{
     collections::BTreeMap,
@@ -75,15 +77,16 @@ pub enum Auth {
 pub enum Mode {
     /// One process per service, each on its SQLite database.
     Single,
-    /// This many replicas of every service but the bus, on one PostgreSQL.
+    /// This many replicas of every service, on one PostgreSQL, the bus's on a 3-node JetStream.
     Scaled(usize),
 }
 
 impl Mode {
-    /// `replicas` replicas on PostgreSQL, or `None` (the test skips) when
-    /// PostgreSQL is not installed and cannot be; in CI (`CI` set) that fails instead.
+    /// `replicas` replicas on PostgreSQL and JetStream, or `None` (the test
+    /// skips) when PostgreSQL or nats-server is not installed and cannot be;
+    /// in CI (`CI` set) that fails instead.
     pub fn scaled(replicas: usize) -> Option<Self> {
-        match blog_local::postgres::ensure_installed() {
+        match blog_local::postgres::ensure_installed().and_then(|_| blog_local::nats::ensure_installed().map(drop)) {
             Ok(_) => Some(Self::Scaled(replicas)),
             Err(e) if std::env::var_os("CI").is_some() => panic!("CI must run the scaled-out tests: {e}"),
             Err(e) => {
@@ -142,6 +145,11 @@ fn logs_in(dir: &std::path::Path, names: &[String]) -> String {
 
 pub use blog_kit::ports::free_port;
 
+/// Ports for the suite's NATS nodes, from [`free_port`].
+pub fn nats_nodes() -> Vec<blog_local::nats::NodePorts> {
+    blog_local::nats::free_nodes(blog_local::nats::NODES).expect("free ports")
+}
+
 impl TestSuite {
     pub async fn launch() -> Self {
         Self::launch_in(Mode::Single).await
@@ -167,7 +175,7 @@ impl TestSuite {
         // suites at once), so the bounded wait is as long as any other wait here.
         options.env.push((Service::Comments, "POST_WAIT_MS".into(), DEADLINE.as_millis().to_string()));
         if let Mode::Scaled(replicas) = mode {
-            options.scale(replicas, free_port(), |_, _| free_port());
+            options.scale(replicas, free_port(), nats_nodes(), |_, _| free_port());
         }
         configure(&mut options);
         let suite = Suite::launch(options)
@@ -205,9 +213,15 @@ impl TestSuite {
         self.suite().postgres.as_ref()
     }
 
-    /// Every process's log (and PostgreSQL's), for failure messages.
+    /// The names of the suite's NATS nodes (`nats-<i>`), scaled out.
+    pub fn nats_nodes(&self) -> Vec<String> {
+        (1..=self.suite().options.nats.len()).map(blog_local::nats::process_name).collect()
+    }
+
+    /// Every process's log (and PostgreSQL's and the NATS nodes'), for failure messages.
     pub fn logs(&self) -> String {
-        let names: Vec<String> = Service::ALL.into_iter().flat_map(|s| self.processes(s)).chain([PROCESS.to_owned()]).collect();
+        let names: Vec<String> =
+            Service::ALL.into_iter().flat_map(|s| self.processes(s)).chain([PROCESS.to_owned()]).chain(self.nats_nodes()).collect();
         logs_in(self.dir.path(), &names)
     }
 

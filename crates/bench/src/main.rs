@@ -182,7 +182,7 @@ async fn launch_with(
 ) -> Result<Suite, Error> {
     let mut options = Options::standard(bin_dir.to_owned(), dir.join("data"), free_port(), LogSink::Dir(dir.to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
-    options.scale(replicas, free_port(), |_, _| free_port());
+    options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES)?, |_, _| free_port());
     configure(&mut options);
     let suite = Suite::launch(options).await?;
     suite.wait_ready(Duration::from_secs(30)).await?;
@@ -325,32 +325,9 @@ async fn run(bin_dir: PathBuf) -> Result<Summary, Error> {
     let written = posts_phase(&http, &gateway, READ_VIEW_POSTS).await?;
     println!("posts through the gateway:    {}", written.line(Some(bare)));
     // 4. Events accepted by the bus: one per request, and in batches of 100.
-    let events = format!("{bus}/events");
-    let secret = suite.options.internal_secret.clone();
-    let single = events.clone();
-    let single_secret = secret.clone();
-    let (bus_single, _, _) = saturate(move |http, i| {
-        let url = single.clone();
-        let secret = single_secret.clone();
-        async move {
-            let event = json!({"id": format!("bench-{i}"), "type": "BenchEvent", "data": {"i": i}});
-            http.post(url).bearer_auth(secret).json(&event).send().await.is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await;
-    let batched = events.clone();
-    let (bus_batches, _, _) = saturate(move |http, i| {
-        let url = batched.clone();
-        let secret = secret.clone();
-        async move {
-            let batch: Vec<Value> =
-                (0..100).map(|j| json!({"id": format!("bench-{i}-{j}"), "type": "BenchEvent", "data": {"j": j}})).collect();
-            http.post(url).bearer_auth(secret).json(&batch).send().await.is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await;
+    let (bus_single, bus_batched) = bus_phase(&bus, &suite.options.internal_secret).await;
     println!("bus, one event per request:   {bus_single:>9.0} events/s = {:.1} % of the bare handler", 100.0 * bus_single / bare);
-    println!("bus, 100 events per request:  {:>9.0} events/s", bus_batches * 100.0);
+    println!("bus, 100 events per request:  {bus_batched:>9.0} events/s");
     // Let the subscribers work through the benchmark events before measuring lag.
     wait_for_idle_bus(&http, &bus).await;
 
@@ -376,11 +353,40 @@ async fn run(bin_dir: PathBuf) -> Result<Summary, Error> {
     suite.stop().await;
     let _ = baseline.kill();
     let _ = baseline.wait();
-    Ok(Summary { posts_per_s: written.per_s, lag: streamed, rss_mib: rss })
+    Ok(Summary { posts_per_s: written.per_s, lag: streamed, rss_mib: rss, bus_single, bus_batched })
+}
+
+/// Events per second the bus at `bus` accepts (acknowledged as stored), over
+/// [`PHASE`] each: one event per request, then 100 per request.
+async fn bus_phase(bus: &str, secret: &str) -> (f64, f64) {
+    let events = format!("{bus}/events");
+    let (single, single_secret) = (events.clone(), secret.to_owned());
+    let (bus_single, _, _) = saturate(move |http, i| {
+        let (url, secret) = (single.clone(), single_secret.clone());
+        async move {
+            let event = json!({"id": format!("bench-{i}"), "type": "BenchEvent", "data": {"i": i}});
+            http.post(url).bearer_auth(secret).json(&event).send().await.is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+    let secret = secret.to_owned();
+    let (bus_batches, _, _) = saturate(move |http, i| {
+        let (url, secret) = (events.clone(), secret.clone());
+        async move {
+            let batch: Vec<Value> =
+                (0..100).map(|j| json!({"id": format!("bench-{i}-{j}"), "type": "BenchEvent", "data": {"j": j}})).collect();
+            http.post(url).bearer_auth(secret).json(&batch).send().await.is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+    (bus_single, bus_batches * 100.0)
 }
 
 /// What the scaled-out run is compared on.
 struct Summary {
+    /// Events/s the bus accepted, one per request and 100 per request.
+    bus_single: f64,
+    bus_batched: f64,
     posts_per_s: f64,
     /// Consistency lag at idle, by query's live stream, sorted.
     lag: Vec<Duration>,
@@ -469,6 +475,10 @@ fn rss_by_service(suite: &Suite) -> Vec<(String, f64)> {
     if let Some(pid) = suite.supervisor.pid(blog_local::postgres::PROCESS) {
         out.push(("postgres".to_owned(), tree_rss_kib(pid) as f64 / 1024.0));
     }
+    if let Some(nats) = &suite.nats {
+        let kib: u64 = (1..=nats.nodes().len()).filter_map(|i| suite.supervisor.pid(&blog_local::nats::process_name(i))).map(rss_kib).sum();
+        out.push(("nats (3 nodes)".to_owned(), kib as f64 / 1024.0));
+    }
     out
 }
 
@@ -480,8 +490,9 @@ fn total_rss_mib(suite: &Suite) -> f64 {
 /// scaled out to `replicas` replicas on the suite's own PostgreSQL.
 async fn scaled(bin_dir: &std::path::Path, replicas: usize) -> Result<Summary, Error> {
     use std::os::unix::fs::PermissionsExt;
-    println!("\nscaled out: {replicas} replicas of every service but the bus, on PostgreSQL");
+    println!("\nscaled out: {replicas} replicas of every service, on PostgreSQL, the bus's on a 3-node JetStream");
     blog_local::postgres::ensure_installed()?;
+    blog_local::nats::ensure_installed()?;
     let http = client_builder().build()?;
     let dir = tempfile::tempdir()?;
     // PostgreSQL runs as its own account when this runs as root.
@@ -496,21 +507,31 @@ async fn scaled(bin_dir: &std::path::Path, replicas: usize) -> Result<Summary, E
     let written = posts_phase(&http, &gateway, 1).await?;
     println!("posts through the gateway:    {}", written.line(None));
     wait_for_idle_bus(&http, &bus).await;
+    // Through the bus's usual address: the balancer over its replicas.
+    let (bus_single, bus_batched) = bus_phase(&bus, &suite.options.internal_secret).await;
+    println!("bus, one event per request:   {bus_single:>9.0} events/s (JetStream, 3 replicas, through {replicas} bus replicas)");
+    println!("bus, 100 events per request:  {bus_batched:>9.0} events/s");
+    wait_for_idle_bus(&http, &bus).await;
+    // The consistency lag again, now that the log holds the benchmark's events.
+    let after = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES / 4, LagProbe::Stream).await?;
+    print_lag("consistency lag, idle again, after the bus phase:    ", &after);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = rss_by_service(&suite);
     let line: Vec<String> = rss.iter().map(|(name, mib)| format!("{name} {mib:.1}")).collect();
     println!("RSS MiB at idle after load (all replicas of a service together): {}", line.join(", "));
     let rss_mib = rss.iter().map(|(_, mib)| mib).sum();
     suite.stop().await;
-    Ok(Summary { posts_per_s: written.per_s, lag, rss_mib })
+    Ok(Summary { posts_per_s: written.per_s, lag, rss_mib, bus_single, bus_batched })
 }
 
 fn compare(embedded: &Summary, scaled: &Summary, replicas: usize) {
     let lag = |s: &Summary| {
         format!("p50 {:.2} ms, p99 {:.2} ms", percentile(&s.lag, 0.50).as_secs_f64() * 1e3, percentile(&s.lag, 0.99).as_secs_f64() * 1e3)
     };
-    println!("\nside by side, this run:            embedded (SQLite, 1 each)   PostgreSQL, {replicas} replicas");
+    println!("\nside by side, this run:            embedded (SQLite, 1 each)   PostgreSQL + JetStream, {replicas} replicas");
     println!("  posts/s through the gateway:     {:>12.0}                {:>12.0}", embedded.posts_per_s, scaled.posts_per_s);
+    println!("  bus events/s, 1 per request:     {:>12.0}                {:>12.0}", embedded.bus_single, scaled.bus_single);
+    println!("  bus events/s, 100 per request:   {:>12.0}                {:>12.0}", embedded.bus_batched, scaled.bus_batched);
     println!("  consistency lag, idle, stream:   {:<27} {}", lag(embedded), lag(scaled));
     println!("  RSS MiB at idle, whole suite:    {:>12.1}                {:>12.1}", embedded.rss_mib, scaled.rss_mib);
 }

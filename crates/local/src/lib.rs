@@ -6,14 +6,16 @@
 //! the Kubernetes Ingress does, from the same route table. `cargo xtask up`
 //! and the integration tests both use it, so the tests run what users run.
 //!
-//! Scaled out ([`Options::scale`], `cargo xtask up --scale N`), every service
-//! but the bus runs as N replicas, `<service>-<i>` (i from 1), each on a port
-//! of its own; the data-owning ones get `DATABASE_URL` of their database on
-//! the suite's own PostgreSQL ([`postgres`]), started first. The gateway
+//! Scaled out ([`Options::scale`], `cargo xtask up --scale N`), every service,
+//! the bus included, runs as N replicas, `<service>-<i>` (i from 1), each on a
+//! port of its own; the data-owning ones get `DATABASE_URL` of their database
+//! on the suite's own PostgreSQL ([`postgres`]), and the bus's replicas
+//! `EVENT_STORE` of the suite's own 3-node NATS cluster with JetStream
+//! ([`nats`]), both started (and waited for) before the services. The gateway
 //! balances over the replicas, and each service's usual address becomes a
 //! balancer over its replicas too ([`gateway::Gateway::for_service`], what a
-//! Kubernetes `Service` is to its pods), so the bus and the other services
-//! reach whichever replica is alive.
+//! Kubernetes `Service` is to its pods), so publishers, subscribers and the
+//! bus reach whichever replica is alive.
 
 pub mod gateway;
 pub mod k8s;
@@ -55,12 +57,9 @@ pub struct Options {
     pub replicas: BTreeMap<Service, Vec<u16>>,
     /// Port of the suite's own PostgreSQL, when it runs one (scaled out).
     pub postgres_port: Option<u16>,
-}
-
-/// The services that run as replicas when scaled out: all but the bus,
-/// which stays one process with its embedded log.
-pub fn scales(service: Service) -> bool {
-    service != Service::EventBus
+    /// The ports of the suite's own NATS nodes, when it runs them (scaled out):
+    /// the bus's replicas share the log in their JetStream.
+    pub nats: Vec<nats::NodePorts>,
 }
 
 /// The supervisor's name for replica `i` (from 1) of `service`; its pid file is `<name>.pid`.
@@ -81,21 +80,29 @@ impl Options {
             internal_secret: fresh_secret(),
             replicas: BTreeMap::new(),
             postgres_port: None,
+            nats: Vec::new(),
         }
     }
 
-    /// Runs `replicas` replicas of every service but the bus, replica `i`
-    /// (from 1) of a service on `port(service, i)`, and PostgreSQL on
-    /// `postgres_port`. One replica is the usual suite.
-    pub fn scale(&mut self, replicas: usize, postgres_port: u16, mut port: impl FnMut(Service, usize) -> u16) {
+    /// Runs `replicas` replicas of every service, replica `i` (from 1) of a
+    /// service on `port(service, i)`, PostgreSQL on `postgres_port` and a NATS
+    /// node on each of `nats` (the bus's log). One replica is the usual suite.
+    pub fn scale(&mut self, replicas: usize, postgres_port: u16, nats: Vec<nats::NodePorts>, mut port: impl FnMut(Service, usize) -> u16) {
         if replicas <= 1 {
             self.replicas.clear();
             self.postgres_port = None;
+            self.nats.clear();
             return;
         }
-        self.replicas =
-            Service::ALL.into_iter().filter(|s| scales(*s)).map(|s| (s, (1..=replicas).map(|i| port(s, i)).collect())).collect();
+        // Every service, the bus on JetStream (its replicas share the log and take turns per subscriber).
+        self.replicas = Service::ALL.into_iter().map(|s| (s, (1..=replicas).map(|i| port(s, i)).collect())).collect();
         self.postgres_port = Some(postgres_port);
+        self.nats = nats;
+    }
+
+    /// `EVENT_STORE` of the bus's replicas: every NATS node, when there are any.
+    pub fn event_store(&self) -> Option<String> {
+        (!self.nats.is_empty()).then(|| nats::url_of(&self.nats))
     }
 
     /// The processes of `service`: `(name, port)` of each replica, or of the one process.
@@ -128,6 +135,11 @@ impl Options {
         if service != Service::Client {
             env.push((blog_kit::internal::SECRET_ENV.to_owned(), self.internal_secret.clone()));
         }
+        if service == Service::EventBus
+            && let Some(url) = self.event_store()
+        {
+            env.push(("EVENT_STORE".to_owned(), url));
+        }
         env.extend(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k.clone(), v.clone())));
         env
     }
@@ -155,12 +167,15 @@ pub struct Suite {
     pub gateway_addr: SocketAddr,
     /// The suite's PostgreSQL, when scaled out.
     pub postgres: Option<postgres::Postgres>,
+    /// The suite's NATS cluster (the bus's JetStream), when scaled out.
+    pub nats: Option<nats::Nats>,
     stop_gateway: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Suite {
     /// Starts every service and the gateway; does not wait for the services'
-    /// readiness. Scaled out, PostgreSQL is started first and waited for.
+    /// readiness. Scaled out, PostgreSQL and the NATS cluster are started
+    /// first and waited for.
     pub async fn launch(options: Options) -> io::Result<Self> {
         std::fs::create_dir_all(&options.data_dir)?;
         for service in Service::ALL {
@@ -171,6 +186,15 @@ impl Suite {
                     format!("{} is missing; build the workspace first", program.display()),
                 ));
             }
+        }
+        // Bind every address first, so a taken port fails the launch before
+        // anything runs (and no other socket takes one while the stores start).
+        let listener = TcpListener::bind(options.gateway_addr).await?;
+        let gateway_addr = listener.local_addr()?;
+        let mut service_addresses = Vec::new();
+        for service in options.replicas.keys() {
+            let address = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.ports[service]))).await?;
+            service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
         }
         let mut supervisor = Supervisor::new(options.data_dir.clone(), options.log.clone());
         let postgres = match options.postgres_port {
@@ -186,18 +210,27 @@ impl Suite {
             }
             None => None,
         };
+        // The NATS nodes elect while the services start (the bus waits for
+        // JetStream): the services' ports, chosen before, are taken soonest.
+        let nats = match options.nats.as_slice() {
+            [] => None,
+            nodes => match nats::Nats::prepare(&options.data_dir, nodes.to_vec()) {
+                Ok(nats) => {
+                    for spec in nats.processes() {
+                        supervisor.add(spec);
+                    }
+                    Some(nats)
+                }
+                Err(e) => {
+                    supervisor.shutdown().await;
+                    return Err(e);
+                }
+            },
+        };
         let (stop_gateway, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
         });
-        // Bind every address first, so a taken port fails the launch before anything runs.
-        let listener = TcpListener::bind(options.gateway_addr).await?;
-        let gateway_addr = listener.local_addr()?;
-        let mut service_addresses = Vec::new();
-        for service in options.replicas.keys() {
-            let address = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], options.ports[service]))).await?;
-            service_addresses.push((address, gateway::Gateway::for_service(*service, options.process_urls(*service))));
-        }
         for service in Service::ALL {
             let program = options.bin_dir.join(service.name());
             for (name, port) in options.processes(service) {
@@ -213,7 +246,13 @@ impl Suite {
         }
         let upstreams = Service::ALL.iter().map(|s| (*s, options.process_urls(*s))).collect();
         tokio::spawn(gateway::serve(listener, gateway::Gateway::balanced(upstreams), shutdown));
-        Ok(Self { options, supervisor, gateway_addr, postgres, stop_gateway })
+        if let Some(nats) = &nats
+            && let Err(e) = nats.wait_ready(Instant::now() + nats::START_TIMEOUT).await
+        {
+            supervisor.shutdown().await;
+            return Err(e);
+        }
+        Ok(Self { options, supervisor, gateway_addr, postgres, nats, stop_gateway })
     }
 
     /// Waits until every running service process answers `/readyz`.
@@ -234,7 +273,7 @@ impl Suite {
     }
 
     /// Stops the gateway, every service (SIGTERM, then SIGKILL after a grace
-    /// period) and, last, PostgreSQL.
+    /// period) and, last, PostgreSQL and the NATS nodes.
     pub async fn stop(self) {
         let _ = self.stop_gateway.send(());
         self.supervisor.shutdown().await;
@@ -279,17 +318,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scaled_out_every_service_but_the_bus_has_named_replicas_and_unscaled_nothing_changes() {
+    fn scaled_out_every_service_has_named_replicas_the_bus_on_nats_and_unscaled_nothing_changes() {
         let mut options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
         let unscaled: Vec<_> = Service::ALL.into_iter().map(|s| options.processes(s)).collect();
         for (service, processes) in Service::ALL.into_iter().zip(&unscaled) {
             assert_eq!(processes, &[(service.name().to_owned(), service.default_port())]);
         }
-        options.scale(1, 5433, |_, _| unreachable!("one replica is the usual suite"));
-        assert!(options.replicas.is_empty() && options.postgres_port.is_none());
+        let bus_env = |options: &Options, name: &str, port: u16| options.env_for_process(Service::EventBus, name, port);
+        let store_of = |env: Vec<(String, String)>| env.into_iter().find(|(k, _)| k == "EVENT_STORE").map(|(_, v)| v);
+        assert_eq!(store_of(bus_env(&options, "event-bus", 4005)), None, "unscaled, the bus keeps its embedded log");
+        let nodes: Vec<_> = (1..=nats::NODES).map(|i| nats::NodePorts::from_base(4222, i)).collect();
+        options.scale(1, 5433, nodes.clone(), |_, _| unreachable!("one replica is the usual suite"));
+        assert!(options.replicas.is_empty() && options.postgres_port.is_none() && options.nats.is_empty());
 
-        options.scale(3, 5433, |s, i| s.default_port() + 100 * i as u16);
-        assert_eq!(options.processes(Service::EventBus), [("event-bus".to_owned(), 4005)]);
+        options.scale(3, 5433, nodes, |s, i| s.default_port() + 100 * i as u16);
+        assert_eq!(
+            options.processes(Service::EventBus),
+            [("event-bus-1".to_owned(), 4105), ("event-bus-2".to_owned(), 4205), ("event-bus-3".to_owned(), 4305)]
+        );
         assert_eq!(
             options.processes(Service::Posts),
             [("posts-1".to_owned(), 4100), ("posts-2".to_owned(), 4200), ("posts-3".to_owned(), 4300)]
@@ -300,7 +346,13 @@ mod tests {
         let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         assert_eq!(value("PORT").as_deref(), Some("4200"));
         assert_eq!(value("DATA_DIR").as_deref(), Some("data/posts-2"));
-        assert_eq!(value("EVENT_BUS_URL").as_deref(), Some("http://127.0.0.1:4005"));
+        assert_eq!(value("EVENT_BUS_URL").as_deref(), Some("http://127.0.0.1:4005"), "the bus's balancer");
+        assert_eq!(value("EVENT_STORE"), None, "only the bus reads the log");
+        assert_eq!(
+            store_of(bus_env(&options, "event-bus-2", 4205)).as_deref(),
+            Some("nats://127.0.0.1:4222,127.0.0.1:4223,127.0.0.1:4224"),
+            "every bus replica names every NATS node"
+        );
     }
 
     #[test]

@@ -141,8 +141,7 @@ impl Nats {
 
     /// `EVENT_STORE` for the bus: `nats://127.0.0.1:<port>,…`, every node.
     pub fn url(&self) -> String {
-        let addresses: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.client)).collect();
-        format!("nats://{}", addresses.join(","))
+        url_of(&self.nodes)
     }
 
     /// Waits until every node's `/healthz` answers 200: JetStream is up and
@@ -165,6 +164,17 @@ impl Nats {
         }
         Ok(())
     }
+}
+
+/// `EVENT_STORE` for nodes on 127.0.0.1: `nats://127.0.0.1:<port>,…`.
+pub fn url_of(nodes: &[NodePorts]) -> String {
+    let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.client)).collect();
+    format!("nats://{}", addresses.join(","))
+}
+
+/// `count` nodes on free ports of 127.0.0.1, for tests and benchmarks.
+pub fn free_nodes(count: usize) -> io::Result<Vec<NodePorts>> {
+    Ok((0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect())
 }
 
 /// Prepares the cluster under `data_dir`, runs its nodes under `supervisor`
@@ -193,7 +203,7 @@ impl Cluster {
 
     /// Starts `count` nodes (1 for a single-node JetStream).
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
-        let nodes = (0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect();
+        let nodes = free_nodes(count)?;
         let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
         match start(&mut supervisor, data_dir, nodes).await {
             Ok(nats) => Ok(Self { nats, supervisor }),
@@ -316,6 +326,13 @@ mod tests {
             pids.push(pid);
         }
         assert_eq!(cluster.nats.url().matches("127.0.0.1:").count(), NODES);
+        // Every node syncs each write to disk (its `/varz` says so), not every two minutes.
+        let http = blog_kit::http::client::http_client(Duration::from_secs(5));
+        for node in cluster.nats.nodes() {
+            let varz: serde_json::Value =
+                http.get(format!("http://127.0.0.1:{}/varz", node.monitor)).send().await.unwrap().json().await.unwrap();
+            assert_eq!(varz["jetstream"]["config"]["sync_always"], serde_json::json!(true), "{varz}");
+        }
         cluster.stop().await;
         for pid in pids {
             let alive = rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap()).is_ok();

@@ -16,8 +16,12 @@
 //! longer than the delivery timeout's share of it); the consumers' inboxes
 //! keep such an overlap harmless. A replica that does not hold a lease
 //! shows the holder's saved cursor in its `/status`, read every poll.
+//!
+//! A lease's value says who holds it ([`Holder`]: the replica's address and
+//! process id), so every replica's `/status` can say which one delivers each
+//! subscriber, and an operator (or a test) knows which process to look at.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use async_nats::jetstream::{self, kv};
 use blog_kit::{Shutdown, StoreError};
@@ -28,23 +32,75 @@ pub const BUCKET: &str = "blog-bus-leases";
 /// How long a lease outlives its holder's last renewal.
 pub const TTL: Duration = Duration::from_secs(5);
 
+/// Who holds a lease: the value of its key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// The replica's address, `<host>:<port>` (the pod's name in Kubernetes).
+    pub replica: String,
+    pub pid: u32,
+    /// Unix milliseconds of the replica's start: tells a restarted replica from its predecessor.
+    pub started: i64,
+}
+
+/// A lease's value: its holder, and where the holder's delivery had got to
+/// at its last renewal (events it passed over as not consumed included,
+/// which the saved cursor does not count).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lease {
+    #[serde(flatten)]
+    pub holder: Holder,
+    #[serde(default)]
+    pub cursor: u64,
+}
+
 /// The leases' bucket.
 #[derive(Debug, Clone)]
 pub struct Leases {
     kv: kv::Store,
-    /// This replica's name in the leases it holds.
-    holder: String,
+    /// This replica, as written in the leases it holds.
+    holder: Holder,
 }
 
 impl Leases {
-    pub(crate) async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, StoreError> {
+    /// Opens (or makes) the bucket; `replica` names this replica in the leases it takes.
+    pub(crate) async fn open(js: &jetstream::Context, replicas: usize, replica: &str) -> Result<Self, StoreError> {
         let config = kv::Config { bucket: BUCKET.into(), history: 1, max_age: TTL, num_replicas: replicas, ..Default::default() };
         let kv = match js.get_key_value(BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js.create_key_value(config).await.map_err(|e| StoreError::Unavailable(format!("JetStream: {e}")))?,
         };
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        Ok(Self { kv, holder: format!("{}-{}", std::process::id(), nanos) })
+        let holder = Holder { replica: replica.to_owned(), pid: std::process::id(), started: crate::log::now_millis() };
+        Ok(Self { kv, holder })
+    }
+
+    /// This replica.
+    pub fn me(&self) -> &Holder {
+        &self.holder
+    }
+
+    fn value(&self, cursor: u64) -> axum::body::Bytes {
+        serde_json::to_vec(&Lease { holder: self.holder.clone(), cursor }).unwrap_or_default().into()
+    }
+
+    /// Each subscriber's lease now, by subscriber name.
+    pub async fn held(&self) -> Result<BTreeMap<String, Lease>, StoreError> {
+        use futures_util::StreamExt;
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("JetStream: {e}"));
+        let mut keys = self.kv.keys().await.map_err(|e| unavailable(&e))?;
+        let mut holders = BTreeMap::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| unavailable(&e))?;
+            let (Some(name), Some(value)) =
+                (crate::log::jetstream::decode_key(&key), self.kv.get(&key).await.map_err(|e| unavailable(&e))?)
+            else {
+                continue;
+            };
+            if let Ok(lease) = serde_json::from_slice::<Lease>(&value) {
+                holders.insert(name, lease);
+            }
+        }
+        Ok(holders)
     }
 
     /// Runs `deliverer` whenever this replica holds its subscriber's lease, until `shutdown`.
@@ -53,7 +109,8 @@ impl Leases {
         let key = crate::log::jetstream::encode_key(&name);
         let poll = TTL / 5;
         loop {
-            let revision = match self.kv.create(&key, self.holder.clone().into()).await {
+            let value = self.value(deliverer.status.lock().unwrap_or_else(|p| p.into_inner()).cursor);
+            let revision = match self.kv.create(&key, value).await {
                 Ok(revision) => revision,
                 Err(_) => {
                     // Another replica delivers: show its progress here too.
@@ -68,7 +125,7 @@ impl Leases {
                     continue;
                 }
             };
-            tracing::info!(subscriber = %name, holder = %self.holder, "took the delivery lease");
+            tracing::info!(subscriber = %name, replica = %self.holder.replica, "took the delivery lease");
             let mut active = deliverer.clone();
             match active.log.cursors().await {
                 Ok(cursors) => {
@@ -88,7 +145,7 @@ impl Leases {
                 }
             });
             let running = tokio::spawn(active.run(child));
-            let released = self.renew(&key, revision, &shutdown).await;
+            let released = self.renew(&key, revision, &deliverer.status, &shutdown).await;
             let _ = stop.send(());
             let _ = running.await;
             if released {
@@ -100,13 +157,14 @@ impl Leases {
 
     /// Renews until shutdown (then releases the lease and returns true) or
     /// until a renewal fails or runs late (returns false).
-    async fn renew(&self, key: &str, mut revision: u64, shutdown: &Shutdown) -> bool {
+    async fn renew(&self, key: &str, mut revision: u64, status: &crate::delivery::SharedStatus, shutdown: &Shutdown) -> bool {
         loop {
             if shutdown.sleep(TTL / 3).await {
                 let _ = self.kv.delete_expect_revision(key, Some(revision)).await;
                 return true;
             }
-            match tokio::time::timeout(TTL / 3, self.kv.update(key, self.holder.clone().into(), revision)).await {
+            let cursor = status.lock().unwrap_or_else(|p| p.into_inner()).cursor;
+            match tokio::time::timeout(TTL / 3, self.kv.update(key, self.value(cursor), revision)).await {
                 Ok(Ok(next)) => revision = next,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot renew the delivery lease");

@@ -6,6 +6,15 @@
 //! pages through the log for consumers catching up; `GET /status` and
 //! `GET /metrics` show each subscriber's cursor, lag, retries and last error;
 //! `GET /flow` streams events as they are stored and acknowledged.
+//!
+//! With `EVENT_STORE=nats://…` the log is a JetStream stream shared by any
+//! number of bus replicas ([`log::jetstream`]), each subscriber delivered by
+//! the one replica holding its lease ([`lease`]). `/status` then reads
+//! JetStream's own state on every request: the head is the stream's last
+//! sequence number, each cursor the durable one (or the deliverer's newer
+//! one from its lease), each subscriber names the replica delivering it, and
+//! the stream's leader and replicas are shown; `/readyz` answers 503 while
+//! JetStream cannot be reached.
 
 pub mod delivery;
 pub mod flow;
@@ -56,6 +65,8 @@ pub struct Config {
     pub db_max_bytes: Option<u64>,
     /// `EVENT_STORE`: `nats://host:port[,…]` keeps the log in JetStream; unset, in `DATA_DIR`.
     pub event_store: Option<String>,
+    /// This replica's name in the delivery leases: `<HOSTNAME or 127.0.0.1>:<PORT>`.
+    pub replica: String,
 }
 
 impl Config {
@@ -65,8 +76,11 @@ impl Config {
             .map(|s| Ok(format!("{}={}", s.name(), config::endpoint(&config::peer_url(*s)?, "/events"))))
             .collect::<Result<Vec<_>, ConfigError>>()?
             .join(",");
+        let port = config::var("PORT", Service::EventBus.default_port())?;
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()).unwrap_or_else(|| "127.0.0.1".to_owned());
         Ok(Self {
-            port: config::var("PORT", Service::EventBus.default_port())?,
+            port,
+            replica: format!("{host}:{port}"),
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(Service::EventBus.name()))?,
             subscribers: parse_subscribers(&config::list("SUBSCRIBERS", &default_subscribers))?,
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
@@ -135,9 +149,13 @@ pub struct AppState {
     secret: InternalSecret,
 }
 
+/// How long `/readyz` and `/status` wait for JetStream to answer before
+/// calling the replica not ready (or showing its last knowledge).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let (store, log) = match &config.event_store {
-        Some(url) => (None, EventLog::open_jetstream(url, shutdown.clone()).await?),
+        Some(url) => (None, EventLog::open_jetstream(url, &config.replica, shutdown.clone()).await?),
         None => {
             let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
             (Some(store.clone()), EventLog::open(store).await?)
@@ -184,9 +202,22 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     if let Some(store) = &store {
         store.register_metrics(&metrics);
     }
-    let app = layers::standard(app(state), store, metrics);
+    let log = state.log.clone();
+    let app = layers::standard(app(state), store, metrics).layer(axum::middleware::from_fn_with_state(log, jetstream_readiness));
     serve(listener, app, shutdown).await?;
     Ok(())
+}
+
+/// `/readyz` on JetStream: 503 (JSON) unless JetStream answers within
+/// [`READY_TIMEOUT`]; the standard check answers otherwise.
+async fn jetstream_readiness(State(log): State<EventLog>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.uri().path() == "/readyz"
+        && let Some(jetstream) = log.jetstream()
+        && let Err(e) = jetstream.reachable(READY_TIMEOUT).await
+    {
+        return blog_kit::http::error_response(axum::http::StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    next.run(request).await
 }
 
 pub fn app(state: AppState) -> Router {
@@ -276,8 +307,73 @@ impl AppState {
     }
 }
 
-async fn status(State(state): State<AppState>) -> Json<Status> {
-    Json(state.snapshot())
+/// `/status`: the snapshot, and on JetStream the shared state read from it now.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusView {
+    head: u64,
+    subscribers: Vec<SubscriberView>,
+    /// This replica (JetStream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<lease::Holder>,
+    /// The stream as JetStream reports it (JetStream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jetstream: Option<log::jetstream::StreamState>,
+    /// Why JetStream's state could not be read; the rest is then this replica's last knowledge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jetstream_error: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscriberView {
+    /// `delivered`, `retries`, `rejected` and `misdirected` count this replica's own pushes.
+    #[serde(flatten)]
+    status: SubscriberStatus,
+    /// The replica holding the subscriber's delivery lease (JetStream); none while it is free.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deliverer: Option<lease::Holder>,
+}
+
+async fn status(State(state): State<AppState>) -> Json<StatusView> {
+    let Status { head, subscribers } = state.snapshot();
+    let mut view = StatusView {
+        head,
+        subscribers: subscribers.into_iter().map(|status| SubscriberView { status, deliverer: None }).collect(),
+        replica: None,
+        jetstream: None,
+        jetstream_error: None,
+    };
+    let Some(jetstream) = state.log.jetstream() else { return Json(view) };
+    view.replica = Some(jetstream.leases().me().clone());
+    let read = tokio::time::timeout(READY_TIMEOUT, shared_state(jetstream)).await;
+    match read.unwrap_or_else(|_| Err(blog_kit::StoreError::Unavailable(format!("JetStream did not answer within {READY_TIMEOUT:?}")))) {
+        Ok((stream, cursors, mut leases)) => {
+            view.head = stream.last_seq;
+            for subscriber in &mut view.subscribers {
+                let name = &subscriber.status.name;
+                let lease = leases.remove(name);
+                let durable = cursors.get(name).copied().unwrap_or(0);
+                let held = lease.as_ref().map_or(0, |l| l.cursor);
+                let mine = lease.as_ref().is_some_and(|l| &l.holder == jetstream.leases().me());
+                let local = if mine { subscriber.status.cursor } else { 0 };
+                subscriber.status.cursor = durable.max(held).max(local).min(stream.last_seq);
+                subscriber.status.lag = stream.last_seq.saturating_sub(subscriber.status.cursor);
+                subscriber.deliverer = lease.map(|l| l.holder);
+            }
+            view.jetstream = Some(stream);
+        }
+        Err(e) => view.jetstream_error = Some(e.to_string()),
+    }
+    Json(view)
+}
+
+type SharedState = (log::jetstream::StreamState, std::collections::HashMap<String, u64>, std::collections::BTreeMap<String, lease::Lease>);
+
+/// The stream's state, the durable cursors and the leases, read at once.
+async fn shared_state(jetstream: &log::jetstream::JetStreamLog) -> Result<SharedState, blog_kit::StoreError> {
+    let (stream, cursors, leases) = tokio::join!(jetstream.state(), jetstream.cursors(), jetstream.leases().held());
+    Ok((stream?, cursors?.into_iter().collect(), leases?))
 }
 
 fn registry(state: &AppState) -> Registry {

@@ -84,8 +84,9 @@ impl EventLog {
 
     /// The log in JetStream at `url` (`nats://host:port[,host:port…]`), and a
     /// task following its tail until `shutdown`.
-    pub async fn open_jetstream(url: &str, shutdown: blog_kit::Shutdown) -> Result<Self, StoreError> {
-        let stream = Arc::new(jetstream::JetStreamLog::connect(url).await?);
+    /// `replica` names this replica in the delivery leases it takes.
+    pub async fn open_jetstream(url: &str, replica: &str, shutdown: blog_kit::Shutdown) -> Result<Self, StoreError> {
+        let stream = Arc::new(jetstream::JetStreamLog::connect(url, replica).await?);
         let head = stream.head().await?;
         let log = Self::new(Backend::JetStream(stream.clone()), head);
         tokio::spawn(log.clone().follow(stream, head, shutdown));
@@ -293,6 +294,14 @@ impl EventLog {
         match &self.backend {
             Backend::Sqlite(store) => store.ping().await,
             Backend::JetStream(stream) => stream.ping(),
+        }
+    }
+
+    /// The JetStream log, when the events live there.
+    pub fn jetstream(&self) -> Option<&jetstream::JetStreamLog> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::JetStream(stream) => Some(stream),
         }
     }
 }

@@ -95,10 +95,10 @@ async fn the_embedded_log_keeps_its_promises() {
 async fn the_jetstream_log_keeps_its_promises_and_survives_a_restart_of_the_bus() {
     let Some((_dir, cluster)) = nats_cluster(1).await else { return };
     let url = cluster.nats.url();
-    the_log_keeps_its_promises(&EventLog::open_jetstream(&url, never()).await.unwrap()).await;
+    the_log_keeps_its_promises(&EventLog::open_jetstream(&url, "test", never()).await.unwrap()).await;
 
     // Another bus process (or replica) on the same stream sees the same log and cursors.
-    let other = EventLog::open_jetstream(&url, never()).await.unwrap();
+    let other = EventLog::open_jetstream(&url, "test", never()).await.unwrap();
     assert_eq!(other.head_now(), 3);
     assert_eq!(seqs(&other.append(vec![event("c"), event("d")]).await.unwrap()), [3, 4]);
     assert!(other.cursors().await.unwrap().contains(&("query".to_owned(), 2)));
@@ -108,7 +108,7 @@ async fn the_jetstream_log_keeps_its_promises_and_survives_a_restart_of_the_bus(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends() {
     let Some((_dir, cluster)) = nats_cluster(nats::NODES).await else { return };
-    let log = EventLog::open_jetstream(&cluster.nats.url(), never()).await.unwrap();
+    let log = EventLog::open_jetstream(&cluster.nats.url(), "test", never()).await.unwrap();
 
     // Publishers append batches, retrying a failed batch with the same ids
     // (as the services' relays do) until it is acknowledged.
@@ -214,8 +214,11 @@ struct Bus {
 
 impl Bus {
     async fn start(cluster: &Cluster, subscriber: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
         let config = Config {
             port: 0,
+            replica: address.to_string(),
             data_dir: std::path::PathBuf::from("unused"),
             subscribers: vec![Subscriber { name: "query".into(), url: subscriber.to_owned() }],
             delivery_timeout: Duration::from_secs(5),
@@ -224,8 +227,7 @@ impl Bus {
             db_max_bytes: None,
             event_store: Some(cluster.nats.url()),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let base = format!("http://{address}");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
@@ -339,10 +341,33 @@ async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
         let status: Value = http.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
         if status["subscribers"][0]["cursor"] == json!(3) {
             assert_eq!((&status["head"], &status["subscribers"][0]["lag"]), (&json!(3), &json!(0)));
+            // JetStream's own state, and who delivers: this replica, the only one.
+            assert_eq!(status["jetstream"]["lastSeq"], json!(3), "{status}");
+            assert_eq!(status["jetstream"]["leader"], json!(nats::process_name(1)), "{status}");
+            assert_eq!(status["subscribers"][0]["deliverer"], status["replica"], "{status}");
+            assert_eq!(status["replica"]["replica"], json!(base.trim_start_matches("http://")), "{status}");
+            assert_eq!(status["replica"]["pid"], json!(std::process::id()), "{status}");
             break;
         }
         assert!(Instant::now() < deadline, "cursor not saved: {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Without JetStream the replica is not ready (a JSON 503), and is again once it is back.
+    let ready = || async { http.get(format!("{base}/readyz")).send().await.unwrap() };
+    assert_eq!(ready().await.status(), 200);
+    cluster.supervisor.stop(&nats::process_name(1)).await;
+    let refused = ready().await;
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("JetStream")), "{body}");
+    let status: Value = http.get(format!("{base}/status")).send().await.unwrap().json().await.unwrap();
+    assert!(status["jetstreamError"].is_string() && status["head"] == json!(3), "the last known state, and why: {status}");
+    cluster.supervisor.start(&nats::process_name(1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready().await.status() != 200 {
+        assert!(Instant::now() < deadline, "not ready again after NATS came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     bus.stop().await;
     cluster.stop().await;

@@ -136,7 +136,18 @@ async fn live_streams_show_the_view_changing_and_the_events_flowing(mode: Mode) 
     let suite = TestSuite::launch_in(mode).await;
     let live = suite.http.get(format!("{}/posts/stream", suite.gateway)).send().await.expect("stream opens");
     assert_eq!(live.headers()["content-type"], "text/event-stream");
-    let flow = suite.http.get(format!("{}/flow", suite.url(Service::EventBus))).send().await.expect("flow opens");
+    // Each bus process's flow: scaled out, a replica shows what it delivered
+    // itself (and every event stored); together they show every delivery.
+    let (flow_tx, mut flow_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut readers = Vec::new();
+    for url in suite.process_urls(Service::EventBus) {
+        let flow = suite.http.get(format!("{url}/flow")).send().await.expect("flow opens");
+        let (flow_tx, sent) = (flow_tx.clone(), std::sync::atomic::AtomicUsize::new(0));
+        readers.push(tokio::spawn(read_events(flow, move |events| {
+            let from = sent.swap(events.len(), std::sync::atomic::Ordering::Relaxed);
+            events[from..].iter().any(|event| flow_tx.send(event.clone()).is_err())
+        })));
+    }
 
     let post = suite.create_post("live").await;
     suite.comment(&post.id, "an orange").await;
@@ -153,14 +164,20 @@ async fn live_streams_show_the_view_changing_and_the_events_flowing(mode: Mode) 
 
     // Each event is published once and pushed to, and acknowledged by, the
     // subscribers that consume its type, and no other.
-    let flowed = tokio::time::timeout(
-        blog_tests::DEADLINE,
-        read_events(flow, |events| events.iter().filter(|(e, _)| e == "delivered").count() >= 6),
-    )
+    let flowed = tokio::time::timeout(blog_tests::DEADLINE, async {
+        let mut flowed: Vec<(String, String)> = Vec::new();
+        while flowed.iter().filter(|(e, _)| e == "delivered").count() < 6 {
+            flowed.push(flow_rx.recv().await.expect("flows still open"));
+        }
+        flowed
+    })
     .await
     .expect("flow streamed in time");
-    let published: Vec<_> =
+    // Each stored event once, in the log's order (every replica shows every one).
+    let mut published: Vec<_> =
         flowed.iter().filter(|(e, _)| e == "published").map(|(_, d)| serde_json::from_str::<serde_json::Value>(d).unwrap()).collect();
+    published.sort_by_key(|p| p["seq"].as_u64());
+    published.dedup_by_key(|p| p["seq"].as_u64());
     let types: Vec<_> = published.iter().map(|p| p["type"].as_str().unwrap_or_default().to_owned()).collect();
     assert_eq!(types, ["PostCreated", "CommentCreated", "CommentModerated", "CommentUpdated"]);
     assert!(published.iter().all(|p| p.get("requestId").is_none()), "the flow reveals only the events' own fields");
@@ -182,14 +199,22 @@ async fn live_streams_show_the_view_changing_and_the_events_flowing(mode: Mode) 
     assert_eq!(delivered, expected.map(|(t, s)| (t.to_owned(), s.to_owned())), "{flowed:?}");
     // Every subscriber's cursor still reaches the head: what it does not
     // consume it is moved over, not held back by; and it was pushed nothing else.
-    let status = suite
-        .eventually("every cursor at the head", || async {
-            let status = suite.send(suite.http.get(format!("{}/status", suite.url(Service::EventBus)))).await.body;
-            status["subscribers"].as_array()?.iter().all(|s| s["cursor"] == 4 && s["lag"] == 0).then_some(status)
-        })
-        .await;
-    let delivered_counts: Vec<_> =
-        status["subscribers"].as_array().unwrap().iter().map(|s| (s["name"].clone(), s["delivered"].clone())).collect();
-    assert_eq!(delivered_counts, [(json!("comments"), json!(2)), (json!("moderation"), json!(1)), (json!("query"), json!(3))]);
+    // Scaled out, each replica says so, and counts what it delivered itself: summed, each delivery once.
+    let mut delivered_counts = std::collections::BTreeMap::new();
+    for url in suite.process_urls(Service::EventBus) {
+        let status = suite
+            .eventually(&format!("every cursor at the head at {url}"), || async {
+                let status = suite.send(suite.http.get(format!("{url}/status"))).await.body;
+                status["subscribers"].as_array()?.iter().all(|s| s["cursor"] == 4 && s["lag"] == 0).then_some(status)
+            })
+            .await;
+        for subscriber in status["subscribers"].as_array().unwrap() {
+            *delivered_counts.entry(subscriber["name"].as_str().unwrap().to_owned()).or_insert(0) +=
+                subscriber["delivered"].as_u64().unwrap();
+        }
+    }
+    let delivered_counts: Vec<_> = delivered_counts.into_iter().collect();
+    assert_eq!(delivered_counts, [("comments".to_owned(), 2), ("moderation".to_owned(), 1), ("query".to_owned(), 3)]);
+    readers.iter().for_each(tokio::task::JoinHandle::abort);
     suite.shutdown().await;
 }

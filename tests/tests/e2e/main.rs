@@ -5,8 +5,8 @@
 //!
 //! The flow and bad-input suites run twice, as [`in_both_modes!`] lists them:
 //! `<module>::single::<test>` on one process per service, and
-//! `<module>::scaled::<test>` on two replicas of every service but the bus on
-//! PostgreSQL (`cargo test --test e2e scaled::`).
+//! `<module>::scaled::<test>` on two replicas of every service on
+//! PostgreSQL, the bus's on a 3-node JetStream (`cargo test --test e2e scaled::`).
 
 /// Runs each listed test body (`async fn <test>(mode: Mode)` in the calling
 /// module) in both modes: `single::<test>` and `scaled::<test>` (2 replicas;
@@ -36,6 +36,7 @@ macro_rules! in_both_modes {
 
 mod bad_input;
 mod browser;
+mod bus_faults;
 mod durability;
 mod faults;
 mod flow;

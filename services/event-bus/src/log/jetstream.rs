@@ -32,8 +32,11 @@ pub const SUBJECT: &str = "blog.events";
 pub const CURSORS: &str = "blog-bus-cursors";
 /// How long JetStream remembers a `Nats-Msg-Id` (its default, stated here).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// How long an acknowledgement or a read may take before the request fails (503).
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an acknowledgement or a read may take before the request fails
+/// (503). Short: while a stream elects a new leader (its leader's node lost)
+/// a publish goes unanswered, and the publisher's relay retries it sooner
+/// (idempotent by `Nats-Msg-Id`) than a long wait would end.
+const TIMEOUT: Duration = Duration::from_secs(3);
 /// Reads of one page in flight at once.
 const READ_AHEAD: usize = 64;
 
@@ -72,7 +75,8 @@ impl JetStreamLog {
     /// Connects (retrying until a server answers) and makes the stream and
     /// the cursors' bucket if they are not there yet; any number of replicas
     /// may do this at once.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// `replica` names this replica in the delivery leases it takes.
+    pub async fn connect(url: &str, replica: &str) -> Result<Self, StoreError> {
         let servers = parse_servers(url).map_err(unavailable)?;
         let replicas = servers.len().min(3);
         let client = async_nats::ConnectOptions::new()
@@ -98,14 +102,32 @@ impl JetStreamLog {
             Ok(store) => store,
             Err(_) => retry_while_electing(|| js.create_key_value(bucket.clone())).await?,
         };
-        let leases = crate::lease::Leases::open(&js, replicas).await?;
+        let leases = crate::lease::Leases::open(&js, replicas, replica).await?;
         Ok(Self { client, js, stream, cursors, leases })
     }
 
     /// The highest sequence number in the stream.
     pub async fn head(&self) -> Result<u64, StoreError> {
+        Ok(self.state().await?.last_seq)
+    }
+
+    /// The stream as JetStream reports it now (its leader answers).
+    pub async fn state(&self) -> Result<StreamState, StoreError> {
         let mut stream = self.stream.clone();
-        Ok(stream.info().await.map_err(unavailable)?.state.last_sequence)
+        let info = tokio::time::timeout(TIMEOUT, stream.info()).await.map_err(unavailable)?.map_err(unavailable)?;
+        let cluster = info.cluster.clone().unwrap_or_default();
+        let mut replicas: Vec<Peer> =
+            cluster.replicas.iter().map(|p| Peer { name: p.name.clone(), current: p.current && !p.offline }).collect();
+        if let Some(leader) = &cluster.leader {
+            replicas.insert(0, Peer { name: leader.clone(), current: true });
+        }
+        Ok(StreamState {
+            stream: STREAM,
+            last_seq: info.state.last_sequence,
+            messages: info.state.messages,
+            leader: cluster.leader,
+            replicas,
+        })
     }
 
     /// Publishes every event (pipelined), then waits for each acknowledgement in order.
@@ -196,6 +218,40 @@ impl JetStreamLog {
     pub fn ping(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+
+    /// Whether JetStream answers now: connected to a server, and the stream's
+    /// leader reports its state within `within`.
+    pub async fn reachable(&self, within: Duration) -> Result<(), StoreError> {
+        if !self.ping() {
+            return Err(unavailable(format!("not connected ({:?})", self.client.connection_state())));
+        }
+        let mut stream = self.stream.clone();
+        match tokio::time::timeout(within, stream.info()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable(format!("the stream did not answer within {within:?}"))),
+        }
+    }
+}
+
+/// The stream's state, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamState {
+    pub stream: &'static str,
+    /// The stream's last sequence number: the log's head.
+    pub last_seq: u64,
+    pub messages: u64,
+    /// The NATS server that leads the stream's replicas.
+    pub leader: Option<String>,
+    /// Every server holding a replica of the stream, leader first, and whether it is current with the leader.
+    pub replicas: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub current: bool,
 }
 
 /// A freshly started cluster answers "no suitable peers" or times out
@@ -235,7 +291,7 @@ pub(crate) fn encode_key(name: &str) -> String {
     name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_key(key: &str) -> Option<String> {
+pub(crate) fn decode_key(key: &str) -> Option<String> {
     let bytes =
         (0..key.len()).step_by(2).map(|i| key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>()?;
     String::from_utf8(bytes).ok()
