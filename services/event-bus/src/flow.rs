@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use axum::response::sse;
 use blog_domain::EventKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Records buffered for a slow watcher before it is told to resync.
@@ -29,7 +29,8 @@ pub struct Published {
     pub timestamp: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// On JetStream it also travels between replicas (`log::jetstream::DELIVERED_SUBJECT`), in this shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Delivered {
     pub seq: u64,

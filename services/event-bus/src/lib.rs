@@ -14,7 +14,8 @@
 //! sequence number, each cursor the durable one (or the deliverer's newer
 //! one from its lease), each subscriber names the replica delivering it, and
 //! the stream's leader and replicas are shown; `/readyz` answers 503 while
-//! JetStream cannot be reached.
+//! JetStream cannot be reached; `/flow` shows every replica's deliveries
+//! (shared over NATS), each once.
 
 pub mod delivery;
 pub mod flow;
@@ -163,7 +164,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     };
     let saved: std::collections::HashMap<String, u64> = log.cursors().await?.into_iter().collect();
     let http = http_client(config.delivery_timeout);
-    let flow = log.flow().clone();
+    // On JetStream the deliverers' records go through NATS, so that every
+    // replica's `/flow` shows every replica's deliveries, each once.
+    let flow = match log.jetstream() {
+        Some(jetstream) => jetstream.share_deliveries(log.flow().clone(), shutdown.clone()).await?,
+        None => log.flow().clone(),
+    };
     let head = log.head_now();
     let mut statuses = Vec::new();
     let calls = blog_kit::messaging::bus_client::OutboundCalls::default();

@@ -268,11 +268,47 @@ async fn wait_received(received: &Mutex<Vec<Value>>, count: usize) -> Vec<String
     }
 }
 
+/// The ids of the `delivered` records on a bus's `/flow`, as they come.
+async fn flow_deliveries(base: &str) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let mut response = blog_kit::http::client::build_client(|b| b).get(format!("{base}/flow")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (sender, ids) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buffer = String::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+                if let (Some("delivered"), Some(data)) = (field("event:"), field("data:")) {
+                    let record: Value = serde_json::from_str(data).unwrap();
+                    assert_eq!(record["subscriber"], "query");
+                    let _ = sender.send(record["id"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    });
+    ids
+}
+
+/// The next `count` ids from [`flow_deliveries`].
+async fn next_deliveries(ids: &mut tokio::sync::mpsc::UnboundedReceiver<String>, count: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        match tokio::time::timeout(Duration::from_secs(30), ids.recv()).await {
+            Ok(Some(id)) => seen.push(id),
+            _ => panic!("{} of {count} deliveries on the flow: {seen:?}", seen.len()),
+        }
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_bus_replicas_deliver_each_event_once_in_order_and_one_takes_over_when_the_other_stops() {
     let Some((_dir, cluster)) = nats_cluster(1).await else { return };
     let (url, received) = subscriber().await;
     let (a, b) = (Bus::start(&cluster, &url).await, Bus::start(&cluster, &url).await);
+    let (mut flow_a, mut flow_b) = (flow_deliveries(&a.base).await, flow_deliveries(&b.base).await);
     let liked = |id: String| json!({"id": id, "type": "PostLiked", "data": {"id": "p"}});
     for i in 0..10 {
         let replica = if i % 2 == 0 { &a } else { &b };
@@ -291,7 +327,10 @@ async fn two_bus_replicas_deliver_each_event_once_in_order_and_one_takes_over_wh
         (on_a, on_b) = (a.delivered().await, b.delivered().await);
     }
     assert!(on_a == 0 || on_b == 0, "exactly one replica delivered: {on_a} and {on_b}");
-    let (holder, other) = if on_a > 0 { (a, b) } else { (b, a) };
+    // Each replica's `/flow` shows every delivery once, whichever replica made it.
+    assert_eq!(next_deliveries(&mut flow_a, 10).await, expected, "a's flow");
+    assert_eq!(next_deliveries(&mut flow_b, 10).await, expected, "b's flow");
+    let (holder, other, mut other_flow) = if on_a > 0 { (a, b, flow_b) } else { (b, a, flow_a) };
     holder.stop().await;
     for i in 10..20 {
         other.publish(liked(format!("e{i:02}"))).await;
@@ -299,6 +338,8 @@ async fn two_bus_replicas_deliver_each_event_once_in_order_and_one_takes_over_wh
     let ids = wait_received(&received, 20).await;
     let expected: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
     assert_eq!(ids, expected, "after the handover: nothing skipped, doubled or reordered");
+    // Its own deliveries now, once each: nothing of the first ten came again.
+    assert_eq!(next_deliveries(&mut other_flow, 10).await, expected[10..], "the flow after the handover");
     other.stop().await;
     cluster.stop().await;
 }

@@ -14,6 +14,11 @@
 //! Subscribers' cursors live in the key-value bucket [`CURSORS`] (same
 //! replicas), one key per subscriber, only ever moved forward (compare and
 //! set on the key's revision), so two replicas saving at once never move one back.
+//!
+//! Each replica publishes the deliveries it makes on the core NATS subject
+//! [`DELIVERED_SUBJECT`] (no stream: a live view, lost when nobody listens)
+//! and every replica's `/flow` shows what arrives there, its own included:
+//! each delivery once, whichever replica made it.
 
 use std::time::Duration;
 
@@ -22,14 +27,20 @@ use async_nats::{
     jetstream::{self, consumer, kv, stream},
 };
 use blog_domain::Event;
-use blog_kit::StoreError;
+use blog_kit::{Shutdown, StoreError};
 use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::broadcast;
 
 use super::Stored;
+use crate::flow::{Delivered, Flow};
 
 pub const STREAM: &str = "BLOG_EVENTS";
 pub const SUBJECT: &str = "blog.events";
 pub const CURSORS: &str = "blog-bus-cursors";
+/// Core NATS subject carrying every replica's deliveries to every replica's `/flow`.
+pub const DELIVERED_SUBJECT: &str = "blog.flow.delivered";
+/// Most deliveries in one message on [`DELIVERED_SUBJECT`] (a JSON array; far under NATS's 1 MiB payload limit).
+const DELIVERED_BATCH: usize = 256;
 /// How long JetStream remembers a `Nats-Msg-Id` (its default, stated here).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long an acknowledgement or a read may take before the request fails
@@ -215,6 +226,31 @@ impl JetStreamLog {
         &self.leases
     }
 
+    /// Shares deliveries between the replicas' `/flow`s until `shutdown`:
+    /// what this replica's deliverers record on the returned sender is
+    /// published on [`DELIVERED_SUBJECT`], and what any replica publishes
+    /// there (this one's included) is told to `flow`. Both ends are bounded
+    /// and drop records rather than wait: a watcher that falls behind loses
+    /// part of the view, never slows delivery.
+    pub async fn share_deliveries(&self, flow: broadcast::Sender<Flow>, shutdown: Shutdown) -> Result<broadcast::Sender<Flow>, StoreError> {
+        let subscription = self.client.subscribe(DELIVERED_SUBJECT).await.map_err(unavailable)?;
+        let recorded = broadcast::Sender::new(crate::flow::BUFFER);
+        tokio::spawn(publish_deliveries(self.client.clone(), recorded.subscribe(), shutdown.clone()));
+        tokio::spawn(async move {
+            let mut shared = std::pin::pin!(subscription.take_until(async move { shutdown.wait().await }));
+            while let Some(message) = shared.next().await {
+                match serde_json::from_slice::<Vec<Delivered>>(&message.payload) {
+                    Ok(records) if flow.receiver_count() > 0 => records.into_iter().for_each(|record| {
+                        let _ = flow.send(Flow::Delivered(record));
+                    }),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "unreadable deliveries from another replica"),
+                }
+            }
+        });
+        Ok(recorded)
+    }
+
     pub fn ping(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -230,6 +266,43 @@ impl JetStreamLog {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable(format!("the stream did not answer within {within:?}"))),
+        }
+    }
+}
+
+/// Publishes the deliveries recorded on `records`, as many as are waiting
+/// (up to [`DELIVERED_BATCH`]) in one message; those it falls behind on are dropped.
+async fn publish_deliveries(client: async_nats::Client, mut records: broadcast::Receiver<Flow>, shutdown: Shutdown) {
+    use broadcast::error::{RecvError, TryRecvError};
+    loop {
+        let first = tokio::select! {
+            first = records.recv() => first,
+            () = shutdown.wait() => return,
+        };
+        let mut batch = Vec::new();
+        match first {
+            Ok(Flow::Delivered(record)) => batch.push(record),
+            Ok(Flow::Published(_)) => {}
+            Err(RecvError::Lagged(dropped)) => tracing::debug!(dropped, "deliveries not shared: the connection was slow"),
+            Err(RecvError::Closed) => return,
+        }
+        while batch.len() < DELIVERED_BATCH {
+            match records.try_recv() {
+                Ok(Flow::Delivered(record)) => batch.push(record),
+                Ok(Flow::Published(_)) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match serde_json::to_vec(&batch) {
+            Ok(body) => {
+                if let Err(e) = client.publish(DELIVERED_SUBJECT, body.into()).await {
+                    tracing::debug!(error = %e, "deliveries not shared");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "deliveries not shared"),
         }
     }
 }
