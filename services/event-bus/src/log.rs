@@ -31,6 +31,8 @@ use crate::flow::{Flow, Published};
 
 /// Events kept in memory for delivery.
 const RECENT: usize = 8_192;
+/// How often a replica on JetStream reads the stream's head besides following its tail.
+const HEAD_CHECK: Duration = Duration::from_secs(1);
 
 pub const MIGRATIONS: &[&str] = &[
     "
@@ -89,8 +91,23 @@ impl EventLog {
         let stream = Arc::new(jetstream::JetStreamLog::connect(url, replica).await?);
         let head = stream.head().await?;
         let log = Self::new(Backend::JetStream(stream.clone()), head);
-        tokio::spawn(log.clone().follow(stream, head, shutdown));
+        tokio::spawn(log.clone().follow(stream.clone(), head, shutdown.clone()));
+        tokio::spawn(log.clone().check_head(stream, shutdown));
         Ok(log)
+    }
+
+    /// A safety net under [`EventLog::follow`]: JetStream's own head, every
+    /// [`HEAD_CHECK`]. After a node of the cluster died, the tail's ordered
+    /// consumer was seen to stall without an error (CI: a subscriber missed
+    /// the last event for 20 s); a head moved here wakes the deliverers, and
+    /// [`EventLog::after`] reads what the cache lacks from the stream itself.
+    async fn check_head(self, stream: Arc<jetstream::JetStreamLog>, shutdown: blog_kit::Shutdown) {
+        while !shutdown.sleep(HEAD_CHECK).await {
+            match stream.head().await {
+                Ok(head) => self.advance(head),
+                Err(e) => tracing::debug!(error = %e, "cannot read JetStream's head; the tail and the next check will"),
+            }
+        }
     }
 
     /// Caches what any replica stores after `after`, moves the head and
