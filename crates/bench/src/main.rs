@@ -182,7 +182,7 @@ async fn launch_with(
 ) -> Result<Suite, Error> {
     let mut options = Options::standard(bin_dir.to_owned(), dir.join("data"), free_port(), LogSink::Dir(dir.to_owned()));
     options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
-    options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES)?, |_, _| free_port());
+    options.scale(replicas, free_port(), blog_local::nats::free_nodes(blog_local::nats::NODES), |_, _| free_port());
     configure(&mut options);
     let suite = Suite::launch(options).await?;
     suite.wait_ready(Duration::from_secs(30)).await?;

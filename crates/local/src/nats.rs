@@ -173,8 +173,8 @@ pub fn url_of(nodes: &[NodePorts]) -> String {
 }
 
 /// `count` nodes on free ports of 127.0.0.1, for tests and benchmarks.
-pub fn free_nodes(count: usize) -> io::Result<Vec<NodePorts>> {
-    Ok((0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect())
+pub fn free_nodes(count: usize) -> Vec<NodePorts> {
+    (0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect()
 }
 
 /// Prepares the cluster under `data_dir`, runs its nodes under `supervisor`
@@ -203,15 +203,9 @@ impl Cluster {
 
     /// Starts `count` nodes (1 for a single-node JetStream).
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
-        let nodes = free_nodes(count)?;
-        let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
-        match start(&mut supervisor, data_dir, nodes).await {
-            Ok(nats) => Ok(Self { nats, supervisor }),
-            Err(e) => {
-                supervisor.shutdown().await;
-                Err(e)
-            }
-        }
+        let nodes = free_nodes(count);
+        let (nats, supervisor) = Supervisor::owning(data_dir.to_owned(), log, async |s| start(s, data_dir, nodes).await).await?;
+        Ok(Self { nats, supervisor })
     }
 
     /// Stops every node; returns once they have exited.

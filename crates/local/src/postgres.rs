@@ -233,14 +233,8 @@ impl Server {
     /// Starts one in `data_dir` (its pid file there too) on `port`, with the services' databases.
     pub async fn start(data_dir: &Path, port: u16, log: LogSink) -> io::Result<Self> {
         ensure_installed()?;
-        let mut supervisor = Supervisor::new(data_dir.to_owned(), log);
-        match start(&mut supervisor, data_dir, port).await {
-            Ok(postgres) => Ok(Self { postgres, supervisor }),
-            Err(e) => {
-                supervisor.shutdown().await;
-                Err(e)
-            }
-        }
+        let (postgres, supervisor) = Supervisor::owning(data_dir.to_owned(), log, async |s| start(s, data_dir, port).await).await?;
+        Ok(Self { postgres, supervisor })
     }
 
     /// Fast shutdown; returns once the server has exited.

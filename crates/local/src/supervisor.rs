@@ -85,6 +85,23 @@ impl Supervisor {
         Self { dir, log, processes: BTreeMap::new(), order: Vec::new() }
     }
 
+    /// Runs `start` under a supervisor of its own (a server outside any
+    /// suite, for a test); if it fails, whatever it started is stopped.
+    pub async fn owning<T>(
+        dir: PathBuf,
+        log: LogSink,
+        start: impl AsyncFnOnce(&mut Supervisor) -> std::io::Result<T>,
+    ) -> std::io::Result<(T, Self)> {
+        let mut supervisor = Self::new(dir, log);
+        match start(&mut supervisor).await {
+            Ok(value) => Ok((value, supervisor)),
+            Err(e) => {
+                supervisor.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Starts supervising (and running) `spec`.
     pub fn add(&mut self, spec: ProcessSpec) {
         let managed = Arc::new(Managed {
