@@ -6,7 +6,7 @@
 //! transaction as its rows, so the two commit or vanish together, and the
 //! user gets an answer as soon as that commit is durable, whatever the bus is
 //! doing. Nothing else is asked of the writer: the commit itself hands the
-//! committed events to the relay in memory (on the database writer's thread,
+//! committed events to the relay in memory (on the thread that committed,
 //! in commit order) and wakes it, so the happy path neither polls nor reads
 //! the events back from the table.
 //!
@@ -291,7 +291,7 @@ fn stage_sql(engine: Engine) -> &'static str {
 }
 
 impl Shared {
-    /// Takes committed events (on the writer thread, in commit order).
+    /// Takes committed events (on the committing thread, in commit order).
     fn hand_off(&self, staged: Vec<(i64, Event)>) {
         if staged.is_empty() {
             return;

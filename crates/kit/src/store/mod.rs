@@ -10,7 +10,7 @@
 //! engines can bind and read (text, `i64` as `BIGINT`, their `Option`s).
 //!
 //! [`Store`] is the engine behind it, chosen by configuration: SQLite in
-//! `DATA_DIR` ([`sqlite`]: one writer thread with group commit, a pool of
+//! `DATA_DIR` ([`sqlite`]: one write connection: a lone write commits on its caller.s thread, concurrent ones group-commit on a writer thread; a pool of
 //! readers), or PostgreSQL at `DATABASE_URL` ([`postgres`]: a pool of
 //! connections shared by every replica of the service, each unit of work one
 //! transaction on a blocking thread). Schemas are [`Migration`]s: one text
