@@ -649,8 +649,10 @@ async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<Vec<Du
     let query = suite.options.url(Service::Query);
     let post: Value = http.post(format!("{gateway}/posts/create")).json(&json!({"title": "lag"})).send().await?.json().await?;
     let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
-    let polled = measure_lag(http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Poll(&query)).await?;
+    let period = std::cell::Cell::new(0.0);
+    let polled = measure_lag(http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Poll(&query, &period)).await?;
     print_lag("consistency lag, idle, polling GET /posts every 1 ms:", &polled);
+    println!("  (one GET every {:.2} ms on average while polling)", period.get());
     let streamed = measure_lag(http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
     print_lag("consistency lag, idle, query's live stream:          ", &streamed);
     lag_breakdown(http, &gateway, &suite.options.url(Service::EventBus), &post_id, LAG_SAMPLES / 2).await?;
@@ -671,8 +673,8 @@ async fn post_comment(http: &reqwest::Client, gateway: &str, post_id: &str, cont
 #[derive(Clone, Copy)]
 enum LagProbe<'a> {
     /// `GET /posts` on query (this base URL) every millisecond, as the
-    /// original's lag was measured.
-    Poll(&'a str),
+    /// original's lag was measured; sets the mean time between GETs.
+    Poll(&'a str, &'a std::cell::Cell<f64>),
     /// Query's live stream, `GET /posts/stream` through the gateway.
     Stream,
 }
@@ -689,9 +691,10 @@ async fn measure_lag(
     let (tx, mut events) = mpsc::unbounded_channel::<(String, Value, Instant)>();
     let reader = match probe {
         LagProbe::Stream => Some(sse_events(http.get(format!("{gateway}/posts/stream")).send().await?, tx)),
-        LagProbe::Poll(_) => None,
+        LagProbe::Poll(..) => None,
     };
     let mut lags = Vec::with_capacity(samples);
+    let (mut polls, mut polling) = (0u32, Duration::ZERO);
     for i in 0..samples {
         let started = Instant::now();
         let id = post_comment(http, gateway, post_id, &format!("lag sample {i}")).await?;
@@ -703,9 +706,16 @@ async fn measure_lag(
                     break;
                 }
             },
-            LagProbe::Poll(query) => {
+            LagProbe::Poll(query, _) => {
                 let deadline = started + Duration::from_secs(30);
+                // A GET every millisecond on a fixed schedule (a sleep after
+                // each answer would poll every 1 ms plus the GET, plus the
+                // timer's rounding: closer to every 2 ms).
+                let mut every_ms = tokio::time::interval(Duration::from_millis(1));
+                every_ms.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
+                    every_ms.tick().await;
+                    polls += 1;
                     let view: serde_json::Map<String, Value> = http.get(format!("{query}/posts")).send().await?.json().await?;
                     let at = Instant::now();
                     let shown = view
@@ -719,13 +729,16 @@ async fn measure_lag(
                     if at > deadline {
                         return Err(format!("comment {id} not approved in query after 30 s").into());
                     }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
+                polling += started.elapsed();
             }
         }
     }
     if let Some(reader) = reader {
         reader.abort();
+    }
+    if let LagProbe::Poll(_, period) = probe {
+        period.set(polling.as_secs_f64() * 1e3 / f64::from(polls.max(1)));
     }
     lags.sort();
     Ok(lags)
