@@ -10,8 +10,9 @@
 //! engines can bind and read (text, `i64` as `BIGINT`, their `Option`s).
 //!
 //! [`Store`] is the engine behind it, chosen by configuration: SQLite in
-//! `DATA_DIR` ([`sqlite`]: one write connection: a lone write commits on its caller.s thread, concurrent ones group-commit on a writer thread; a pool of
-//! readers), or PostgreSQL at `DATABASE_URL` ([`postgres`]: a pool of
+//! `DATA_DIR` ([`sqlite`]: one write connection, where a lone write commits
+//! on its caller's thread and concurrent ones group-commit on a writer
+//! thread; a pool of readers), or PostgreSQL at `DATABASE_URL` ([`postgres`]: a pool of
 //! connections shared by every replica of the service, each unit of work one
 //! transaction on a blocking thread). Schemas are [`Migration`]s: one text
 //! where both engines accept it, an explicit pair where they differ (SQLite's
