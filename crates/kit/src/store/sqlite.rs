@@ -662,19 +662,42 @@ mod tests {
         assert!(store.ping().await);
     }
 
-    #[tokio::test]
-    async fn readiness_notices_a_dead_writer() {
+    /// A job that panics, committed by its caller (`queued: false`) or by
+    /// the writer thread (`queued: true`, the connection held meanwhile so
+    /// that it must queue): its caller and every later writer hear that the
+    /// writer is gone, and readiness turns false.
+    #[allow(clippy::await_holding_lock, reason = "the test holds the connection to make the job queue")]
+    async fn a_panicking_job_stops_the_writer(queued: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
-        assert!(store.ping().await);
-        let crashed = store.write(|_| -> Result<(), StoreError> { panic!("a bug in a write job") }).await;
+        let db = Sqlite::open_capped(dir.path(), "t", SCHEMA, None).unwrap();
+        assert!(db.ping().await);
+        let busy = queued.then(|| db.inner.state.lock().unwrap());
+        let job = db.clone();
+        let crashed =
+            tokio::spawn(async move { job.submit(true, |_| -> Result<(), StoreError> { panic!("a bug in a write job") }, |_| {}).await });
+        while queued && db.inner.queued.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+        drop(busy);
+        let crashed = crashed.await.unwrap();
         assert!(matches!(crashed, Err(StoreError::WriterGone)), "{crashed:?}");
-        // The caller may hear of it while the thread is still unwinding.
+        // The caller may hear of it while the writer thread is still unwinding.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.ping().await {
+        while db.ping().await {
             assert!(std::time::Instant::now() < deadline, "reads still work, but readiness must see that writes cannot");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
-        assert!(matches!(insert(&store, "x").await, Err(StoreError::WriterGone)));
+        assert!(matches!(put(&db, true, "x").await, Err(StoreError::WriterGone)));
+        assert!(matches!(put(&db, false, "y").await, Err(StoreError::WriterGone)));
+    }
+
+    #[tokio::test]
+    async fn readiness_notices_a_dead_writer_when_the_caller_commits() {
+        a_panicking_job_stops_the_writer(false).await;
+    }
+
+    #[tokio::test]
+    async fn readiness_notices_a_dead_writer_when_the_writer_thread_commits() {
+        a_panicking_job_stops_the_writer(true).await;
     }
 }
