@@ -65,6 +65,24 @@ pub fn db_max_bytes() -> Result<Option<u64>, ConfigError> {
     Ok(Some(var::<u64>("DB_MAX_BYTES", 0)?).filter(|max| *max > 0))
 }
 
+/// `cap` (`DB_MAX_BYTES`) when the data is in SQLite. It caps a SQLite
+/// database only: with `elsewhere` set (the variable that keeps the data in
+/// PostgreSQL or JetStream) it would cap nothing, so it is refused rather
+/// than promising a limit nobody keeps.
+pub fn sqlite_cap(cap: Option<u64>, elsewhere: Option<&str>) -> Result<Option<u64>, ConfigError> {
+    match (cap, elsewhere) {
+        (Some(cap), Some(variable)) => Err(ConfigError {
+            name: "DB_MAX_BYTES".into(),
+            value: cap.to_string(),
+            reason: format!(
+                "caps a SQLite database only, and {variable} keeps this service's data elsewhere: \
+                 unset DB_MAX_BYTES and size that store's own storage"
+            ),
+        }),
+        _ => Ok(cap),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +95,14 @@ mod tests {
             let error = parse_base_url("X_URL", bad).unwrap_err();
             assert_eq!((error.name.as_str(), error.value.as_str()), ("X_URL", bad));
         }
+    }
+
+    #[test]
+    fn a_database_cap_is_refused_where_the_data_is_not_in_sqlite() {
+        assert_eq!(sqlite_cap(Some(4096), None).unwrap(), Some(4096));
+        assert_eq!(sqlite_cap(None, Some("DATABASE_URL")).unwrap(), None);
+        let error = sqlite_cap(Some(4096), Some("EVENT_STORE")).unwrap_err();
+        assert_eq!((error.name.as_str(), error.value.as_str()), ("DB_MAX_BYTES", "4096"));
+        assert!(error.reason.contains("EVENT_STORE"), "{}", error.reason);
     }
 }

@@ -21,7 +21,8 @@ pub struct CommonConfig {
     /// `INTERNAL_SECRET`: every service here has a `POST /events` to guard
     /// and publishes or consumes through the bus.
     pub internal_secret: InternalSecret,
-    /// `DB_MAX_BYTES`: cap of the service's SQLite database (unset or 0: none).
+    /// `DB_MAX_BYTES`: cap of the service's SQLite database (unset or 0: none;
+    /// refused with `DATABASE_URL`).
     pub db_max_bytes: Option<u64>,
     /// `DATABASE_URL`: the service's PostgreSQL database, shared by its
     /// replicas; unset, the service keeps SQLite in `DATA_DIR`.
@@ -30,13 +31,14 @@ pub struct CommonConfig {
 
 impl CommonConfig {
     pub fn from_env(service: Service) -> Result<Self, ConfigError> {
+        let database_url = database_url()?;
         Ok(Self {
             port: config::var("PORT", service.default_port())?,
             data_dir: config::var("DATA_DIR", PathBuf::from(".data").join(service.name()))?,
             bus_url: config::peer_url(Service::EventBus)?,
             internal_secret: InternalSecret::from_env()?,
-            db_max_bytes: config::db_max_bytes()?,
-            database_url: database_url()?,
+            db_max_bytes: config::sqlite_cap(config::db_max_bytes()?, database_url.as_ref().map(|_| "DATABASE_URL"))?,
+            database_url,
         })
     }
 }

@@ -62,7 +62,8 @@ pub struct Config {
     pub batch: u32,
     /// `INTERNAL_SECRET`: required of publishers, sent to subscribers.
     pub internal_secret: InternalSecret,
-    /// `DB_MAX_BYTES`: cap of the log's database (unset or 0: none).
+    /// `DB_MAX_BYTES`: cap of the log's database (unset or 0: none; refused
+    /// with `EVENT_STORE`).
     pub db_max_bytes: Option<u64>,
     /// `EVENT_STORE`: `nats://host:port[,…]` keeps the log in JetStream; unset, in `DATA_DIR`.
     pub event_store: Option<String>,
@@ -79,6 +80,7 @@ impl Config {
             .join(",");
         let port = config::var("PORT", Service::EventBus.default_port())?;
         let host = std::env::var("HOSTNAME").ok().filter(|h| !h.trim().is_empty()).unwrap_or_else(|| "127.0.0.1".to_owned());
+        let event_store = event_store(std::env::var("EVENT_STORE").ok())?;
         Ok(Self {
             port,
             replica: format!("{host}:{port}"),
@@ -87,8 +89,8 @@ impl Config {
             delivery_timeout: Duration::from_millis(config::var("DELIVERY_TIMEOUT_MS", 5_000)?),
             batch: delivery_batch(config::var("DELIVERY_BATCH", 256)?)?,
             internal_secret: InternalSecret::from_env()?,
-            db_max_bytes: config::db_max_bytes()?,
-            event_store: event_store(std::env::var("EVENT_STORE").ok())?,
+            db_max_bytes: config::sqlite_cap(config::db_max_bytes()?, event_store.as_ref().map(|_| "EVENT_STORE"))?,
+            event_store,
         })
     }
 }
