@@ -5,7 +5,8 @@
 //! `blog_kit::telemetry::lag_mark`): each service logs, with the wall clock
 //! in microseconds, when an event reached each stage of its path (its writer
 //! committed it and handed it to the relay, the relay took it, the bus
-//! received it, its writer thread took it, it was stored, the push to a
+//! received it, its writer took it up (on the caller's thread when idle,
+//! else on the writer thread), it was stored, the push to a
 //! subscriber left, the subscriber received it, applied it, committed it...).
 //! Comments are sent one at a time, as in the lag probes; afterwards the logs
 //! are read back and every hop is cut into its stages. The marks cost a
@@ -137,7 +138,7 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
     let mut fan_out: HashMap<&str, Vec<String>> = HashMap::new();
     for (started, shown, events) in comments {
         // Where the previous hop ended: the POST's start, then the moment the
-        // previous consumer's writer thread took the event that causes this one.
+        // previous consumer's writer took up the event that causes this one.
         let mut origin = Some(*started);
         let mut applied_at = None;
         for (n, (kind, publisher, consumer)) in HOPS.iter().enumerate() {
@@ -153,11 +154,11 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
                 (committed, mark(publisher, "outbox.committed", id)),
                 (format!("{publisher}: relay woken, takes the hand-off"), mark(publisher, "relay.taken", id)),
                 ("relay -> bus: HTTP POST received".into(), mark(bus, "bus.received", id)),
-                ("bus: waits for its writer thread".into(), mark(bus, "bus.appending", id)),
+                ("bus: waits for the write connection".into(), mark(bus, "bus.appending", id)),
                 ("bus: insert, commit + fsync, hand back".into(), mark(bus, "bus.stored", id)),
                 (format!("bus: deliverer woken, push to {consumer} sent"), mark(bus, &format!("push.sent:{consumer}"), id)),
                 (format!("push: HTTP until {consumer} has it"), mark(consumer, "inbox.received", id)),
-                (format!("{consumer}: waits for its writer thread"), mark(consumer, "inbox.applying", id)),
+                (format!("{consumer}: waits for the write connection"), mark(consumer, "inbox.applying", id)),
                 (format!("{consumer}: apply, commit, hand back"), mark(consumer, "inbox.committed", id)),
             ];
             // The last link belongs to the next hop (its publisher's apply and

@@ -116,6 +116,10 @@ impl Supervisor {
         tokio::spawn(supervise(spec, managed, self.dir.clone(), self.log.clone()));
     }
 
+    /// The process `name`; asking for one this supervisor was never given is
+    /// a mistake in the calling test or command, so it panics naming it (the
+    /// read-only [`Supervisor::pid`] and [`Supervisor::is_wanted`] answer
+    /// `None`/`false` instead).
     fn get(&self, name: &str) -> &Arc<Managed> {
         self.processes.get(name).unwrap_or_else(|| panic!("no process named {name}"))
     }
@@ -131,11 +135,17 @@ impl Supervisor {
     }
 
     /// How many times the process has been started.
+    ///
+    /// # Panics
+    /// If this supervisor runs no process `name`.
     pub fn starts(&self, name: &str) -> u64 {
         *self.get(name).starts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stops the process (SIGTERM, SIGKILL after [`GRACE`]) and keeps it stopped.
+    ///
+    /// # Panics
+    /// If this supervisor runs no process `name`.
     pub async fn stop(&self, name: &str) {
         let managed = self.get(name);
         managed.wanted.send_replace(false);
@@ -144,6 +154,9 @@ impl Supervisor {
     }
 
     /// Starts a stopped process again.
+    ///
+    /// # Panics
+    /// If this supervisor runs no process `name`.
     pub fn start(&self, name: &str) {
         self.get(name).wanted.send_replace(true);
     }
