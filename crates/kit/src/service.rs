@@ -178,6 +178,8 @@ impl Serving {
         let app = self.router();
         self.start_background(&shutdown);
         serve(listener, app, shutdown).await?;
+        // Every request has been answered: nothing commits any more.
+        self.kit.outbox.release().await;
         Ok(())
     }
 

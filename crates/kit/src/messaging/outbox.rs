@@ -21,14 +21,19 @@
 //!
 //! On PostgreSQL several replicas share the table, and a replica may die
 //! with events it committed but never relayed. Each row carries a lease
-//! (`claimed_until`): a commit leases its own rows for [`LEASE`] (its relay
+//! (`claimed_until`) and its holder (`claimed_by`, a name each outbox makes
+//! up when it opens): a commit leases its own rows for [`LEASE`] (its relay
 //! has them in memory), and a sweep claims, with `FOR UPDATE SKIP LOCKED`,
-//! only rows whose lease ran out, for another [`LEASE`]. So a live replica
-//! relays its own events alone, and a dead one's are taken over by whichever
-//! replica sweeps next (within [`LEASE`] + [`IDLE_CHECK`]). Two relays
-//! publishing the same row (a lease that ran out while the bus was away) only
-//! send a duplicate, which the bus ignores. An idle replica costs one small
-//! query per [`IDLE_CHECK`]; its own commits wake it in memory.
+//! its own rows and those whose lease ran out, for another [`LEASE`]. So a
+//! live replica relays its own events alone (those it committed while its
+//! queue was not taking hand-offs included, at its next sweep); one that
+//! stops cleanly gives its leases up ([`Outbox::release`]), so the next
+//! sweep of another replica takes what it could not relay; and a dead one's
+//! are taken over once their lease ran out (within [`LEASE`] +
+//! [`IDLE_CHECK`]). Two relays publishing the same row (a lease that ran out
+//! while the bus was away) only send a duplicate, which the bus ignores. An
+//! idle replica costs one small query per [`IDLE_CHECK`]; its own commits
+//! wake it in memory.
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +68,7 @@ pub(crate) const SCHEMA: Migration = Migration::per_engine(
         claimed_until TIMESTAMPTZ
     );
     CREATE TABLE IF NOT EXISTS outbox_refused (pos BIGINT PRIMARY KEY, event TEXT NOT NULL, error TEXT NOT NULL);
+    ALTER TABLE outbox ADD COLUMN IF NOT EXISTS claimed_by TEXT;
 ",
 );
 
@@ -101,6 +107,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct Outbox {
     store: Store,
+    /// This outbox's name in the leases it takes (PostgreSQL).
+    holder: Arc<str>,
     shared: Arc<Shared>,
     published: Counter,
     retries: Counter,
@@ -124,6 +132,7 @@ impl Outbox {
         });
         Self {
             store,
+            holder: uuid::Uuid::new_v4().simple().to_string().into(),
             shared,
             published: metrics.counter("blog_outbox_published_total", "Events the bus acknowledged."),
             retries: metrics.counter("blog_outbox_retries_total", "Failed attempts to reach the bus."),
@@ -144,6 +153,7 @@ impl Outbox {
         E: From<StoreError> + Send + 'static,
     {
         let shared = self.shared.clone();
+        let holder = self.holder.clone();
         // Events published without a trace of their own belong to the
         // request (or other traced task) that commits them.
         let trace = telemetry::current_trace().map(|t| t.to_string());
@@ -155,7 +165,17 @@ impl Outbox {
                     event.traceparent.clone_from(&trace);
                 }
                 let json = serde_json::to_string(&event).map_err(|e| StoreError::Commit(format!("cannot serialise an event: {e}")))?;
-                let pos = tx.query_row(stage_sql(tx.engine()), &[&json], |row| row.get(0))?;
+                let pos = match tx.engine() {
+                    Engine::Sqlite => tx.query_row("INSERT INTO outbox (event) VALUES ($1) RETURNING pos", &[&json], |row| row.get(0))?,
+                    // Leased to this replica, whose relay gets it in memory.
+                    Engine::Postgres => tx.query_row(
+                        &format!(
+                            "INSERT INTO outbox (event, claimed_until, claimed_by) VALUES ($1, now() + {LEASE_SQL}, $2) RETURNING pos"
+                        ),
+                        &[&json, &&*holder],
+                        |row| row.get(0),
+                    )?,
+                };
                 staged.push((pos, event));
             }
             Ok((value, staged))
@@ -176,6 +196,29 @@ impl Outbox {
             Err(e) => tracing::error!(error = %e, "cannot re-drive refused events"),
         }
         retry::run(Relay { outbox: self, bus, sweep: true }, shutdown).await;
+    }
+
+    /// Gives up this replica's leases (PostgreSQL), once it has stopped
+    /// committing: what its relay did not get to is taken by the next sweep
+    /// of another replica rather than when the leases run out. With SQLite
+    /// (one process) there is nothing to give up.
+    pub async fn release(&self) {
+        if self.store.engine() != Engine::Postgres {
+            return;
+        }
+        let holder = self.holder.clone();
+        let released = self
+            .store
+            .write_relaxed(move |tx| {
+                tx.execute("UPDATE outbox SET claimed_until = NULL, claimed_by = NULL WHERE claimed_by = $1", &[&&*holder])
+            })
+            .await;
+        match released {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "stopping: outbox rows not yet relayed left to the other replicas"),
+            // They are taken over when the leases run out, as after a crash.
+            Err(e) => tracing::warn!(error = %e, "stopping: cannot give up the outbox leases"),
+        }
     }
 
     /// Moves every set-aside event back into the outbox; returns how many.
@@ -202,17 +245,22 @@ impl Outbox {
     /// the oldest whose lease ran out, claimed.
     async fn sweep(&self) -> Result<(), StoreError> {
         let was_behind = self.queue().behind;
-        let sweep = |tx: &Tx<'_>| {
-            let sql = match tx.engine() {
-                Engine::Sqlite => "SELECT pos, event FROM outbox ORDER BY pos LIMIT $1".to_owned(),
-                Engine::Postgres => format!(
-                    "UPDATE outbox SET claimed_until = now() + {LEASE_SQL}
-                     WHERE pos IN (SELECT pos FROM outbox WHERE claimed_until IS NULL OR claimed_until < now()
-                                   ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
-                     RETURNING pos, event"
-                ),
+        let holder = self.holder.clone();
+        let sweep = move |tx: &Tx<'_>| {
+            let mut rows = match tx.engine() {
+                Engine::Sqlite => tx.query_all("SELECT pos, event FROM outbox ORDER BY pos LIMIT $1", &[&(BATCH as i64)], pos_and_event)?,
+                Engine::Postgres => tx.query_all(
+                    &format!(
+                        "UPDATE outbox SET claimed_until = now() + {LEASE_SQL}, claimed_by = $2
+                         WHERE pos IN (SELECT pos FROM outbox
+                                       WHERE claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2
+                                       ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         RETURNING pos, event"
+                    ),
+                    &[&(BATCH as i64), &&*holder],
+                    pos_and_event,
+                )?,
             };
-            let mut rows = tx.query_all(&sql, &[&(BATCH as i64)], |row| Ok((row.get::<i64>(0)?, row.get::<String>(1)?)))?;
             rows.sort_unstable_by_key(|(pos, _)| *pos);
             let depth: i64 = tx.query_row("SELECT count(*) FROM outbox", &[], |row| row.get(0))?;
             Ok::<_, StoreError>((rows, depth))
@@ -280,14 +328,9 @@ impl Outbox {
     }
 }
 
-/// The statement that stages one event; on PostgreSQL the row comes leased
-/// to this replica, whose relay gets it in memory.
-fn stage_sql(engine: Engine) -> &'static str {
-    match engine {
-        Engine::Sqlite => "INSERT INTO outbox (event) VALUES ($1) RETURNING pos",
-        // The lease is LEASE_SQL.
-        Engine::Postgres => "INSERT INTO outbox (event, claimed_until) VALUES ($1, now() + interval '10 seconds') RETURNING pos",
-    }
+/// An outbox row as sweeps read it.
+fn pos_and_event(row: &crate::store::Row<'_, '_>) -> Result<(i64, String), StoreError> {
+    Ok((row.get(0)?, row.get(1)?))
 }
 
 impl Shared {
@@ -598,6 +641,60 @@ mod replicas {
         (url, seen)
     }
 
+    /// One replica's outbox on the shared database at `url`.
+    async fn replica(url: &crate::store::DatabaseUrl) -> Outbox {
+        let store = Store::connect(url, "p", &[] as &[Migration]).await.unwrap();
+        crate::messaging::install(&store).await.unwrap();
+        Outbox::new(store, &Registry::default())
+    }
+
+    /// Commits `count` events `<prefix>-<i>`, one per commit; returns their ids.
+    async fn commit_posts(outbox: &Outbox, prefix: &str, count: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        for i in 0..count {
+            let event = Event::from_value(
+                json!({"id": format!("{prefix}-{i}"), "type": "PostCreated", "data": {"id": format!("p{i}"), "title": "t"}}),
+            )
+            .unwrap();
+            ids.push(event.id.clone());
+            outbox.commit(true, move |tx| tx.publish(&event)).await.unwrap();
+        }
+        ids
+    }
+
+    fn staged_ids(outbox: &Outbox) -> Vec<String> {
+        outbox.next_batch().into_iter().map(|(_, event)| event.id).collect()
+    }
+
+    /// A replica's own rows that its queue did not take (committed before
+    /// its first sweep caught up) are its next sweep's, not held back by its
+    /// own lease; another replica's sweep leaves them alone until the replica
+    /// stops cleanly and gives its leases up, and then takes them at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn own_leased_rows_are_swept_by_their_holder_and_handed_over_on_a_clean_stop() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let stopping = replica(&url).await;
+        let committed = commit_posts(&stopping, "held", 3).await;
+        assert!(staged_ids(&stopping).is_empty(), "a queue that has not swept yet takes no hand-off");
+        stopping.sweep().await.unwrap();
+        assert_eq!(staged_ids(&stopping), committed, "its own sweep finds its own leased rows");
+
+        let other = replica(&url).await;
+        other.sweep().await.unwrap();
+        assert!(staged_ids(&other).is_empty(), "another replica leaves leased rows alone");
+        stopping.release().await;
+        other.sweep().await.unwrap();
+        assert_eq!(staged_ids(&other), committed, "released rows are the next sweep's");
+        stopping.sweep().await.unwrap();
+        let held_again: i64 = other
+            .store
+            .read(|tx| tx.query_row("SELECT count(*) FROM outbox WHERE claimed_by IS NULL OR claimed_until < now()", &[], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(held_again, 0, "every row is leased again, to the replica that swept it");
+    }
+
     /// A replica that committed events and died before relaying them: the
     /// other replica's relay takes them over once their lease runs out.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -609,23 +706,11 @@ mod replicas {
             let _ = stopped.await;
         });
         let (bus_url, seen) = recording_bus(shutdown.clone()).await;
-        let replica = || async {
-            let store = Store::connect(&url, "p", &[] as &[Migration]).await.unwrap();
-            crate::messaging::install(&store).await.unwrap();
-            Outbox::new(store, &Registry::default())
-        };
-        let dying = replica().await;
-        let mut staged = Vec::new();
-        for i in 0..5 {
-            let event =
-                Event::from_value(json!({"id": format!("dead-{i}"), "type": "PostCreated", "data": {"id": format!("p{i}"), "title": "t"}}))
-                    .unwrap();
-            staged.push(event.id.clone());
-            dying.commit(true, move |tx| tx.publish(&event)).await.unwrap();
-        }
+        let dying = replica(&url).await;
+        let staged = commit_posts(&dying, "dead", 5).await;
         drop(dying);
 
-        let survivor = replica().await;
+        let survivor = replica(&url).await;
         let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
         tokio::spawn(survivor.clone().relay(BusClient::new(http_client(Duration::from_secs(5)), &bus_url, secret), shutdown.clone()));
         let own = Event::from_value(json!({"id": "own", "type": "PostCreated", "data": {"id": "q", "title": "t"}})).unwrap();
