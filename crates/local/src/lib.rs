@@ -129,6 +129,9 @@ impl Options {
             ("PORT".to_owned(), port.to_string()),
             ("DATA_DIR".to_owned(), self.data_dir.join(name).display().to_string()),
         ];
+        if let Some(workers) = async_workers(service) {
+            env.push(("TOKIO_WORKER_THREADS".to_owned(), workers));
+        }
         for peer in Service::ALL {
             env.push((peer.url_env().to_owned(), self.url(peer)));
         }
@@ -152,6 +155,23 @@ impl Options {
     /// The base URLs of the processes of `service`.
     pub fn process_urls(&self, service: Service) -> Vec<String> {
         self.processes(service).into_iter().map(|(_, port)| format!("http://127.0.0.1:{port}")).collect()
+    }
+}
+
+/// `TOKIO_WORKER_THREADS` of a process of `service`, when the suite sets it.
+/// The suite's processes share this machine's cores, so each but query runs
+/// one async worker, as a container at the manifests' CPU limit of 500m does:
+/// their work is short steps waiting on I/O, and every hop of an event then
+/// wakes one thread per process rather than several (a second worker also
+/// looks for work to steal at every wake-up; on two cores the idle
+/// consistency lag was about 0.5 ms shorter). Query keeps tokio's default, a
+/// worker per core: answering `GET /posts` is CPU work (copying the whole
+/// view into each answer), and on one worker it served a third fewer. A
+/// `TOKIO_WORKER_THREADS` in the caller's environment applies to all.
+fn async_workers(service: Service) -> Option<String> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Ok(workers) => Some(workers),
+        Err(_) => (service != Service::Query).then(|| "1".to_owned()),
     }
 }
 
