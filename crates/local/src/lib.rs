@@ -129,7 +129,7 @@ impl Options {
             ("PORT".to_owned(), port.to_string()),
             ("DATA_DIR".to_owned(), self.data_dir.join(name).display().to_string()),
         ];
-        if let Some(workers) = async_workers(service) {
+        if let Some(workers) = async_workers(service, std::env::var("TOKIO_WORKER_THREADS").ok()) {
             env.push(("TOKIO_WORKER_THREADS".to_owned(), workers));
         }
         for peer in Service::ALL {
@@ -166,13 +166,10 @@ impl Options {
 /// looks for work to steal at every wake-up; on two cores the idle
 /// consistency lag was about 0.5 ms shorter). Query keeps tokio's default, a
 /// worker per core: answering `GET /posts` is CPU work (copying the whole
-/// view into each answer), and on one worker it served a third fewer. A
-/// `TOKIO_WORKER_THREADS` in the caller's environment applies to all.
-fn async_workers(service: Service) -> Option<String> {
-    match std::env::var("TOKIO_WORKER_THREADS") {
-        Ok(workers) => Some(workers),
-        Err(_) => (service != Service::Query).then(|| "1".to_owned()),
-    }
+/// view into each answer), and on one worker it served a third fewer. The
+/// caller's own `TOKIO_WORKER_THREADS` (`inherited`) applies to all.
+fn async_workers(service: Service, inherited: Option<String>) -> Option<String> {
+    inherited.or_else(|| (service != Service::Query).then(|| "1".to_owned()))
 }
 
 /// A secret for one run, from the OS's random source (v4 UUIDs): 244 random bits.
@@ -336,6 +333,20 @@ pub fn cargo_command() -> std::process::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_service_but_query_runs_one_async_worker_unless_the_caller_chooses() {
+        for service in Service::ALL {
+            let expected = (service != Service::Query).then(|| "1".to_owned());
+            assert_eq!(async_workers(service, None), expected, "{service:?}");
+            assert_eq!(async_workers(service, Some("3".to_owned())).as_deref(), Some("3"), "{service:?}");
+        }
+        let options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        for service in Service::ALL {
+            let set = options.env_for(service).iter().filter(|(name, _)| name == "TOKIO_WORKER_THREADS").count();
+            assert!(set <= 1, "{service:?} gets TOKIO_WORKER_THREADS at most once");
+        }
+    }
 
     #[test]
     fn scaled_out_every_service_has_named_replicas_the_bus_on_nats_and_unscaled_nothing_changes() {
