@@ -16,8 +16,9 @@
 //! whenever the in-memory queue overflowed while the bus was away. Until a
 //! sweep finds the table caught up, hand-offs are not taken, so events always
 //! reach the bus in commit order. The relay retries with the shared loop of
-//! [`super::retry`]; the bus stores each event id once, so a batch re-sent
-//! after a lost acknowledgement is harmless.
+//! [`super::retry`] (when it was the database that failed, the next commit,
+//! which shows it is back, ends the backoff); the bus stores each event id
+//! once, so a batch re-sent after a lost acknowledgement is harmless.
 //!
 //! On PostgreSQL several replicas share the table, and a replica may die
 //! with events it committed but never relayed. Each row carries a lease
@@ -195,7 +196,7 @@ impl Outbox {
             Ok(n) => tracing::info!(events = n, "re-driving events the bus refused before"),
             Err(e) => tracing::error!(error = %e, "cannot re-drive refused events"),
         }
-        retry::run(Relay { outbox: self, bus, sweep: true }, shutdown).await;
+        retry::run(Relay { outbox: self, bus, sweep: true, store_failed: false }, shutdown).await;
     }
 
     /// Gives up this replica's leases (PostgreSQL), once it has stopped
@@ -367,6 +368,8 @@ struct Relay {
     bus: BusClient,
     /// Whether the next pass that finds the queue empty reads the table.
     sweep: bool,
+    /// Whether the last failure was the database's rather than the bus's.
+    store_failed: bool,
 }
 
 impl Worker for Relay {
@@ -398,6 +401,7 @@ impl Worker for Relay {
     }
 
     fn failed(&mut self, error: &RelayError, attempt: u32) {
+        self.store_failed = matches!(error, RelayError::Store(_));
         match error {
             RelayError::Bus(e) => {
                 self.outbox.retries.inc();
@@ -409,6 +413,17 @@ impl Worker for Relay {
                 }
             }
             RelayError::Store(e) => tracing::error!(error = %e, attempt, "cannot read the outbox; will retry"),
+        }
+    }
+
+    /// A commit proves the database is back: after an outage the first new
+    /// event goes out at once, not after the rest of a backoff of up to 5 s.
+    /// A bus that failed gives no such sign and is waited out.
+    async fn recovered(&mut self) {
+        if self.store_failed {
+            self.outbox.shared.wake.notified().await;
+        } else {
+            std::future::pending().await
         }
     }
 }
@@ -596,6 +611,29 @@ mod tests {
             }
         }
         assert_eq!(first_seen, ids, "each event arrives, in commit order");
+    }
+
+    /// Whether `relay`'s backoff would end now.
+    async fn sees_recovery(relay: &mut Relay) -> bool {
+        tokio::select! {
+            biased;
+            () = relay.recovered() => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_database_failure_a_commit_ends_the_backoff_but_not_after_a_bus_failure() {
+        let (_dir, _store, outbox) = outbox().await;
+        let bus = Bus::default().start(never()).await;
+        let mut relay = Relay { outbox: outbox.clone(), bus, sweep: false, store_failed: false };
+        relay.failed(&RelayError::Store(StoreError::Unavailable("down".into())), 1);
+        assert!(!sees_recovery(&mut relay).await, "nothing shows the database is back yet");
+        publish(&outbox, vec!["a".into()]).await;
+        assert!(sees_recovery(&mut relay).await, "a commit shows the database is back");
+        relay.failed(&RelayError::Bus(DeliveryError::Unreachable("down".into())), 1);
+        publish(&outbox, vec!["b".into()]).await;
+        assert!(!sees_recovery(&mut relay).await, "a commit says nothing about the bus");
     }
 
     #[tokio::test]

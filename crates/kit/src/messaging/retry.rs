@@ -10,8 +10,9 @@
 //!   events one at a time and set aside only the one it refuses, so one bad
 //!   event cannot block every later one.
 //! - [`run`]: the loop around a [`Worker`]: one pass after another, waiting
-//!   when idle, with exponential backoff and jitter after a failure, until
-//!   the work is done or shutdown.
+//!   when idle, with exponential backoff and jitter after a failure (cut
+//!   short, after [`MIN_RETRY`], when the worker sees the cause of the
+//!   failure gone), until the work is done or shutdown.
 
 use std::{fmt::Display, future::Future, time::Duration};
 
@@ -22,6 +23,10 @@ pub fn backoff(attempt: u32) -> Duration {
     let ceiling = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
     Duration::from_millis(ceiling / 2 + fastrand::u64(0..=ceiling / 2))
 }
+
+/// The shortest wait after a failure, even when the worker sees its cause
+/// gone ([`Worker::recovered`]): a failing pass is never repeated faster.
+pub const MIN_RETRY: Duration = Duration::from_millis(50);
 
 /// Why handing events to a receiver failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +126,11 @@ pub trait Worker: Send {
     fn idle(&mut self) -> impl Future<Output = ()> + Send;
     /// A pass failed for the `attempt`-th time in a row: log it, count it.
     fn failed(&mut self, error: &Self::Error, attempt: u32);
+    /// Resolves when the cause of the last failure is seen gone, so the
+    /// next pass need not wait out the backoff (never, by default).
+    fn recovered(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Runs `worker` until it is done or `shutdown`, backing off after failures.
@@ -140,8 +150,14 @@ pub async fn run<W: Worker>(mut worker: W, shutdown: Shutdown) {
             Err(error) => {
                 failures = failures.saturating_add(1);
                 worker.failed(&error, failures);
-                if shutdown.sleep(backoff(failures)).await {
+                let wait = backoff(failures);
+                let first = wait.min(MIN_RETRY);
+                if shutdown.sleep(first).await {
                     return;
+                }
+                tokio::select! {
+                    () = worker.recovered() => {}
+                    stopped = shutdown.sleep(wait - first) => if stopped { return },
                 }
             }
         }
@@ -256,6 +272,70 @@ mod tests {
         for (i, wait) in waits.iter().enumerate() {
             let ceiling = Duration::from_millis((50u64 << (i + 1).min(7)).min(5_000));
             assert!(*wait >= ceiling / 2 && *wait <= ceiling, "wait {i}: {wait:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+        }
+    }
+
+    /// Fails until `fixed`; sees its cause gone when `gone` is notified, or
+    /// at once when `always_gone`.
+    struct Recovering {
+        fixed: Arc<std::sync::atomic::AtomicBool>,
+        gone: Arc<tokio::sync::Notify>,
+        always_gone: bool,
+        passes: Arc<Mutex<Vec<tokio::time::Instant>>>,
+    }
+
+    impl Worker for Recovering {
+        type Error = String;
+
+        async fn pass(&mut self) -> Result<Pass, String> {
+            self.passes.lock().unwrap().push(tokio::time::Instant::now());
+            if self.fixed.load(std::sync::atomic::Ordering::SeqCst) { Ok(Pass::Done) } else { Err("down".into()) }
+        }
+
+        async fn idle(&mut self) {}
+
+        fn failed(&mut self, _: &String, _: u32) {}
+
+        async fn recovered(&mut self) {
+            if !self.always_gone {
+                self.gone.notified().await;
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovery_ends_the_backoff_but_never_before_the_shortest_wait() {
+        let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gone = Arc::new(tokio::sync::Notify::new());
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let worker = Recovering { fixed: fixed.clone(), gone: gone.clone(), always_gone: false, passes: passes.clone() };
+        let task = tokio::spawn(run(worker, Shutdown::new(std::future::pending())));
+        // Long enough for the backoff to reach its ceiling (2.5 to 5 s).
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let before = passes.lock().unwrap().len();
+        assert!(before < 30, "{before} passes in a minute: backing off");
+        let signalled = tokio::time::Instant::now();
+        fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+        gone.notify_one();
+        task.await.unwrap();
+        let passes = passes.lock().unwrap().clone();
+        assert_eq!(passes.len(), before + 1, "one more pass, and it succeeded");
+        let last_failure = passes[before - 1];
+        let waited = passes[before] - signalled.max(last_failure + MIN_RETRY);
+        assert_eq!(waited, Duration::ZERO, "the pass ran as soon as the cause was gone and the shortest wait was over");
+
+        // A worker that always sees its cause gone still waits the shortest wait.
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker = Recovering { fixed: fixed.clone(), gone, always_gone: true, passes: passes.clone() };
+        let task = tokio::spawn(run(worker, Shutdown::new(std::future::pending())));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+        task.await.unwrap();
+        let passes = passes.lock().unwrap().clone();
+        assert!(passes.len() > 2);
+        for pair in passes.windows(2) {
+            assert!(pair[1] - pair[0] >= MIN_RETRY, "{:?}", pair[1] - pair[0]);
         }
     }
 
