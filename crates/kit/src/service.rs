@@ -138,7 +138,7 @@ impl Kit {
 
     /// The inbox that applies events with `consumer`.
     pub fn inbox(&self, consumer: impl Consumer) -> Inbox {
-        Inbox::new(self.store.clone(), consumer, self.outbox.clone(), &self.metrics)
+        Inbox::new(self.store.clone(), consumer, self.outbox.clone(), self.bus.clone(), &self.metrics)
     }
 
     /// A server for `routes`, with everything every service has.
@@ -157,8 +157,15 @@ pub struct Serving {
 
 impl Serving {
     /// Applies the events the bus pushes with `consumer`.
-    pub fn consumer(mut self, consumer: impl Consumer) -> Self {
-        self.inbox = Some(self.kit.inbox(consumer));
+    pub fn consumer(self, consumer: impl Consumer) -> Self {
+        let inbox = self.kit.inbox(consumer);
+        self.inbox(inbox)
+    }
+
+    /// Applies the events the bus pushes with `inbox`, which the service's
+    /// handlers may also hold (to [`Inbox::pull`]).
+    pub fn inbox(mut self, inbox: Inbox) -> Self {
+        self.inbox = Some(inbox);
         self
     }
 
@@ -187,7 +194,7 @@ impl Serving {
     pub(crate) fn start_background(&self, shutdown: &Shutdown) {
         tokio::spawn(self.kit.outbox.clone().relay(self.kit.bus.clone(), shutdown.clone()));
         if let Some(inbox) = &self.inbox {
-            tokio::spawn(inbox::catch_up(inbox.clone(), self.kit.bus.clone(), shutdown.clone()));
+            tokio::spawn(inbox::catch_up(inbox.clone(), shutdown.clone()));
         }
     }
 }

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 /// Why a wait ended without the post.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,39 +75,47 @@ impl KnownPosts {
 
     /// Returns once `id` is known, or after `within`.
     pub async fn wait_for(&self, id: &str, within: Duration) -> Result<(), WaitError> {
-        let receiver = {
-            let mut state = self.lock();
-            if state.ids.contains(id) {
-                return Ok(());
-            }
-            if state.waiting >= self.max_waiters {
-                return Err(WaitError::Busy);
-            }
-            let (sender, receiver) = oneshot::channel();
-            state.waiters.entry(id.to_owned()).or_default().push(sender);
-            state.waiting += 1;
-            receiver
-        };
-        let waiter = Waiter { known: self, id, receiver: Some(receiver) };
-        waiter.wait(within).await
+        let Some(mut waiter) = self.waiter(id)? else { return Ok(()) };
+        if waiter.until(Instant::now() + within).await { Ok(()) } else { Err(WaitError::Unknown) }
+    }
+
+    /// Takes a place among the waiting requests for `id`: `None` when the
+    /// post is known already, [`WaitError::Busy`] when every place is taken.
+    pub fn waiter<'a>(&'a self, id: &'a str) -> Result<Option<Waiter<'a>>, WaitError> {
+        let mut state = self.lock();
+        if state.ids.contains(id) {
+            return Ok(None);
+        }
+        if state.waiting >= self.max_waiters {
+            return Err(WaitError::Busy);
+        }
+        let (sender, receiver) = oneshot::channel();
+        state.waiters.entry(id.to_owned()).or_default().push(sender);
+        state.waiting += 1;
+        Ok(Some(Waiter { known: self, id, receiver: Some(receiver) }))
     }
 }
 
-/// One registered wait; leaving (in time, late, or cancelled with its
-/// request) takes it off the list.
-struct Waiter<'a> {
+/// One request's place among the waiting; leaving (with its post, late, or
+/// cancelled with its request) gives the place back.
+#[derive(Debug)]
+pub struct Waiter<'a> {
     known: &'a KnownPosts,
     id: &'a str,
+    /// `None` once the wait has ended.
     receiver: Option<oneshot::Receiver<()>>,
 }
 
 impl Waiter<'_> {
-    async fn wait(mut self, within: Duration) -> Result<(), WaitError> {
-        let Some(receiver) = self.receiver.as_mut() else { return Err(WaitError::Unknown) };
-        match tokio::time::timeout(within, receiver).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(WaitError::Unknown),
+    /// Waits until the post is known or `deadline`; says whether it is known.
+    pub async fn until(&mut self, deadline: Instant) -> bool {
+        if let Some(receiver) = self.receiver.as_mut() {
+            match tokio::time::timeout_at(deadline, receiver).await {
+                Err(_elapsed) => return false,
+                Ok(_) => self.receiver = None,
+            }
         }
+        self.known.contains(self.id)
     }
 }
 

@@ -4,7 +4,10 @@
 //! it keeps working while posts is down. A comment on a post created a moment
 //! ago may arrive before that event does, so a comment on an unknown post id
 //! gets a short bounded wait for it before the 404 ([`known_posts`]: in
-//! memory, capped, waking only that post's waiters); a read never waits. The
+//! memory, capped, waking only that post's waiters); a read never waits.
+//! While it waits it asks the bus, every [`ASK_BUS_EVERY`], for what this
+//! replica missed (after an outage the bus may be backing off its pushes
+//! here for seconds), so a 404 means the bus had no such post either. The
 //! single database writer only inserts the comment and publishes its event; the
 //! answer's comment list is read afterwards on the read path. A
 //! `CommentModerated` decision is stored and re-published as `CommentUpdated`
@@ -30,11 +33,12 @@ use blog_kit::{
     ApiError, Applied, BoxError, Consumer, Json, Kit, Outcome, ServiceKit, Shutdown, StoreError, Tx,
     config::CommonConfig,
     http::{self, RequestId},
+    messaging::inbox::{CatchUpError, Inbox},
     store::{Migration, Refresh, next_refresh},
 };
-use known_posts::{KnownPosts, WaitError};
+use known_posts::KnownPosts;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, time::Instant};
 
 /// Longest comment accepted, in characters.
 pub const MAX_CONTENT: usize = 2_000;
@@ -43,6 +47,9 @@ const MAX_ID: usize = 128;
 pub const MAX_POST_WAIT: Duration = Duration::from_secs(60);
 /// Most comment requests waiting for their post at once; more get a 503.
 pub const MAX_POST_WAITERS: usize = 1024;
+/// How often a comment waiting for its post asks the bus for the events
+/// this replica missed (the asks of all waiting requests are shared).
+pub const ASK_BUS_EVERY: Duration = Duration::from_millis(250);
 
 pub const MIGRATIONS: &[Migration] = &[Migration::per_engine(
     "
@@ -103,6 +110,8 @@ pub fn post_wait(millis: u64) -> Result<Duration, ConfigError> {
 pub struct AppState {
     pub kit: Kit,
     pub known: KnownPosts,
+    /// Applies the events this service consumes, pushed or asked for.
+    pub inbox: Inbox,
     pub post_wait: Duration,
 }
 
@@ -110,12 +119,13 @@ impl AppState {
     /// The state over `kit`, with the posts its database knows.
     pub async fn load(kit: Kit, post_wait: Duration) -> Result<Self, StoreError> {
         let ids = kit.read(|tx| tx.query_all("SELECT id FROM post", &[], |row| row.get::<String>(0))).await?;
-        Ok(Self { kit, known: KnownPosts::new(ids, MAX_POST_WAITERS), post_wait })
+        Ok(Self::over(kit, KnownPosts::new(ids, MAX_POST_WAITERS), post_wait))
     }
 
-    /// The consumer that keeps this state's known posts current.
-    pub fn consumer(&self) -> impl Consumer + use<> {
-        Comments { known: self.known.clone() }
+    /// The state over `kit` and `known`, which its inbox keeps current.
+    pub fn over(kit: Kit, known: KnownPosts, post_wait: Duration) -> Self {
+        let inbox = kit.inbox(Comments { known: known.clone() });
+        Self { kit, known, inbox, post_wait }
     }
 
     /// Keeps the known posts current with the posts other replicas apply
@@ -151,8 +161,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let kit = kit().open(&config.common).await?;
     let state = AppState::load(kit.clone(), config.post_wait).await?;
     tokio::spawn(state.clone().follow_other_replicas(shutdown.clone()));
-    let consumer = state.consumer();
-    kit.serve(app(state)).consumer(consumer).run(listener, shutdown).await
+    let inbox = state.inbox.clone();
+    kit.serve(app(state)).inbox(inbox).run(listener, shutdown).await
 }
 
 pub fn app(state: AppState) -> Router {
@@ -190,23 +200,7 @@ async fn create(
 ) -> Result<(StatusCode, Json<Vec<Comment>>), Response> {
     let content = CommentContent::parse(&body.content).map_err(|e| ApiError::from(e).into_response())?;
     checked_post_id(&post_id).map_err(IntoResponse::into_response)?;
-    match state.known.wait_for(&post_id, state.post_wait).await {
-        Ok(()) => {}
-        Err(WaitError::Unknown) => {
-            // Only the database can say the post does not exist: while it is
-            // unreachable the post's event may be waiting to be applied (503).
-            let id = post_id.clone();
-            let stored = state
-                .kit
-                .read(move |tx| tx.query_all("SELECT id FROM post WHERE id = $1", &[&id], |_| Ok(())))
-                .await
-                .map_err(|e| ApiError::from(e).into_response())?;
-            if stored.is_empty() {
-                return Err(post_not_found(&post_id).into_response());
-            }
-        }
-        Err(WaitError::Busy) => return Err(http::retry_later("too many comments are waiting for their post, try again", 1)),
-    }
+    wait_for_post(&state, &post_id).await?;
     let comment = CommentData {
         id: uuid::Uuid::now_v7().simple().to_string(),
         content: content.0,
@@ -229,6 +223,43 @@ async fn create(
         .map_err(|e| ApiError::from(e).into_response())?;
     let comments = state.kit.read(move |tx| comments_of(tx, &post_id)).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok((StatusCode::CREATED, Json(comments)))
+}
+
+/// Returns once `post_id` is known: a 404 when it does not come within the
+/// wait, a 503 when too many requests wait or the database is down.
+async fn wait_for_post(state: &AppState, post_id: &str) -> Result<(), Response> {
+    let deadline = Instant::now() + state.post_wait;
+    let mut waiter = match state.known.waiter(post_id) {
+        Ok(None) => return Ok(()),
+        Ok(Some(waiter)) => waiter,
+        Err(_busy) => return Err(http::retry_later("too many comments are waiting for their post, try again", 1)),
+    };
+    loop {
+        if waiter.until(deadline.min(Instant::now() + ASK_BUS_EVERY)).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, state.inbox.pull()).await {
+            Ok(Err(CatchUpError::Store(e))) if e.is_storage_failure() => return Err(ApiError::from(e).into_response()),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot ask the bus for missed events"),
+            Ok(Ok(())) | Err(_) => {}
+        }
+    }
+    drop(waiter);
+    // Only the database can say the post does not exist: while it is
+    // unreachable the post's event may be waiting to be applied (503).
+    let id = post_id.to_owned();
+    let stored = state
+        .kit
+        .read(move |tx| tx.query_all("SELECT id FROM post WHERE id = $1", &[&id], |_| Ok(())))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    if stored.is_empty() {
+        return Err(post_not_found(post_id).into_response());
+    }
+    Ok(())
 }
 
 /// A read never waits: an unknown post is a 404 at once.
@@ -328,7 +359,7 @@ mod tests {
     async fn state(known: &[&str], max_waiters: usize) -> (TestKit, AppState) {
         let test = kit().for_test().await.unwrap();
         let known = KnownPosts::new(known.iter().map(|id| (*id).to_owned()), max_waiters);
-        let state = AppState { kit: test.kit.clone(), known, post_wait: WAIT };
+        let state = AppState::over(test.kit.clone(), known, WAIT);
         (test, state)
     }
 
@@ -393,6 +424,20 @@ mod tests {
         assert_not_found_after(&state, "POST", "/posts/never/comments", WAIT).await;
     }
 
+    /// The bus holds the post's event but never pushes it here (as when its
+    /// deliveries back off after an outage): the waiting comment asks for it
+    /// and is accepted (without the ask, the 404 at the end of the wait).
+    #[tokio::test]
+    async fn a_comment_whose_post_the_bus_holds_but_never_pushed_asks_for_it() {
+        let (test, state) = state(&[], 8).await;
+        let post = json!({"id": "e1", "type": "PostCreated", "data": {"id": "p1", "title": "t"}});
+        test.bus.seed(blog_domain::Event::from_value(post).unwrap());
+        let (status, _, body) = call(&state, "POST", "/posts/p1/comments").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert!(state.known.contains("p1"));
+        assert_eq!(state.inbox.cursor().await.unwrap(), 1, "the event is applied as if pushed");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waiting_comments_beyond_the_cap_get_a_503_with_retry_after() {
         let (_test, state) = state(&[], 1).await;
@@ -451,8 +496,7 @@ mod tests {
     #[tokio::test]
     async fn posts_arrive_as_events_and_a_decision_is_republished_once_as_an_update() {
         let (test, state) = state(&[], 8).await;
-        let consumer = state.consumer();
-        let app = test.app(test.kit.serve(app(state.clone())).consumer(consumer));
+        let app = test.app(test.kit.serve(app(state.clone())).inbox(state.inbox.clone()));
         push(&app, &test, json!({"id":"e1","seq":1,"type":"PostCreated","data":{"id":"p1","title":"t"}})).await;
         assert!(state.known.contains("p1"), "the post is known once its event committed");
         let (status, created) = send(&app, "POST", "/posts/p1/comments", r#"{"content":" hello "}"#).await;
@@ -477,8 +521,8 @@ mod tests {
     #[tokio::test]
     async fn bad_bodies_and_methods_get_json_errors_and_change_nothing() {
         let (test, state) = state(&["p1"], 8).await;
-        let consumer = state.consumer();
-        let app = test.app(test.kit.serve(app(state)).consumer(consumer));
+        let inbox = state.inbox.clone();
+        let app = test.app(test.kit.serve(app(state)).inbox(inbox));
         let raw = |content_type: &str, body: &str| {
             Request::post("/posts/p1/comments").header("content-type", content_type).body(Body::from(body.to_owned())).unwrap()
         };

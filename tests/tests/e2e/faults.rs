@@ -80,6 +80,30 @@ async fn a_stopped_consumer_catches_up_under_load() {
     suite.shutdown().await;
 }
 
+/// The bus backs off its pushes to a consumer that was down (up to 5 s
+/// between attempts). A post created right after comments is back must
+/// still take a comment at once: the waiting comment asks the bus for what
+/// comments missed rather than wait out the backoff, which here is longer
+/// than its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_created_right_after_comments_restarts_takes_a_comment_at_once() {
+    let suite = TestSuite::launch_with(|options| {
+        options.env.push((Service::Comments, "POST_WAIT_MS".into(), "600".into()));
+    })
+    .await;
+    suite.stop(Service::Comments).await;
+    // Something to push while it is down, so the bus's attempts fail and back off.
+    let missed = suite.create_post("while comments is down").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    suite.restart(Service::Comments).await;
+    let post = suite.create_post("right after comments is back").await;
+    let answer = suite.post_json(&format!("/posts/{}/comments", post.id), &json!({ "content": "at once" })).await;
+    assert_eq!(answer.status, 201, "a comment on a post created right after the restart: {:?}", answer.body);
+    // What it missed while down came with its catch-up on start.
+    assert_eq!(suite.comment(&missed.id, "on the missed post").await.len(), 1);
+    suite.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_killed_right_after_answering_still_publishes() {
     let suite = TestSuite::launch().await;

@@ -6,7 +6,10 @@
 //! about, the event id goes into the `inbox` table in the same transaction as
 //! the effect: a redelivered event finds its id and changes nothing. The
 //! highest bus sequence seen is kept too, so on start the consumer asks the bus
-//! for everything after it ([`catch_up`], on the shared retry loop). A
+//! for everything after it ([`catch_up`], on the shared retry loop), and a
+//! request that waits for an event can ask again at any time
+//! ([`Inbox::pull`]: one pull at a time, shared by whoever asked meanwhile,
+//! so a crowd of waiting requests costs the bus a few reads a second). A
 //! consumer names the event types it acts on once ([`Consumer::consumes`]):
 //! only those reach [`Consumer::apply`], and every answer to a push names
 //! them to the bus ([`crate::internal::CONSUMES_HEADER`]), which then pushes
@@ -18,7 +21,13 @@
 //! [`crate::internal::REFUSAL_HEADER`]), which the bus counts and skips rather
 //! than retrying forever.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -67,6 +76,8 @@ pub const MAX_BATCH: usize = 1_000;
 pub const MAX_EVENTS_BODY: usize = 8 * 1024 * 1024;
 /// Events asked of the bus per page while catching up.
 const REPLAY_PAGE: u32 = 500;
+/// The shortest time between the starts of two [`Inbox::pull`]s.
+pub const MIN_PULL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Whether a consumer acted on an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +144,8 @@ pub struct Inbox {
     /// [`Consumer::consumes`] as the header value every answer carries.
     consumes: Option<HeaderValue>,
     outbox: Outbox,
+    bus: BusClient,
+    pulls: Arc<Pulls>,
     applied: Counter,
     duplicates: Counter,
     rejected: Counter,
@@ -146,15 +159,28 @@ impl std::fmt::Debug for Inbox {
     }
 }
 
+/// The pulls of an inbox and its clones.
+#[derive(Debug, Default)]
+struct Pulls {
+    /// Pulls started so far; the number of a pull is this count after it started.
+    started: AtomicU64,
+    /// Held while a pull runs: the number of the last pull that succeeded,
+    /// and when the last one started.
+    last: tokio::sync::Mutex<(u64, Option<tokio::time::Instant>)>,
+}
+
 impl Inbox {
     /// An inbox over `store` (holding [`SCHEMA`]); deliveries commit through
-    /// `outbox`, so what a consumer publishes goes out with them.
-    pub fn new(store: Store, consumer: impl Consumer, outbox: Outbox, metrics: &Registry) -> Self {
+    /// `outbox`, so what a consumer publishes goes out with them; catch-ups
+    /// read from `bus`.
+    pub fn new(store: Store, consumer: impl Consumer, outbox: Outbox, bus: BusClient, metrics: &Registry) -> Self {
         Self {
             store,
             consumes: internal::consumes_value(consumer.consumes()),
             consumer: Arc::new(consumer),
             outbox,
+            bus,
+            pulls: Arc::default(),
             applied: metrics.counter("blog_inbox_applied_total", "Events applied."),
             duplicates: metrics.counter("blog_inbox_duplicates_total", "Redelivered events recognised and skipped."),
             rejected: metrics.counter("blog_inbox_rejected_total", "Events refused for malformed data."),
@@ -270,10 +296,10 @@ impl Inbox {
     /// Asks the bus for every event after `after` and applies it, moving
     /// `after` along page by page, so a retry resumes where this attempt got
     /// to; returns how many events were fetched.
-    pub async fn catch_up(&self, bus: &BusClient, after: &mut u64) -> Result<usize, CatchUpError> {
+    pub async fn catch_up(&self, after: &mut u64) -> Result<usize, CatchUpError> {
         let mut fetched = 0;
         loop {
-            let page = bus.events_after(*after, REPLAY_PAGE).await?;
+            let page = self.bus.events_after(*after, REPLAY_PAGE).await?;
             let count = page.len();
             let last = page.last().and_then(|e| e.seq).unwrap_or(0);
             self.deliver_range(page, Some(*after)).await?;
@@ -283,6 +309,31 @@ impl Inbox {
             }
             *after = last;
         }
+    }
+
+    /// Asks the bus for every event after the watermark and applies it, for
+    /// a request waiting for an event that a push should have brought (the
+    /// bus may be backing off its deliveries here after an outage). Returns
+    /// once a pull that started after the call succeeded: at most one runs
+    /// at a time, callers that ask while one runs share the next, and pulls
+    /// start at least [`MIN_PULL_INTERVAL`] apart. Cancel-safe: what a
+    /// cancelled pull applied stays applied.
+    pub async fn pull(&self) -> Result<(), CatchUpError> {
+        let asked = self.pulls.started.load(Ordering::Acquire);
+        let mut last = self.pulls.last.lock().await;
+        let (succeeded, started_at) = *last;
+        if succeeded > asked {
+            return Ok(());
+        }
+        if let Some(started_at) = started_at {
+            tokio::time::sleep_until(started_at + MIN_PULL_INTERVAL).await;
+        }
+        let number = self.pulls.started.fetch_add(1, Ordering::AcqRel) + 1;
+        last.1 = Some(tokio::time::Instant::now());
+        let mut after = self.cursor().await?;
+        self.catch_up(&mut after).await?;
+        last.0 = number;
+        Ok(())
     }
 
     /// `POST /events`, for callers holding `secret`.
@@ -342,13 +393,12 @@ fn advance_watermark(tx: &Tx<'_>, seqs: &[i64], covers_after: Option<i64>) -> Re
 /// bus answers; from then on the bus pushes. The watermark is read once: a
 /// retry resumes from where the previous attempt got to, not from whatever
 /// pushes meanwhile did to the database.
-pub async fn catch_up(inbox: Inbox, bus: BusClient, shutdown: Shutdown) {
-    retry::run(CatchUp { inbox, bus, after: None }, shutdown).await;
+pub async fn catch_up(inbox: Inbox, shutdown: Shutdown) {
+    retry::run(CatchUp { inbox, after: None }, shutdown).await;
 }
 
 struct CatchUp {
     inbox: Inbox,
-    bus: BusClient,
     after: Option<u64>,
 }
 
@@ -364,7 +414,7 @@ impl Worker for CatchUp {
                 watermark
             }
         };
-        let result = self.inbox.catch_up(&self.bus, &mut after).await;
+        let result = self.inbox.catch_up(&mut after).await;
         self.after = Some(after);
         let fetched = result?;
         tracing::info!(fetched, "caught up with the bus");
@@ -470,6 +520,19 @@ mod tests {
 
     use super::*;
 
+    const SECRET: &str = "inbox-test-secret-0123456789";
+
+    /// An inbox over `store` whose catch-ups read from the bus at `bus`.
+    fn inbox_reading(store: &Store, consumer: impl Consumer, bus: &url::Url) -> Inbox {
+        let bus = BusClient::new(crate::http::client::http_client(Duration::from_secs(5)), bus, InternalSecret::parse(SECRET).unwrap());
+        Inbox::new(store.clone(), consumer, Outbox::new(store.clone(), &Registry::default()), bus, &Registry::default())
+    }
+
+    /// An inbox over `store` that is only pushed to (nothing listens at its bus).
+    fn inbox(store: &Store, consumer: impl Consumer) -> Inbox {
+        inbox_reading(store, consumer, &url::Url::parse("http://127.0.0.1:9").unwrap())
+    }
+
     /// Counts applied posts in a table, and remembers what committed.
     #[derive(Default)]
     struct Posts(Mutex<Vec<Applied>>);
@@ -500,7 +563,7 @@ mod tests {
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
         crate::messaging::install(&store).await.unwrap();
         let seen = Arc::new(Posts::default());
-        let inbox = Inbox::new(store.clone(), seen.clone(), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+        let inbox = inbox(&store, seen.clone());
 
         let post = event(json!({"id":"e1","seq":1,"type":"PostCreated","data":{"id":"p1","title":"t"}}));
         let liked = event(json!({"id":"e2","seq":2,"type":"PostLiked","data":{"id":"p1"}}));
@@ -523,8 +586,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
         crate::messaging::install(&store).await.unwrap();
-        let inbox =
-            Inbox::new(store.clone(), Arc::new(Posts::default()), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+        let inbox = inbox(&store, Arc::new(Posts::default()));
         (dir, store, inbox)
     }
 
@@ -534,6 +596,53 @@ mod tests {
 
     fn liked(seq: u64) -> Event {
         event(json!({"id": format!("l{seq}"), "seq": seq, "type": "PostLiked", "data": {"id": "p"}}))
+    }
+
+    /// Requests asking at once share pulls, so a crowd costs the bus a read
+    /// or two; a pull applies what the bus holds after the watermark, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_pulls_share_reads_of_the_bus_and_apply_what_it_holds_once() {
+        use axum::extract::Query;
+
+        #[derive(serde::Deserialize)]
+        struct After {
+            after: u64,
+        }
+        async fn page(State(reads): State<Arc<AtomicU64>>, Query(query): Query<After>) -> axum::Json<Vec<Event>> {
+            reads.fetch_add(1, Ordering::SeqCst);
+            // Slow enough that the other requests ask while a pull runs.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            axum::Json((1..=3).map(post).filter(|e| e.seq > Some(query.after)).collect())
+        }
+        let reads = Arc::new(AtomicU64::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        let bus = Router::new().route("/events", axum::routing::get(page)).with_state(reads.clone());
+        tokio::spawn(crate::http::serve::serve(listener, bus, shutdown));
+
+        let (_dir, store, _) = inbox_over_posts().await;
+        let seen = Arc::new(Posts::default());
+        let inbox = inbox_reading(&store, seen.clone(), &url);
+        let crowd: Vec<_> = (0..20)
+            .map(|_| {
+                let inbox = inbox.clone();
+                tokio::spawn(async move { inbox.pull().await })
+            })
+            .collect();
+        for request in crowd {
+            request.await.unwrap().unwrap();
+        }
+        let shared = reads.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&shared), "20 requests asking at once read the bus {shared} times");
+        assert_eq!(seen.0.lock().unwrap().len(), 3, "each event applied once");
+        assert_eq!(inbox.cursor().await.unwrap(), 3);
+        inbox.pull().await.unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), shared + 1, "a request asking later gets a pull of its own");
+        assert_eq!(seen.0.lock().unwrap().len(), 3, "which finds nothing new");
     }
 
     #[tokio::test]
@@ -606,7 +715,7 @@ mod tests {
             let store = Store::connect(&url, "c", SCHEMA).await.unwrap();
             crate::messaging::install(&store).await.unwrap();
             let seen = Arc::new(Posts::default());
-            let inbox = Inbox::new(store.clone(), seen.clone(), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
+            let inbox = inbox(&store, seen.clone());
             replicas.push((inbox, seen, store));
         }
         let (a, b) = (&replicas[0].0, &replicas[1].0);
@@ -646,9 +755,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "c", &["CREATE TABLE post (id TEXT PRIMARY KEY);"]).unwrap();
         crate::messaging::install(&store).await.unwrap();
-        let inbox =
-            Inbox::new(store.clone(), Unlisted(Arc::default()), Outbox::new(store.clone(), &Registry::default()), &Registry::default());
-        let secret = InternalSecret::parse("inbox-test-secret-0123456789").unwrap();
+        let inbox = inbox(&store, Unlisted(Arc::default()));
+        let secret = InternalSecret::parse(SECRET).unwrap();
         let push = |body: Value| {
             axum::http::Request::post("/events")
                 .header(axum::http::header::AUTHORIZATION, secret.bearer())
