@@ -240,6 +240,13 @@ impl Worker for Delivery {
         }
     }
 
+    fn longest_wait(&self, error: &DeliveryFailure) -> std::time::Duration {
+        match error {
+            DeliveryFailure::Subscriber(e) => e.longest_wait(),
+            DeliveryFailure::Log(_) => retry::MAX_BACKOFF,
+        }
+    }
+
     fn failed(&mut self, error: &DeliveryFailure, attempt: u32) {
         let subscriber = &self.deliverer.subscriber.name;
         match error {

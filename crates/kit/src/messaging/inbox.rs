@@ -426,6 +426,13 @@ impl Worker for CatchUp {
     fn failed(&mut self, error: &CatchUpError, attempt: u32) {
         tracing::warn!(%error, attempt, "cannot catch up with the bus yet");
     }
+
+    fn longest_wait(&self, error: &CatchUpError) -> Duration {
+        match error {
+            CatchUpError::Bus(e) => e.longest_wait(),
+            CatchUpError::Store(_) => retry::MAX_BACKOFF,
+        }
+    }
 }
 
 /// Answers `POST /events` for a service that consumes nothing: the caller

@@ -419,6 +419,13 @@ impl Worker for Relay {
     /// A commit proves the database is back: after an outage the first new
     /// event goes out at once, not after the rest of a backoff of up to 5 s.
     /// A bus that failed gives no such sign and is waited out.
+    fn longest_wait(&self, error: &RelayError) -> Duration {
+        match error {
+            RelayError::Bus(e) => e.longest_wait(),
+            RelayError::Store(_) => retry::MAX_BACKOFF,
+        }
+    }
+
     async fn recovered(&mut self) {
         if self.store_failed {
             self.outbox.shared.wake.notified().await;

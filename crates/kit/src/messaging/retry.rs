@@ -10,17 +10,31 @@
 //!   events one at a time and set aside only the one it refuses, so one bad
 //!   event cannot block every later one.
 //! - [`run`]: the loop around a [`Worker`]: one pass after another, waiting
-//!   when idle, with exponential backoff and jitter after a failure (cut
-//!   short, after [`MIN_RETRY`], when the worker sees the cause of the
-//!   failure gone), until the work is done or shutdown.
+//!   when idle, with exponential backoff and jitter after a failure (up to
+//!   [`MAX_BACKOFF`], or [`MAX_BACKOFF_NO_CONNECTION`] while nothing listens
+//!   at the receiver's address; cut short, after [`MIN_RETRY`], when the
+//!   worker sees the cause of the failure gone), until the work is done or
+//!   shutdown.
 
 use std::{fmt::Display, future::Future, time::Duration};
 
 use crate::shutdown::Shutdown;
 
-/// Exponential backoff from 50 ms to 5 s with full jitter on the upper half.
+/// The longest wait between two attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait while the receiver's address takes no connection (its
+/// process or pod is starting): a refused connection costs the receiver
+/// nothing, and it should hear from us soon after it listens again.
+pub const MAX_BACKOFF_NO_CONNECTION: Duration = Duration::from_secs(1);
+
+/// Exponential backoff from 50 ms to [`MAX_BACKOFF`] with full jitter on the upper half.
 pub fn backoff(attempt: u32) -> Duration {
-    let ceiling = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
+    backoff_within(attempt, MAX_BACKOFF)
+}
+
+/// [`backoff`] that never waits longer than `longest`.
+pub fn backoff_within(attempt: u32, longest: Duration) -> Duration {
+    let ceiling = 50u64.saturating_mul(1 << attempt.min(7)).min(longest.as_millis() as u64);
     Duration::from_millis(ceiling / 2 + fastrand::u64(0..=ceiling / 2))
 }
 
@@ -31,7 +45,11 @@ pub const MIN_RETRY: Duration = Duration::from_millis(50);
 /// Why handing events to a receiver failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
-    /// No answer: refused connection, timeout, reset.
+    /// No connection: refused (nothing listens at the address), or the
+    /// name does not resolve, or connecting timed out.
+    #[error("no connection: {0}")]
+    NoConnection(String),
+    /// No answer on a connection: timeout, reset.
     #[error("unreachable: {0}")]
     Unreachable(String),
     /// An answer other than success.
@@ -48,8 +66,16 @@ impl DeliveryError {
     /// Whether sending the same events again can succeed: the one rule.
     pub fn is_transient(&self) -> bool {
         match self {
-            DeliveryError::Unreachable(_) => true,
+            DeliveryError::NoConnection(_) | DeliveryError::Unreachable(_) => true,
             DeliveryError::Status { refused, .. } => !refused,
+        }
+    }
+
+    /// The longest wait before trying again after this error.
+    pub fn longest_wait(&self) -> Duration {
+        match self {
+            DeliveryError::NoConnection(_) => MAX_BACKOFF_NO_CONNECTION,
+            _ => MAX_BACKOFF,
         }
     }
 
@@ -62,7 +88,7 @@ impl DeliveryError {
 
 impl From<reqwest::Error> for DeliveryError {
     fn from(error: reqwest::Error) -> Self {
-        DeliveryError::Unreachable(error.to_string())
+        if error.is_connect() { DeliveryError::NoConnection(error.to_string()) } else { DeliveryError::Unreachable(error.to_string()) }
     }
 }
 
@@ -131,6 +157,10 @@ pub trait Worker: Send {
     fn recovered(&mut self) -> impl Future<Output = ()> + Send {
         std::future::pending()
     }
+    /// The longest backoff after `error` (by default [`MAX_BACKOFF`]).
+    fn longest_wait(&self, _error: &Self::Error) -> Duration {
+        MAX_BACKOFF
+    }
 }
 
 /// Runs `worker` until it is done or `shutdown`, backing off after failures.
@@ -150,7 +180,7 @@ pub async fn run<W: Worker>(mut worker: W, shutdown: Shutdown) {
             Err(error) => {
                 failures = failures.saturating_add(1);
                 worker.failed(&error, failures);
-                let wait = backoff(failures);
+                let wait = backoff_within(failures, worker.longest_wait(&error));
                 let first = wait.min(MIN_RETRY);
                 if shutdown.sleep(first).await {
                     return;
@@ -172,6 +202,9 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
+        for attempt in 1..40 {
+            assert!(backoff_within(attempt, MAX_BACKOFF_NO_CONNECTION) <= MAX_BACKOFF_NO_CONNECTION);
+        }
         assert!(backoff(1) <= Duration::from_millis(100));
         assert!(backoff(1) >= Duration::from_millis(50));
         for attempt in 1..40 {
@@ -238,6 +271,7 @@ mod tests {
     /// Fails `failures` times, then finishes; records when each pass ran.
     struct Flaky {
         failures: u32,
+        longest: Duration,
         passes: Arc<Mutex<Vec<tokio::time::Instant>>>,
         attempts: Vec<u32>,
     }
@@ -260,16 +294,26 @@ mod tests {
             self.attempts.push(attempt);
             assert_eq!(attempt as usize, self.attempts.len(), "attempts count up while failures continue");
         }
+
+        fn longest_wait(&self, _: &String) -> Duration {
+            self.longest
+        }
+    }
+
+    /// The waits between the passes of a worker that fails `failures` times,
+    /// backing off at most `longest`.
+    async fn waits(failures: u32, longest: Duration) -> Vec<Duration> {
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let worker = Flaky { failures, longest, passes: passes.clone(), attempts: Vec::new() };
+        run(worker, Shutdown::new(std::future::pending())).await;
+        let passes = passes.lock().unwrap().clone();
+        assert_eq!(passes.len(), failures as usize + 1);
+        passes.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_exponentially_until_the_work_is_done() {
-        let passes = Arc::new(Mutex::new(Vec::new()));
-        run(Flaky { failures: 9, passes: passes.clone(), attempts: Vec::new() }, Shutdown::new(std::future::pending())).await;
-        let passes = passes.lock().unwrap().clone();
-        assert_eq!(passes.len(), 10);
-        let waits: Vec<Duration> = passes.windows(2).map(|w| w[1] - w[0]).collect();
-        for (i, wait) in waits.iter().enumerate() {
+        for (i, wait) in waits(9, MAX_BACKOFF).await.iter().enumerate() {
             let ceiling = Duration::from_millis((50u64 << (i + 1).min(7)).min(5_000));
             assert!(*wait >= ceiling / 2 && *wait <= ceiling, "wait {i}: {wait:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
         }
@@ -340,13 +384,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn while_nothing_listens_the_backoff_stops_at_its_own_ceiling() {
+        let waits = waits(12, MAX_BACKOFF_NO_CONNECTION).await;
+        assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF_NO_CONNECTION), "{waits:?}");
+        assert!(waits[6..].iter().all(|wait| *wait >= MAX_BACKOFF_NO_CONNECTION / 2), "still backing off: {waits:?}");
+    }
+
+    /// Errors as reqwest gives them: nothing listening, a connection that
+    /// closes without an answer, an answer that is not a success.
+    #[tokio::test]
+    async fn only_a_connection_nobody_takes_gets_the_short_ceiling() {
+        use tokio::io::AsyncReadExt;
+        let http = crate::http::client::http_client(Duration::from_secs(5));
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nobody = closed.local_addr().unwrap();
+        drop(closed);
+        let error = DeliveryError::from(http.get(format!("http://{nobody}/")).send().await.unwrap_err());
+        assert!(matches!(error, DeliveryError::NoConnection(_)), "{error:?}");
+        assert_eq!(error.longest_wait(), MAX_BACKOFF_NO_CONNECTION);
+
+        let hangs_up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = hangs_up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = hangs_up.accept().await.unwrap();
+            let _ = socket.read(&mut [0; 1024]).await;
+        });
+        let error = DeliveryError::from(http.get(format!("http://{address}/")).send().await.unwrap_err());
+        assert!(matches!(error, DeliveryError::Unreachable(_)), "{error:?}");
+        assert_eq!(error.longest_wait(), MAX_BACKOFF);
+        let status = DeliveryError::Status { status: 503, body: String::new(), refused: false };
+        assert_eq!(status.longest_wait(), MAX_BACKOFF);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn shutdown_ends_the_backoff() {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = Shutdown::new(async move {
             let _ = stopped.await;
         });
         let passes = Arc::new(Mutex::new(Vec::new()));
-        let task = tokio::spawn(run(Flaky { failures: u32::MAX, passes: passes.clone(), attempts: Vec::new() }, shutdown));
+        let worker = Flaky { failures: u32::MAX, longest: MAX_BACKOFF, passes: passes.clone(), attempts: Vec::new() };
+        let task = tokio::spawn(run(worker, shutdown));
         while passes.lock().unwrap().len() < 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
