@@ -172,8 +172,8 @@ impl TestSuite {
         options.ports = Service::ALL.iter().map(|s| (*s, free_port())).collect::<BTreeMap<_, _>>();
         // The tests check what is accepted, not how fast: a comment's post may
         // take seconds to reach comments on a loaded machine (CI runs many
-        // suites at once), so the bounded wait is as long as any other wait here.
-        options.env.push((Service::Comments, "POST_WAIT_MS".into(), DEADLINE.as_millis().to_string()));
+        // suites at once), so the bounded wait is the longest there is.
+        options.env.push((Service::Comments, "POST_WAIT_MS".into(), comments::MAX_POST_WAIT.as_millis().to_string()));
         if let Mode::Scaled(replicas) = mode {
             options.scale(replicas, free_port(), nats_nodes(), |_, _| free_port());
         }
