@@ -411,7 +411,8 @@ async fn scenario() -> Result {
     .await?;
 
     // With the bus down, comments cannot hear of a new post (it would wait
-    // POST_WAIT_MS and answer 404), so the comment goes to the first post.
+    // POST_WAIT_MS and answer 503, as the bus cannot be asked either), so the
+    // comment goes to the first post.
     let third = step("bus killed: writes are kept and delivered after its restart", async {
         docker_output(&["kill", &container(Service::EventBus)])?;
         let post = ingress.create_post("Written while the bus was down").await?;
