@@ -11,8 +11,8 @@
 //!   event cannot block every later one.
 //! - [`run`]: the loop around a [`Worker`]: one pass after another, waiting
 //!   when idle, with exponential backoff and jitter after a failure (up to
-//!   [`MAX_BACKOFF`], or [`MAX_BACKOFF_NO_CONNECTION`] while nothing listens
-//!   at the receiver's address; cut short, after [`MIN_RETRY`], when the
+//!   [`MAX_BACKOFF`], or [`MAX_BACKOFF_QUICK`] for a failure that cost the
+//!   receiver next to nothing; cut short, after [`MIN_RETRY`], when the
 //!   worker sees the cause of the failure gone), until the work is done or
 //!   shutdown.
 
@@ -22,10 +22,11 @@ use crate::shutdown::Shutdown;
 
 /// The longest wait between two attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// The longest wait while the receiver's address takes no connection (its
-/// process or pod is starting): a refused connection costs the receiver
-/// nothing, and it should hear from us soon after it listens again.
-pub const MAX_BACKOFF_NO_CONNECTION: Duration = Duration::from_secs(1);
+/// The longest wait after a failure that cost the receiver next to nothing:
+/// no connection (its process or pod is starting) or a quick 5xx (it cannot
+/// take the events right now: its database or its own storage is away). It
+/// should have them soon after it can take them again.
+pub const MAX_BACKOFF_QUICK: Duration = Duration::from_secs(1);
 
 /// Exponential backoff from 50 ms to [`MAX_BACKOFF`] with full jitter on the upper half.
 pub fn backoff(attempt: u32) -> Duration {
@@ -71,11 +72,14 @@ impl DeliveryError {
         }
     }
 
-    /// The longest wait before trying again after this error.
+    /// The longest wait before trying again after this error: short after
+    /// one that cost the receiver next to nothing, long after one that held
+    /// a connection until it timed out or broke, or that says something is
+    /// misconfigured (which an operator must fix, and is logged each time).
     pub fn longest_wait(&self) -> Duration {
         match self {
-            DeliveryError::NoConnection(_) => MAX_BACKOFF_NO_CONNECTION,
-            _ => MAX_BACKOFF,
+            DeliveryError::NoConnection(_) | DeliveryError::Status { status: 500.., .. } => MAX_BACKOFF_QUICK,
+            DeliveryError::Unreachable(_) | DeliveryError::Status { .. } => MAX_BACKOFF,
         }
     }
 
@@ -203,7 +207,7 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for attempt in 1..40 {
-            assert!(backoff_within(attempt, MAX_BACKOFF_NO_CONNECTION) <= MAX_BACKOFF_NO_CONNECTION);
+            assert!(backoff_within(attempt, MAX_BACKOFF_QUICK) <= MAX_BACKOFF_QUICK);
         }
         assert!(backoff(1) <= Duration::from_millis(100));
         assert!(backoff(1) >= Duration::from_millis(50));
@@ -385,15 +389,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn while_nothing_listens_the_backoff_stops_at_its_own_ceiling() {
-        let waits = waits(12, MAX_BACKOFF_NO_CONNECTION).await;
-        assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF_NO_CONNECTION), "{waits:?}");
-        assert!(waits[6..].iter().all(|wait| *wait >= MAX_BACKOFF_NO_CONNECTION / 2), "still backing off: {waits:?}");
+        let waits = waits(12, MAX_BACKOFF_QUICK).await;
+        assert!(waits.iter().all(|wait| *wait <= MAX_BACKOFF_QUICK), "{waits:?}");
+        assert!(waits[6..].iter().all(|wait| *wait >= MAX_BACKOFF_QUICK / 2), "still backing off: {waits:?}");
     }
 
     /// Errors as reqwest gives them: nothing listening, a connection that
-    /// closes without an answer, an answer that is not a success.
+    /// closes without an answer; and answers that are not a success.
     #[tokio::test]
-    async fn only_a_connection_nobody_takes_gets_the_short_ceiling() {
+    async fn only_failures_that_cost_the_receiver_nothing_get_the_short_ceiling() {
         use tokio::io::AsyncReadExt;
         let http = crate::http::client::http_client(Duration::from_secs(5));
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -401,7 +405,7 @@ mod tests {
         drop(closed);
         let error = DeliveryError::from(http.get(format!("http://{nobody}/")).send().await.unwrap_err());
         assert!(matches!(error, DeliveryError::NoConnection(_)), "{error:?}");
-        assert_eq!(error.longest_wait(), MAX_BACKOFF_NO_CONNECTION);
+        assert_eq!(error.longest_wait(), MAX_BACKOFF_QUICK);
 
         let hangs_up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = hangs_up.local_addr().unwrap();
@@ -412,8 +416,10 @@ mod tests {
         let error = DeliveryError::from(http.get(format!("http://{address}/")).send().await.unwrap_err());
         assert!(matches!(error, DeliveryError::Unreachable(_)), "{error:?}");
         assert_eq!(error.longest_wait(), MAX_BACKOFF);
-        let status = DeliveryError::Status { status: 503, body: String::new(), refused: false };
-        assert_eq!(status.longest_wait(), MAX_BACKOFF);
+        let status = |status| DeliveryError::Status { status, body: String::new(), refused: false };
+        assert_eq!(status(503).longest_wait(), MAX_BACKOFF_QUICK, "a quick 5xx");
+        assert_eq!(status(404).longest_wait(), MAX_BACKOFF, "misdirected");
+        assert_eq!(status(403).longest_wait(), MAX_BACKOFF, "misdirected");
     }
 
     #[tokio::test(start_paused = true)]
