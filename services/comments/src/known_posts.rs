@@ -14,19 +14,13 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
 };
 
 use tokio::{sync::oneshot, time::Instant};
 
-/// Why a wait ended without the post.
+/// Too many requests are waiting already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitError {
-    /// The post did not appear in time.
-    Unknown,
-    /// Too many requests are waiting already.
-    Busy,
-}
+pub struct Busy;
 
 #[derive(Debug, Default)]
 struct State {
@@ -73,21 +67,16 @@ impl KnownPosts {
         self.lock().waiting
     }
 
-    /// Returns once `id` is known, or after `within`.
-    pub async fn wait_for(&self, id: &str, within: Duration) -> Result<(), WaitError> {
-        let Some(mut waiter) = self.waiter(id)? else { return Ok(()) };
-        if waiter.until(Instant::now() + within).await { Ok(()) } else { Err(WaitError::Unknown) }
-    }
-
     /// Takes a place among the waiting requests for `id`: `None` when the
-    /// post is known already, [`WaitError::Busy`] when every place is taken.
-    pub fn waiter<'a>(&'a self, id: &'a str) -> Result<Option<Waiter<'a>>, WaitError> {
+    /// post is known already, [`Busy`] when every place is taken. The place
+    /// is held until the [`Waiter`] is dropped, however many times it waits.
+    pub fn waiter<'a>(&'a self, id: &'a str) -> Result<Option<Waiter<'a>>, Busy> {
         let mut state = self.lock();
         if state.ids.contains(id) {
             return Ok(None);
         }
         if state.waiting >= self.max_waiters {
-            return Err(WaitError::Busy);
+            return Err(Busy);
         }
         let (sender, receiver) = oneshot::channel();
         state.waiters.entry(id.to_owned()).or_default().push(sender);
@@ -137,19 +126,29 @@ impl Drop for Waiter<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// Whether `id` becomes known within a minute (paused clock).
+    async fn known_within_a_minute(known: &KnownPosts, id: &str) -> Result<bool, Busy> {
+        match known.waiter(id)? {
+            None => Ok(true),
+            Some(mut waiter) => Ok(waiter.until(Instant::now() + Duration::from_secs(60)).await),
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_post_releases_only_its_own_waiters_and_unknown_ones_time_out() {
         let known = KnownPosts::new(["old".to_owned()], 10);
-        assert_eq!(known.wait_for("old", Duration::from_secs(60)).await, Ok(()));
+        assert_eq!(known_within_a_minute(&known, "old").await, Ok(true));
         let waiting = {
             let known = known.clone();
-            tokio::spawn(async move { known.wait_for("new", Duration::from_secs(60)).await })
+            tokio::spawn(async move { known_within_a_minute(&known, "new").await })
         };
         let other = {
             let known = known.clone();
-            tokio::spawn(async move { known.wait_for("other", Duration::from_secs(60)).await })
+            tokio::spawn(async move { known_within_a_minute(&known, "other").await })
         };
         while known.waiting() < 2 {
             tokio::task::yield_now().await;
@@ -157,9 +156,9 @@ mod tests {
         known.insert("unrelated");
         assert_eq!(known.waiting(), 2, "another post releases no one");
         known.insert("new");
-        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(waiting.await.unwrap(), Ok(true));
         assert_eq!(known.waiting(), 1);
-        assert_eq!(other.await.unwrap(), Err(WaitError::Unknown));
+        assert_eq!(other.await.unwrap(), Ok(false));
         assert_eq!(known.waiting(), 0, "a wait that timed out is off the list");
     }
 
@@ -169,13 +168,13 @@ mod tests {
         let waits: Vec<_> = (0..2)
             .map(|n| {
                 let known = known.clone();
-                tokio::spawn(async move { known.wait_for(&format!("p{n}"), Duration::from_secs(60)).await })
+                tokio::spawn(async move { known_within_a_minute(&known, &format!("p{n}")).await })
             })
             .collect();
         while known.waiting() < 2 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(known.wait_for("p9", Duration::from_secs(60)).await, Err(WaitError::Busy));
+        assert_eq!(known_within_a_minute(&known, "p9").await, Err(Busy));
         for wait in &waits {
             wait.abort();
         }
@@ -184,6 +183,24 @@ mod tests {
         }
         assert_eq!(known.waiting(), 0, "a cancelled request gives its place back");
         known.insert("p9");
-        assert_eq!(known.wait_for("p9", Duration::from_secs(60)).await, Ok(()));
+        assert_eq!(known_within_a_minute(&known, "p9").await, Ok(true));
+    }
+
+    /// A request that waits in several steps (asking the bus in between)
+    /// keeps its place the whole time, and the post still reaches it.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_keeps_its_place_between_waits_until_dropped() {
+        let known = KnownPosts::new([], 1);
+        let mut waiter = known.waiter("p1").unwrap().unwrap();
+        assert!(!waiter.until(Instant::now() + Duration::from_millis(250)).await);
+        assert_eq!(known.waiting(), 1);
+        assert!(matches!(known.waiter("p2"), Err(Busy)), "its place is still taken");
+        known.insert("p1");
+        assert!(waiter.until(Instant::now() + Duration::from_secs(60)).await);
+        assert!(waiter.until(Instant::now()).await, "known stays known");
+        assert_eq!(known.waiting(), 0);
+        drop(waiter);
+        assert_eq!(known.waiting(), 0);
+        assert!(known.waiter("p2").unwrap().is_some());
     }
 }

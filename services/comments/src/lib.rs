@@ -7,7 +7,8 @@
 //! memory, capped, waking only that post's waiters); a read never waits.
 //! While it waits it asks the bus, every [`ASK_BUS_EVERY`], for what this
 //! replica missed (after an outage the bus may be backing off its pushes
-//! here for seconds), so a 404 means the bus had no such post either. The
+//! here), so a 404 means the bus, asked last, had no such post either; when
+//! the bus cannot be asked the answer is a 503 to retry. The
 //! single database writer only inserts the comment and publishes its event; the
 //! answer's comment list is read afterwards on the read path. A
 //! `CommentModerated` decision is stored and re-published as `CommentUpdated`
@@ -235,7 +236,7 @@ async fn wait_for_post(state: &AppState, post_id: &str) -> Result<(), Response> 
     let mut waiter = match state.known.waiter(post_id) {
         Ok(None) => return Ok(()),
         Ok(Some(waiter)) => waiter,
-        Err(_busy) => return Err(http::retry_later("too many comments are waiting for their post, try again", 1)),
+        Err(known_posts::Busy) => return Err(http::retry_later("too many comments are waiting for their post, try again", 1)),
     };
     let mut bus_answered = true;
     loop {

@@ -15,7 +15,7 @@ use std::{
 use axum::{Router, extract::State, http::StatusCode, routing::post};
 use blog_domain::Service;
 use blog_tests::{
-    DEADLINE, Signal, TestSuite,
+    DEADLINE, Mode, Signal, TestSuite,
     load::{self, LoadReport, Progress},
 };
 use serde_json::{Value, json};
@@ -82,13 +82,13 @@ async fn a_stopped_consumer_catches_up_under_load() {
 
 /// Comments learns of posts from the bus's pushes. When they do not come
 /// (here the bus pushes to a port where nothing listens, as it backs off
-/// from a subscriber for seconds after an outage), a comment waiting for its
-/// post asks the bus for what comments missed and is accepted within its
-/// wait, post after post.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_comment_waiting_for_a_post_the_bus_never_pushed_asks_the_bus_for_it() {
+/// from a subscriber after an outage), a comment waiting for its post asks
+/// the bus for what comments missed and is accepted within its wait, post
+/// after post: with one process per service, and scaled out (every comments
+/// replica asks through its own inbox; the bus's replicas on JetStream).
+async fn comments_on_posts_the_bus_never_pushed(mode: Mode) {
     let nowhere = blog_tests::free_port();
-    let suite = TestSuite::launch_with(|options| {
+    let suite = TestSuite::launch_with_in(mode, |options| {
         let subscribers = [
             format!("{}=http://127.0.0.1:{nowhere}/events", Service::Comments.name()),
             format!("{}={}/events", Service::Moderation.name(), options.url(Service::Moderation)),
@@ -97,12 +97,23 @@ async fn a_comment_waiting_for_a_post_the_bus_never_pushed_asks_the_bus_for_it()
         options.env.push((Service::EventBus, "SUBSCRIBERS".into(), subscribers.join(",")));
     })
     .await;
-    for n in 0..3 {
+    for n in 0..4 {
         let post = suite.create_post(&format!("never pushed to comments {n}")).await;
         let listed = suite.comment(&post.id, "asked for").await;
         assert_eq!(listed.len(), 1, "{listed:?}");
     }
     suite.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_waiting_for_a_post_the_bus_never_pushed_asks_the_bus_for_it() {
+    comments_on_posts_the_bus_never_pushed(Mode::Single).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaled_out_a_comment_waiting_for_a_post_the_bus_never_pushed_asks_the_bus_for_it() {
+    let Some(mode) = Mode::scaled(2) else { return };
+    comments_on_posts_the_bus_never_pushed(mode).await;
 }
 
 /// A comment's 404 is the bus's word: with the bus up, a post that never
