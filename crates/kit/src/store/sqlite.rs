@@ -127,6 +127,7 @@ impl Sqlite {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, migrations)?;
         conn.execute_batch(PROBE_SCHEMA)?;
+        preallocate_wal(&conn, &path);
         if let Some(max_bytes) = max_bytes {
             let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
             // SQLite keeps the cap at least the current size.
@@ -339,6 +340,46 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA cache_size = -1000;")?;
     Ok(conn)
+}
+
+/// Gives the write-ahead log its working size up front, as real blocks.
+///
+/// Every durable commit fsyncs the log. While the log grows, that fsync also
+/// has to journal the file's new blocks and size: on the test VM's ext4 a
+/// commit then costs about 0.26 ms instead of 0.18 ms over blocks the log
+/// already has. SQLite reuses the log from its start after each checkpoint, so
+/// once the log has grown to the checkpoint's size every later commit writes
+/// over its own blocks; this does the growing once, at start, instead of during
+/// a fresh database's first thousand commits. The log is emptied first
+/// (everything checkpointed into the database), so the zeros only ever follow
+/// valid frames, where SQLite's recovery stops at the first frame whose checksum
+/// fails. Best effort: if the log cannot be emptied or written, it stays as it
+/// was and grows as SQLite needs.
+fn preallocate_wal(conn: &Connection, db: &Path) {
+    use std::os::unix::fs::FileExt;
+    let pragma = |sql: &str| conn.query_row(sql, [], |row| row.get::<_, i64>(0));
+    let sizes = || -> rusqlite::Result<(i64, i64, i64)> {
+        Ok((pragma("PRAGMA wal_checkpoint(TRUNCATE)")?, pragma("PRAGMA page_size")?, pragma("PRAGMA wal_autocheckpoint")?))
+    };
+    let Ok((0, page, frames)) = sizes() else { return };
+    // A header, then each frame: its own header and a page.
+    let size = 32 + frames.max(0) as u64 * (page.max(0) as u64 + 24);
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    let grow = || -> std::io::Result<()> {
+        let wal = std::fs::OpenOptions::new().write(true).open(&name)?;
+        if wal.metadata()?.len() != 0 {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 64 * 1024];
+        for at in (0..size).step_by(zeros.len()) {
+            wal.write_all_at(&zeros[..(size - at).min(zeros.len() as u64) as usize], at)?;
+        }
+        wal.sync_all()
+    };
+    if let Err(e) = grow() {
+        tracing::debug!(error = %e, "write-ahead log not preallocated");
+    }
 }
 
 fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError> {
@@ -636,6 +677,37 @@ mod tests {
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
         assert_eq!(count(&store).await, 100);
         assert!(store.ping().await);
+    }
+
+    /// The log is grown once at start, as real blocks, and a crash image of
+    /// it (valid frames followed by the zeros) recovers every commit.
+    #[tokio::test]
+    async fn the_write_ahead_log_is_grown_once_at_start_and_a_crash_image_of_it_recovers() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, crashed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let wal = |dir: &Path| std::fs::metadata(dir.join("t.db-wal")).unwrap();
+        let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
+        let grown = wal(dir.path());
+        assert_eq!(grown.len(), 32 + 1000 * (4096 + 24), "the checkpoint's worth of frames");
+        assert!(grown.blocks() * 512 >= grown.len(), "real blocks, not a sparse file: {} of {} bytes", grown.blocks() * 512, grown.len());
+        for i in 0..200 {
+            store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("n{i}")])).await.unwrap();
+        }
+        assert_eq!(wal(dir.path()).len(), grown.len(), "200 commits wrote over the log's blocks without growing it");
+
+        // What a crash leaves: the database and its log as they are, the
+        // committed frames followed by the rest of the zeros.
+        for file in ["t.db", "t.db-wal"] {
+            std::fs::copy(dir.path().join(file), crashed.path().join(file)).unwrap();
+        }
+        drop(store);
+        let recovered = Store::open(crashed.path(), "t", SCHEMA).unwrap();
+        assert_eq!(count(&recovered).await, 200);
+        let check: String = recovered.read(|c| c.query_row("PRAGMA integrity_check", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(check, "ok");
+        assert_eq!(wal(crashed.path()).len(), grown.len(), "recovered, checkpointed and grown again");
+        insert(&recovered, "after").await.unwrap();
+        assert_eq!(count(&recovered).await, 201);
     }
 
     #[tokio::test]
