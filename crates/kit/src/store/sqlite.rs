@@ -16,6 +16,12 @@
 //! Reads run on a small pool of read-only connections, which WAL lets
 //! proceed alongside the writer.
 //!
+//! Checkpoints (copying the write-ahead log into the database, after which
+//! the log is reused from its start) run on the writer thread, after the
+//! commit that filled the log has been answered: never on a caller's thread,
+//! where SQLite's own automatic checkpoint would hold up that caller, and with
+//! it the one async worker of its service, for a few milliseconds.
+//!
 //! Two kinds of write: a durable one (`synchronous=FULL`: the
 //! commit is fsynced before anyone is answered), for what a caller is told is
 //! kept: a user's 201, the bus's acknowledgement to a publisher.
@@ -38,7 +44,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -55,6 +61,9 @@ use super::{Refresh, StoreError, Tx};
 const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
 const READ_POOL: usize = 4;
+/// Frames in the write-ahead log after which a checkpoint runs (SQLite's
+/// default for its automatic checkpoint).
+const CHECKPOINT_FRAMES: u32 = 1000;
 
 pub(super) fn is_storage_failure(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::{DiskFull, ReadOnly, SystemIoFailure};
@@ -101,6 +110,8 @@ struct Inner {
     /// `DB_MAX_BYTES`, when set.
     max_bytes: Option<u64>,
     commits: super::CommitMetrics,
+    /// Time of each checkpoint.
+    checkpoints: crate::metrics::Histograms,
     readers: Mutex<Vec<Connection>>,
     /// Kept so that listeners' receivers stay open; nothing is ever sent
     /// (one process: nobody else changes the database).
@@ -128,6 +139,14 @@ impl Sqlite {
         migrate(&mut conn, migrations)?;
         conn.execute_batch(PROBE_SCHEMA)?;
         preallocate_wal(&conn, &path);
+        // Replaces SQLite's automatic checkpoint, which runs inside the COMMIT
+        // that filled the log, on whichever thread committed.
+        let wal_frames = Arc::new(AtomicU32::new(0));
+        let frames = wal_frames.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            frames.store(u32::try_from(pages).unwrap_or(0), Ordering::SeqCst);
+            Ok(())
+        }))?;
         if let Some(max_bytes) = max_bytes {
             let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
             // SQLite keeps the cap at least the current size.
@@ -142,14 +161,16 @@ impl Sqlite {
         let writer_degraded = degraded.clone();
         let commits = super::CommitMetrics::new();
         let writer_commits = commits.clone();
-        let state = Arc::new(Mutex::new(Writer { conn, synced: true, broken: false }));
+        let checkpoints = crate::metrics::Histograms::new(&[], crate::metrics::LATENCY_BUCKETS);
+        let writer_checkpoints = checkpoints.clone();
+        let state = Arc::new(Mutex::new(Writer { conn, synced: true, broken: false, wal_frames }));
         let queued = Arc::new(AtomicUsize::new(0));
         let (writer_state, writer_queued) = (state.clone(), queued.clone());
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
             .spawn(move || {
                 let _alive = alive;
-                write_loop(&writer_state, &jobs, &writer_queued, &writer_degraded, &writer_commits);
+                write_loop(&writer_state, &jobs, &writer_queued, &writer_degraded, &writer_commits, &writer_checkpoints);
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
@@ -163,6 +184,7 @@ impl Sqlite {
             degraded,
             max_bytes,
             commits,
+            checkpoints,
             readers: Mutex::new(Vec::new()),
             refresh: broadcast::Sender::new(1),
         };
@@ -230,6 +252,16 @@ impl Sqlite {
                     inner.writer_alive.store(false, Ordering::SeqCst);
                     tracing::error!("a write job panicked; the service is no longer ready");
                 }
+                let checkpoint_due = writer.checkpoint_due();
+                drop(writer);
+                if checkpoint_due {
+                    // The writer thread checkpoints after the (empty) batch it is sent.
+                    inner.queued.fetch_add(1, Ordering::SeqCst);
+                    let nothing = Job { durable: false, run: Box::new(|_| (Box::new(|_| {}), false)) };
+                    if inner.writer.send(nothing).is_err() {
+                        inner.queued.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
             }
             None => {
                 inner.queued.fetch_add(1, Ordering::SeqCst);
@@ -295,6 +327,11 @@ impl Sqlite {
     /// the filesystem holding it.
     pub(super) fn register_metrics(&self, metrics: &crate::metrics::Registry) {
         self.inner.commits.register(metrics);
+        metrics.add_histograms(
+            "blog_store_checkpoint_seconds",
+            "Time of each checkpoint of SQLite's write-ahead log into the database (on the writer thread).",
+            &self.inner.checkpoints,
+        );
         let inner = self.inner.clone();
         metrics.gauge("blog_db_bytes", "Size of the database files (database and write-ahead log).", move |out| {
             let size = |suffix: &str| {
@@ -355,15 +392,19 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// valid frames, where SQLite's recovery stops at the first frame whose checksum
 /// fails. Best effort: if the log cannot be emptied or written, it stays as it
 /// was and grows as SQLite needs.
+/// The log's preallocated size: a header, then the frames (each its own
+/// header and a page) of a full log, plus a tenth for the last commits before
+/// the checkpoint (the one that fills the log overshoots it by its own frames).
+const fn wal_bytes(page: u64) -> u64 {
+    32 + (CHECKPOINT_FRAMES as u64 * 11 / 10) * (page + 24)
+}
+
 fn preallocate_wal(conn: &Connection, db: &Path) {
     use std::os::unix::fs::FileExt;
     let pragma = |sql: &str| conn.query_row(sql, [], |row| row.get::<_, i64>(0));
-    let sizes = || -> rusqlite::Result<(i64, i64, i64)> {
-        Ok((pragma("PRAGMA wal_checkpoint(TRUNCATE)")?, pragma("PRAGMA page_size")?, pragma("PRAGMA wal_autocheckpoint")?))
-    };
-    let Ok((0, page, frames)) = sizes() else { return };
-    // A header, then each frame: its own header and a page.
-    let size = 32 + frames.max(0) as u64 * (page.max(0) as u64 + 24);
+    let sizes = || -> rusqlite::Result<(i64, i64)> { Ok((pragma("PRAGMA wal_checkpoint(TRUNCATE)")?, pragma("PRAGMA page_size")?)) };
+    let Ok((0, page)) = sizes() else { return };
+    let size = wal_bytes(page.max(0) as u64);
     let mut name = db.as_os_str().to_owned();
     name.push("-wal");
     let grow = || -> std::io::Result<()> {
@@ -425,6 +466,40 @@ struct Writer {
     /// Set when a job panicked mid-commit: the connection may hold half a
     /// transaction, so nobody writes through it again.
     broken: bool,
+    /// Frames in the write-ahead log after the last commit.
+    wal_frames: Arc<AtomicU32>,
+}
+
+impl Writer {
+    fn checkpoint_due(&self) -> bool {
+        !self.broken && self.wal_frames.load(Ordering::SeqCst) >= CHECKPOINT_FRAMES
+    }
+
+    /// Copies the log into the database. Runs while the writer holds the
+    /// connection, so no frame is added meanwhile: the checkpoint completes
+    /// (unless a reader still needs an older snapshot, when the next commit
+    /// finds the log still full and it is tried again), and the next commit
+    /// reuses the log from its start, as after SQLite's automatic checkpoint.
+    fn checkpoint(&self, took: &crate::metrics::Histograms) {
+        debug_assert!(
+            thread::current().name().is_some_and(|name| name.ends_with("-db-writer")),
+            "checkpoints run on the writer thread only"
+        );
+        let started = std::time::Instant::now();
+        let result = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        took.with(&[]).observe_duration(started.elapsed());
+        match result {
+            // Until the next commit says otherwise: a busy checkpoint is
+            // retried after it, not in a loop here.
+            Ok((_, log, copied)) => {
+                self.wal_frames.store(0, Ordering::SeqCst);
+                tracing::debug!(log, copied, took_us = started.elapsed().as_micros() as u64, "checkpoint");
+            }
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed; retried after the next commit"),
+        }
+    }
 }
 
 /// A write counted in [`Inner::arriving`] while it decides where to commit.
@@ -450,9 +525,18 @@ fn write_loop(
     queued: &AtomicUsize,
     degraded: &AtomicBool,
     commits: &super::CommitMetrics,
+    checkpoints: &crate::metrics::Histograms,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = jobs.recv() {
+        // Poisoned or broken: a job panicked mid-commit; the queued jobs'
+        // callers hear that the writer is gone.
+        let Ok(mut writer) = state.lock() else { return };
+        if writer.broken {
+            return;
+        }
+        // Taken once the connection is ours, so that the jobs queued while
+        // someone else committed all share this commit.
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -461,13 +545,12 @@ fn write_loop(
             }
         }
         let taken = batch.len();
-        // Poisoned or broken: a job panicked mid-commit; the queued jobs'
-        // callers hear that the writer is gone.
-        let Ok(mut writer) = state.lock() else { return };
-        if writer.broken {
-            return;
-        }
         commit_batch(&mut writer, &mut batch, degraded, commits);
+        // Every caller has its answer; writes arriving meanwhile wait for the
+        // connection as they would behind a commit.
+        if writer.checkpoint_due() {
+            writer.checkpoint(checkpoints);
+        }
         drop(writer);
         queued.fetch_sub(taken, Ordering::SeqCst);
     }
@@ -688,7 +771,7 @@ mod tests {
         let wal = |dir: &Path| std::fs::metadata(dir.join("t.db-wal")).unwrap();
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
         let grown = wal(dir.path());
-        assert_eq!(grown.len(), 32 + 1000 * (4096 + 24), "the checkpoint's worth of frames");
+        assert_eq!(grown.len(), 32 + 1100 * (4096 + 24), "a checkpoint's worth of frames and a tenth");
         assert!(grown.blocks() * 512 >= grown.len(), "real blocks, not a sparse file: {} of {} bytes", grown.blocks() * 512, grown.len());
         for i in 0..200 {
             store.write(move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("n{i}")])).await.unwrap();
@@ -708,6 +791,43 @@ mod tests {
         assert_eq!(wal(crashed.path()).len(), grown.len(), "recovered, checkpointed and grown again");
         insert(&recovered, "after").await.unwrap();
         assert_eq!(count(&recovered).await, 201);
+    }
+
+    /// Lone writes (committed on the caller's thread) and concurrent ones
+    /// (on the writer thread) fill the log many times over: every checkpoint
+    /// is ours, on the writer thread (a debug assertion), and each lets the
+    /// log start again, so it never grows past its preallocated size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_run_on_the_writer_thread_and_keep_the_log_at_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Sqlite::open_capped(dir.path(), "t", SCHEMA, None).unwrap();
+        let wal = || std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        let size = wal();
+        for round in 0..6 {
+            for i in 0..400 {
+                db.submit(false, move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("{round}-{i}")]), |_| {})
+                    .await
+                    .unwrap();
+            }
+            let together: Vec<_> = (0..200)
+                .map(|i| {
+                    let db = db.clone();
+                    tokio::spawn(async move {
+                        db.submit(false, move |c| c.execute("INSERT INTO item (name) VALUES ($1)", &[&format!("{round}-c{i}")]), |_| {})
+                            .await
+                    })
+                })
+                .collect();
+            for write in together {
+                write.await.unwrap().unwrap();
+            }
+        }
+        let checkpoints = db.inner.checkpoints.with(&[]).count();
+        assert!(checkpoints >= 3, "3,600 commits of two or more frames each took {checkpoints} checkpoints");
+        assert_eq!(wal(), size, "the log was reused from its start after each checkpoint");
+        assert!(db.inner.writer_alive.load(Ordering::SeqCst), "the writer thread survived");
+        let rows: i64 = db.read(|c| c.query_row("SELECT count(*) FROM item", &[], |r| r.get(0))).await.unwrap();
+        assert_eq!(rows, 3_600);
     }
 
     #[tokio::test]
