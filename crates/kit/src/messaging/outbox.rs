@@ -416,9 +416,10 @@ impl Worker for Relay {
         }
     }
 
-    /// A commit proves the database is back: after an outage the first new
-    /// event goes out at once, not after the rest of a backoff of up to 5 s.
-    /// A bus that failed gives no such sign and is waited out.
+    /// A bus that could not be reached or answered a quick 5xx is retried
+    /// within 1 s; a timeout, a broken connection, a misdirected 4xx or a
+    /// failure of this database within 5 s (the last cut short by
+    /// [`Worker::recovered`]).
     fn longest_wait(&self, error: &RelayError) -> Duration {
         match error {
             RelayError::Bus(e) => e.longest_wait(),
@@ -426,6 +427,9 @@ impl Worker for Relay {
         }
     }
 
+    /// A commit proves the database is back: after an outage the first new
+    /// event goes out at once, not after the rest of a backoff of up to 5 s.
+    /// A bus that failed gives no such sign and is waited out.
     async fn recovered(&mut self) {
         if self.store_failed {
             self.outbox.shared.wake.notified().await;

@@ -255,7 +255,8 @@ impl Sqlite {
                 let checkpoint_due = writer.checkpoint_due();
                 drop(writer);
                 if checkpoint_due {
-                    // The writer thread checkpoints after the (empty) batch it is sent.
+                    // A job that changes nothing hands the connection to the
+                    // writer thread, which checkpoints after committing it.
                     inner.queued.fetch_add(1, Ordering::SeqCst);
                     let nothing = Job { durable: false, run: Box::new(|_| (Box::new(|_| {}), false)) };
                     if inner.writer.send(nothing).is_err() {
@@ -379,6 +380,13 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// The log's preallocated size: a header, then the frames (each its own
+/// header and a page) of a full log, plus a tenth for the last commits before
+/// the checkpoint (the one that fills the log overshoots it by its own frames).
+const fn wal_bytes(page: u64) -> u64 {
+    32 + (CHECKPOINT_FRAMES as u64 * 11 / 10) * (page + 24)
+}
+
 /// Gives the write-ahead log its working size up front, as real blocks.
 ///
 /// Every durable commit fsyncs the log. While the log grows, that fsync also
@@ -392,13 +400,6 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// valid frames, where SQLite's recovery stops at the first frame whose checksum
 /// fails. Best effort: if the log cannot be emptied or written, it stays as it
 /// was and grows as SQLite needs.
-/// The log's preallocated size: a header, then the frames (each its own
-/// header and a page) of a full log, plus a tenth for the last commits before
-/// the checkpoint (the one that fills the log overshoots it by its own frames).
-const fn wal_bytes(page: u64) -> u64 {
-    32 + (CHECKPOINT_FRAMES as u64 * 11 / 10) * (page + 24)
-}
-
 fn preallocate_wal(conn: &Connection, db: &Path) {
     use std::os::unix::fs::FileExt;
     let pragma = |sql: &str| conn.query_row(sql, [], |row| row.get::<_, i64>(0));
