@@ -38,6 +38,37 @@ async fn killing_one_replica_of_every_service_in_turn_loses_nothing_and_barely_i
     suite.shutdown().await;
 }
 
+/// A post accepted by a replica that is killed before it could relay it (the
+/// bus is stopped meanwhile): the other replicas take its event over as soon
+/// as it is dead, not when its lease on the outbox row runs out (10 s), so a
+/// comment on the post is accepted within comments' wait for it, never a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_whose_replica_died_before_relaying_it_takes_comments_at_once() {
+    let Some(mode) = Mode::scaled(2) else { return };
+    let suite = TestSuite::launch_in(mode).await;
+    suite.stop(Service::EventBus).await;
+    let replicas = suite.processes(Service::Posts);
+    let urls = suite.process_urls(Service::Posts);
+    let mut posts = Vec::new();
+    for (name, url) in replicas.iter().zip(&urls) {
+        let answer = suite.send(reqwest::Client::new().post(format!("{url}/posts/create")).json(&json!({"title": name}))).await;
+        assert_eq!(answer.status, 201, "{name}: {:?}", answer.body);
+        let post: Post = serde_json::from_value(answer.body).expect("a post");
+        posts.push(post);
+        // Dies holding the event: its relay cannot reach the bus.
+        suite.kill_process(name, Signal::KILL).await;
+    }
+    suite.restart(Service::EventBus).await;
+    for post in &posts {
+        let comments = suite.comment(&post.id, "on a post its replica never relayed");
+        assert_eq!(comments.await.len(), 1);
+    }
+    for post in &posts {
+        suite.wait_for_post_in_query(&post.id).await;
+    }
+    suite.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_under_load_answers_503_and_everything_accepted_catches_up() {
     let Some(mode) = Mode::scaled(2) else { return };

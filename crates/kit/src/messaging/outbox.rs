@@ -12,7 +12,7 @@
 //!
 //! The table stays the durable record: the relay deletes a row only once the
 //! bus acknowledged its event, sweeps the table on start (and every
-//! [`IDLE_CHECK`] when idle) for anything a crash left, and reads it back
+//! [`SWEEP_EVERY`] when idle) for anything a crash left, and reads it back
 //! whenever the in-memory queue overflowed while the bus was away. Until a
 //! sweep finds the table caught up, hand-offs are not taken, so events always
 //! reach the bus in commit order. The relay retries with the shared loop of
@@ -22,24 +22,28 @@
 //!
 //! On PostgreSQL several replicas share the table, and a replica may die
 //! with events it committed but never relayed. Each row carries a lease
-//! (`claimed_until`) and its holder (`claimed_by`, a name each outbox makes
-//! up when it opens): a commit leases its own rows for [`LEASE`] (its relay
-//! has them in memory), and a sweep claims, with `FOR UPDATE SKIP LOCKED`,
-//! its own rows and those whose lease ran out, for another [`LEASE`]. So a
-//! live replica relays its own events alone (those it committed while its
-//! queue was not taking hand-offs included, at its next sweep); one that
-//! stops cleanly gives its leases up ([`Outbox::release`]), so the next
-//! sweep of another replica takes what it could not relay; and a dead one's
-//! are taken over once their lease ran out (within [`LEASE`] +
-//! [`IDLE_CHECK`]). Two relays publishing the same row (a lease that ran out
-//! while the bus was away) only send a duplicate, which the bus ignores. An
-//! idle replica costs one small query per [`IDLE_CHECK`]; its own commits
-//! wake it in memory.
+//! (`claimed_until`) and its holder (`claimed_by`, the replica's name, which
+//! every connection it opens carries as its `application_name`): a commit
+//! leases its own rows for [`LEASE`] (its relay has them in memory), and a
+//! sweep claims, with `FOR UPDATE SKIP LOCKED`, the rows nobody holds, those
+//! whose lease ran out, and those whose holder has no session left in
+//! `pg_stat_activity` (PostgreSQL ends a killed process's sessions as soon as
+//! their sockets close), for another [`LEASE`]; its own too while its queue
+//! is empty (those it committed while not taking hand-offs). So a live
+//! replica relays its own events alone; one that stops cleanly gives its
+//! leases up ([`Outbox::release`]); and a dead one's are taken over by
+//! another replica's next sweep, within [`SWEEP_EVERY`] of its death, busy or
+//! idle, rather than when its leases run out. The lease still ends a holder
+//! that is alive but stuck. Two relays publishing the same row (a holder
+//! taken for dead while it was only cut off from the database, a lease that
+//! ran out while the bus was away) only send a duplicate, which the bus
+//! ignores. An idle replica costs one small query per [`SWEEP_EVERY`]; its
+//! own commits wake it in memory.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use blog_domain::Event;
@@ -84,8 +88,10 @@ const LEASE_SQL: &str = "interval '10 seconds'";
 const BATCH: usize = 256;
 /// Most events waiting in memory; past it the relay reads the table instead.
 const QUEUE_CAP: usize = 16 * BATCH;
-/// How often an idle relay sweeps the table: a safety net only.
-pub const IDLE_CHECK: Duration = Duration::from_secs(5);
+/// How often a relay sweeps the table: with SQLite when idle, a safety net
+/// only; on PostgreSQL busy or not, since it is how a dead replica's events
+/// are found (well within comments' default 2 s wait for a new post).
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Committed events not yet acknowledged, by outbox position.
 #[derive(Debug, Default)]
@@ -132,8 +138,8 @@ impl Outbox {
             out.push((String::new(), queue.events.len().max(if queue.behind { queue.swept_depth } else { 0 }) as f64));
         });
         Self {
+            holder: store.replica().unwrap_or_default().into(),
             store,
-            holder: uuid::Uuid::new_v4().simple().to_string().into(),
             shared,
             published: metrics.counter("blog_outbox_published_total", "Events the bus acknowledged."),
             retries: metrics.counter("blog_outbox_retries_total", "Failed attempts to reach the bus."),
@@ -196,7 +202,7 @@ impl Outbox {
             Ok(n) => tracing::info!(events = n, "re-driving events the bus refused before"),
             Err(e) => tracing::error!(error = %e, "cannot re-drive refused events"),
         }
-        retry::run(Relay { outbox: self, bus, sweep: true, store_failed: false }, shutdown).await;
+        retry::run(Relay { outbox: self, bus, sweep: true, swept: Instant::now(), store_failed: false }, shutdown).await;
     }
 
     /// Gives up this replica's leases (PostgreSQL), once it has stopped
@@ -243,8 +249,9 @@ impl Outbox {
     }
 
     /// Reads the oldest rows of the table into the queue: on PostgreSQL,
-    /// the oldest whose lease ran out, claimed.
-    async fn sweep(&self) -> Result<(), StoreError> {
+    /// the oldest nobody holds, whose lease ran out or whose holder is dead
+    /// (and this replica's own if `own`), claimed.
+    async fn sweep(&self, own: bool) -> Result<(), StoreError> {
         let was_behind = self.queue().behind;
         let holder = self.holder.clone();
         let sweep = move |tx: &Tx<'_>| {
@@ -254,11 +261,14 @@ impl Outbox {
                     &format!(
                         "UPDATE outbox SET claimed_until = now() + {LEASE_SQL}, claimed_by = $2
                          WHERE pos IN (SELECT pos FROM outbox
-                                       WHERE claimed_until IS NULL OR claimed_until < now() OR claimed_by = $2
+                                       WHERE claimed_until IS NULL OR claimed_until < now()
+                                          OR (claimed_by = $2 AND $3)
+                                          OR (claimed_by <> $2 AND claimed_by NOT IN
+                                              (SELECT application_name FROM pg_stat_activity WHERE application_name IS NOT NULL))
                                        ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
                          RETURNING pos, event"
                     ),
-                    &[&(BATCH as i64), &&*holder],
+                    &[&(BATCH as i64), &&*holder, &own],
                     pos_and_event,
                 )?,
             };
@@ -368,6 +378,8 @@ struct Relay {
     bus: BusClient,
     /// Whether the next pass that finds the queue empty reads the table.
     sweep: bool,
+    /// When the table was last swept.
+    swept: Instant,
     /// Whether the last failure was the database's rather than the bus's.
     store_failed: bool,
 }
@@ -377,12 +389,19 @@ impl Worker for Relay {
 
     async fn pass(&mut self) -> Result<Pass, RelayError> {
         let mut batch = self.outbox.next_batch();
-        if batch.is_empty() && (self.sweep || self.outbox.queue().behind) {
+        let idle = batch.is_empty() && (self.sweep || self.outbox.queue().behind);
+        // A busy replica looks for dead ones' events all the same.
+        let due = self.outbox.store.engine() == Engine::Postgres && self.swept.elapsed() >= SWEEP_EVERY;
+        if idle || due {
             let was_behind = self.outbox.queue().behind;
-            self.outbox.sweep().await?;
-            // One more sweep after catching up: it finds what was committed
-            // while the queue was still not taking hand-offs.
-            self.sweep = was_behind && !self.outbox.queue().behind;
+            // Its own rows are all in a queue that takes hand-offs.
+            self.outbox.sweep(batch.is_empty()).await?;
+            self.swept = Instant::now();
+            if idle {
+                // One more sweep after catching up: it finds what was
+                // committed while the queue was still not taking hand-offs.
+                self.sweep = was_behind && !self.outbox.queue().behind;
+            }
             batch = self.outbox.next_batch();
         }
         if batch.is_empty() {
@@ -396,7 +415,7 @@ impl Worker for Relay {
     async fn idle(&mut self) {
         tokio::select! {
             () = self.outbox.shared.wake.notified() => {}
-            () = tokio::time::sleep(IDLE_CHECK) => self.sweep = true,
+            () = tokio::time::sleep_until((self.swept + SWEEP_EVERY).into()) => self.sweep = true,
         }
     }
 
@@ -637,7 +656,7 @@ mod tests {
     async fn after_a_database_failure_a_commit_ends_the_backoff_but_not_after_a_bus_failure() {
         let (_dir, _store, outbox) = outbox().await;
         let bus = Bus::default().start(never()).await;
-        let mut relay = Relay { outbox: outbox.clone(), bus, sweep: false, store_failed: false };
+        let mut relay = Relay { outbox: outbox.clone(), bus, sweep: false, swept: Instant::now(), store_failed: false };
         relay.failed(&RelayError::Store(StoreError::Unavailable("down".into())), 1);
         assert!(!sees_recovery(&mut relay).await, "nothing shows the database is back yet");
         publish(&outbox, vec!["a".into()]).await;
@@ -726,16 +745,16 @@ mod replicas {
         let stopping = replica(&url).await;
         let committed = commit_posts(&stopping, "held", 3).await;
         assert!(staged_ids(&stopping).is_empty(), "a queue that has not swept yet takes no hand-off");
-        stopping.sweep().await.unwrap();
+        stopping.sweep(true).await.unwrap();
         assert_eq!(staged_ids(&stopping), committed, "its own sweep finds its own leased rows");
 
         let other = replica(&url).await;
-        other.sweep().await.unwrap();
+        other.sweep(true).await.unwrap();
         assert!(staged_ids(&other).is_empty(), "another replica leaves leased rows alone");
         stopping.release().await;
-        other.sweep().await.unwrap();
+        other.sweep(true).await.unwrap();
         assert_eq!(staged_ids(&other), committed, "released rows are the next sweep's");
-        stopping.sweep().await.unwrap();
+        stopping.sweep(true).await.unwrap();
         let held_again: i64 = other
             .store
             .read(|tx| tx.query_row("SELECT count(*) FROM outbox WHERE claimed_by IS NULL OR claimed_until < now()", &[], |r| r.get(0)))
@@ -744,8 +763,10 @@ mod replicas {
         assert_eq!(held_again, 0, "every row is leased again, to the replica that swept it");
     }
 
-    /// A replica that committed events and died before relaying them: the
-    /// other replica's relay takes them over once their lease runs out.
+    /// A replica that committed events and died before relaying them:
+    /// another replica's sweep takes them over as soon as the server has
+    /// ended the dead one's sessions, while their lease still runs, and its
+    /// relay publishes them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_replicas_staged_events_are_published_by_another() {
         let Some(server) = test_server::shared() else { return };
@@ -756,20 +777,36 @@ mod replicas {
         });
         let (bus_url, seen) = recording_bus(shutdown.clone()).await;
         let dying = replica(&url).await;
+        let dead = dying.holder.to_string();
         let staged = commit_posts(&dying, "dead", 5).await;
-        drop(dying);
-
         let survivor = replica(&url).await;
+        survivor.sweep(true).await.unwrap();
+        assert!(staged_ids(&survivor).is_empty(), "a live replica's rows are left alone");
+        // Its pool closes its connections, as a killed process's sockets close.
+        drop(dying);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sessions = move |tx: &Tx<'_>| {
+            tx.query_row("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&dead], |r| r.get::<i64>(0))
+        };
+        while survivor.store.read(sessions.clone()).await.unwrap() > 0 {
+            assert!(Instant::now() < deadline, "the server never ended the dropped replica's sessions");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let leased: bool =
+            survivor.store.read(|tx| tx.query_row("SELECT bool_and(claimed_until > now()) FROM outbox", &[], |r| r.get(0))).await.unwrap();
+        assert!(leased, "the dead replica's leases still run");
+        survivor.sweep(true).await.unwrap();
+        assert_eq!(staged_ids(&survivor), staged, "taken over by the next sweep, in commit order");
+
         let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
         tokio::spawn(survivor.clone().relay(BusClient::new(http_client(Duration::from_secs(5)), &bus_url, secret), shutdown.clone()));
         let own = Event::from_value(json!({"id": "own", "type": "PostCreated", "data": {"id": "q", "title": "t"}})).unwrap();
         survivor.commit(true, move |tx| tx.publish(&own)).await.unwrap();
 
-        let deadline = Instant::now() + LEASE + IDLE_CHECK * 4;
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let published = seen.lock().unwrap().clone();
-            if staged.iter().all(|id| published.contains(id)) {
-                assert!(published.contains(&"own".to_owned()));
+            if staged.iter().chain([&"own".to_owned()]).all(|id| published.contains(id)) {
                 break;
             }
             assert!(Instant::now() < deadline, "published so far: {published:?}");

@@ -214,6 +214,16 @@ impl Store {
         }
     }
 
+    /// This replica's name on PostgreSQL, live while the process is (see
+    /// `postgres::Postgres::replica`); `None` with SQLite, where a service is
+    /// one process.
+    pub(crate) fn replica(&self) -> Option<&str> {
+        match &self.0 {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p.replica()),
+        }
+    }
+
     /// Runs an idempotent schema (`CREATE .. IF NOT EXISTS`) once per start,
     /// serialised with other replicas' migrations.
     pub async fn install(&self, schema: Migration) -> Result<(), StoreError> {

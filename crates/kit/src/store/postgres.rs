@@ -83,6 +83,17 @@ impl std::fmt::Debug for DatabaseUrl {
     }
 }
 
+/// Longest `application_name` PostgreSQL keeps (`NAMEDATALEN` - 1 bytes).
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// `<base> <origin>`, within [`APPLICATION_NAME_MAX`] and in printable ASCII
+/// (what the server keeps of it unchanged), so it reads back as it was set.
+fn replica_name(base: &str, origin: &str) -> String {
+    let room = APPLICATION_NAME_MAX.saturating_sub(origin.len() + 1);
+    let base: String = base.chars().filter(|c| c.is_ascii_graphic()).take(room).collect();
+    format!("{base} {origin}")
+}
+
 /// Whether `e` says the server or the connection failed (not the request).
 pub(super) fn is_storage_failure(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) {
@@ -107,6 +118,8 @@ struct Inner {
     pool: Pool,
     config: tokio_postgres::Config,
     name: String,
+    /// This replica's `application_name` (see [`Postgres::replica`]).
+    replica: String,
     /// Tells this replica's notifications from other replicas'.
     origin: String,
     listeners: Mutex<HashMap<&'static str, broadcast::Sender<Refresh>>>,
@@ -117,9 +130,11 @@ impl Postgres {
     pub(super) async fn connect(url: &DatabaseUrl, name: &str, migrations: &[Migration]) -> Result<Self, StoreError> {
         let mut config = url.0.clone();
         config.connect_timeout(CONNECT_TIMEOUT);
-        if config.get_application_name().is_none() {
-            config.application_name(name);
-        }
+        let origin = uuid::Uuid::new_v4().simple().to_string();
+        // Every connection of this replica carries its name, so the others
+        // can tell from `pg_stat_activity` whether it is still alive.
+        let replica = replica_name(config.get_application_name().unwrap_or(name), &origin);
+        config.application_name(&replica);
         let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -129,12 +144,12 @@ impl Postgres {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let origin = uuid::Uuid::new_v4().simple().to_string();
         let store = Self {
             inner: Arc::new(Inner {
                 pool,
                 config,
                 name: name.to_owned(),
+                replica,
                 origin,
                 listeners: Mutex::default(),
                 commits: super::CommitMetrics::new(),
@@ -146,6 +161,14 @@ impl Postgres {
 
     pub(super) fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The `application_name` of every connection this replica opens, its
+    /// own for as long as the process lives: while some session in
+    /// `pg_stat_activity` has it, the replica is alive (the server ends a
+    /// dead process's sessions as soon as their sockets close).
+    pub(super) fn replica(&self) -> &str {
+        &self.inner.replica
     }
 
     /// Applies the migrations the database lacks, one transaction holding
@@ -421,5 +444,20 @@ impl Drop for Session {
             // Detached from the pool: the connection closes instead of being reused.
             drop(Object::take(client));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_name_is_what_the_server_keeps_of_it() {
+        let origin = "0123456789abcdef0123456789abcdef";
+        assert_eq!(replica_name("posts", origin), format!("posts {origin}"));
+        let long = replica_name(&"é-x".repeat(40), origin);
+        assert_eq!(long.len(), APPLICATION_NAME_MAX, "clipped to what the server keeps");
+        assert!(long.bytes().all(|b| (b' '..=b'~').contains(&b)), "printable ASCII only: {long}");
+        assert!(long.ends_with(&format!(" {origin}")));
     }
 }
