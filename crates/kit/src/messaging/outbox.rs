@@ -34,7 +34,8 @@
 //! leases up ([`Outbox::release`]); and a dead one's are taken over by
 //! another replica's next sweep, within [`SWEEP_EVERY`] of its death, busy or
 //! idle, rather than when its leases run out. The lease still ends a holder
-//! that is alive but stuck. Two relays publishing the same row (a holder
+//! that is alive but stuck, or whose node vanished without closing its
+//! sockets (the server keeps such sessions until TCP keepalive ends them). Two relays publishing the same row (a holder
 //! taken for dead while it was only cut off from the database, a lease that
 //! ran out while the bus was away) only send a duplicate, which the bus
 //! ignores. An idle replica costs one small query per [`SWEEP_EVERY`]; its
