@@ -35,7 +35,8 @@
 //! another replica's next sweep, within [`SWEEP_EVERY`] of its death, busy or
 //! idle, rather than when its leases run out. The lease still ends a holder
 //! that is alive but stuck, or whose node vanished without closing its
-//! sockets (the server keeps such sessions until TCP keepalive ends them). Two relays publishing the same row (a holder
+//! sockets (the server keeps such sessions until TCP keepalive ends them),
+//! and is all there is behind a pooler that hides the replicas' names. Two relays publishing the same row (a holder
 //! taken for dead while it was only cut off from the database, a lease that
 //! ran out while the bus was away) only send a duplicate, which the bus
 //! ignores. An idle replica costs one small query per [`SWEEP_EVERY`]; its
@@ -84,6 +85,14 @@ pub(crate) const SCHEMA: Migration = Migration::per_engine(
 pub const LEASE: Duration = Duration::from_secs(10);
 /// `LEASE` in SQL.
 const LEASE_SQL: &str = "interval '10 seconds'";
+
+/// Whether an outbox row's holder is dead: another replica's name that no
+/// session on the server carries. Only when the sweeping replica (`$2`)
+/// finds its own name there: behind a pooler that does not pass
+/// `application_name` on, liveness cannot be told, and only leases count.
+const HOLDER_DEAD: &str = "claimed_by <> $2
+    AND EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $2)
+    AND claimed_by NOT IN (SELECT application_name FROM pg_stat_activity WHERE application_name IS NOT NULL)";
 
 /// Events per request to the bus.
 const BATCH: usize = 256;
@@ -264,8 +273,7 @@ impl Outbox {
                          WHERE pos IN (SELECT pos FROM outbox
                                        WHERE claimed_until IS NULL OR claimed_until < now()
                                           OR (claimed_by = $2 AND $3)
-                                          OR (claimed_by <> $2 AND claimed_by NOT IN
-                                              (SELECT application_name FROM pg_stat_activity WHERE application_name IS NOT NULL))
+                                          OR ({HOLDER_DEAD})
                                        ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
                          RETURNING pos, event"
                     ),
@@ -796,6 +804,13 @@ mod replicas {
         let leased: bool =
             survivor.store.read(|tx| tx.query_row("SELECT bool_and(claimed_until > now()) FROM outbox", &[], |r| r.get(0))).await.unwrap();
         assert!(leased, "the dead replica's leases still run");
+        let dead_to = |name: &str| {
+            let name = name.to_owned();
+            let sql = format!("SELECT count(*) FROM outbox WHERE {}", HOLDER_DEAD.replace("$2", "$1"));
+            survivor.store.read(move |tx| tx.query_row(&sql, &[&name], |r| r.get::<i64>(0)))
+        };
+        assert_eq!(dead_to(&survivor.holder).await.unwrap(), 5, "their holder is dead to a replica that sees itself");
+        assert_eq!(dead_to("behind a pooler").await.unwrap(), 0, "one that cannot see itself takes nobody for dead");
         survivor.sweep(true).await.unwrap();
         assert_eq!(staged_ids(&survivor), staged, "taken over by the next sweep, in commit order");
 
