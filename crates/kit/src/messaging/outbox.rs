@@ -300,7 +300,9 @@ impl Outbox {
         let mut queue = self.queue();
         queue.swept_depth = usize::try_from(depth).unwrap_or(0);
         queue.events.extend(readable);
-        if caught_up && was_behind {
+        // Only a sweep that read this replica's own rows can tell the queue
+        // has caught up with the table.
+        if caught_up && was_behind && own {
             queue.behind = false;
         }
         Ok(())
@@ -770,6 +772,26 @@ mod replicas {
             .await
             .unwrap();
         assert_eq!(held_again, 0, "every row is leased again, to the replica that swept it");
+    }
+
+    /// A sweep for other replicas' rows (a busy relay's) leaves this
+    /// replica's own rows in the table, so it cannot end a backlog: the queue
+    /// keeps refusing hand-offs until a sweep has read them, and the events
+    /// still reach the bus in commit order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sweep_for_other_replicas_rows_does_not_end_a_backlog() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let outbox = replica(&url).await;
+        let backlog = commit_posts(&outbox, "backlog", 3).await;
+        outbox.sweep(false).await.unwrap();
+        assert!(staged_ids(&outbox).is_empty(), "its own rows are not read");
+        assert!(outbox.queue().behind, "so it is still behind the table");
+        let later = commit_posts(&outbox, "later", 1).await;
+        assert!(staged_ids(&outbox).is_empty(), "and takes no hand-off that would overtake them");
+        outbox.sweep(true).await.unwrap();
+        assert_eq!(staged_ids(&outbox), [backlog, later].concat(), "one sweep of its own rows, in commit order");
+        assert!(!outbox.queue().behind);
     }
 
     /// A replica that committed events and died before relaying them:
