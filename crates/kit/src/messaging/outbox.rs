@@ -36,11 +36,11 @@
 //! idle, rather than when its leases run out. The lease still ends a holder
 //! that is alive but stuck, or whose node vanished without closing its
 //! sockets (the server keeps such sessions until TCP keepalive ends them),
-//! and is all there is behind a pooler that hides the replicas' names. Two relays publishing the same row (a holder
-//! taken for dead while it was only cut off from the database, a lease that
-//! ran out while the bus was away) only send a duplicate, which the bus
-//! ignores. An idle replica costs one small query per [`SWEEP_EVERY`]; its
-//! own commits wake it in memory.
+//! and is all there is behind a pooler that hides the replicas' names. Two
+//! relays publishing the same row (a holder taken for dead while it was only
+//! cut off from the database, a lease that ran out while the bus was away)
+//! only send a duplicate, which the bus ignores. An idle replica costs one
+//! small query per [`SWEEP_EVERY`]; its own commits wake it in memory.
 
 use std::{
     collections::BTreeMap,
