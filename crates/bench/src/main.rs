@@ -504,6 +504,7 @@ async fn scaled(bin_dir: &std::path::Path, replicas: usize) -> Result<Summary, E
     let post_id = post["id"].as_str().ok_or("post id")?.to_owned();
     let lag = measure_lag(&http, &gateway, &post_id, LAG_SAMPLES, LagProbe::Stream).await?;
     print_lag("consistency lag, idle, query's live stream:          ", &lag);
+    lag_breakdown(&http, &gateway, &bus, &post_id, LAG_SAMPLES / 2).await?;
     let written = posts_phase(&http, &gateway, 1).await?;
     println!("posts through the gateway:    {}", written.line(None));
     wait_for_idle_bus(&http, &bus).await;
