@@ -68,6 +68,10 @@ async fn a_post_whose_replica_died_before_relaying_it_takes_comments_at_once() {
     for post in &posts {
         suite.wait_for_post_in_query(&post.id).await;
     }
+    // At least the last killed replica's post was taken over by a replica still running.
+    let taken = counter(&suite, Service::Posts, "blog_outbox_taken_over_total").await;
+    assert!(taken >= 1, "the takeover is counted");
+    println!("events taken over, counted by the posts replicas running now: {taken}");
     suite.shutdown().await;
 }
 

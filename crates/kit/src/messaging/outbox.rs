@@ -130,6 +130,7 @@ pub struct Outbox {
     published: Counter,
     retries: Counter,
     misdirected: Counter,
+    taken_over: Counter,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -156,6 +157,10 @@ impl Outbox {
             misdirected: metrics.counter(
                 "blog_outbox_misdirected_total",
                 "4xx answers that did not refuse the events (wrong EVENT_BUS_URL or INTERNAL_SECRET); retried.",
+            ),
+            taken_over: metrics.counter(
+                "blog_outbox_taken_over_total",
+                "Events another replica committed and this one took over (PostgreSQL: the other died or its lease ran out).",
             ),
         }
     }
@@ -265,23 +270,25 @@ impl Outbox {
         let was_behind = self.queue().behind;
         let holder = self.holder.clone();
         let sweep = move |tx: &Tx<'_>| {
-            let mut rows = match tx.engine() {
-                Engine::Sqlite => tx.query_all("SELECT pos, event FROM outbox ORDER BY pos LIMIT $1", &[&(BATCH as i64)], pos_and_event)?,
+            // Each row with the replica that held it before, if another.
+            let mut rows: Vec<(i64, String, Option<String>)> = match tx.engine() {
+                Engine::Sqlite => tx.query_all("SELECT pos, event, NULL FROM outbox ORDER BY pos LIMIT $1", &[&(BATCH as i64)], swept)?,
                 Engine::Postgres => tx.query_all(
                     &format!(
-                        "UPDATE outbox SET claimed_until = now() + {LEASE_SQL}, claimed_by = $2
-                         WHERE pos IN (SELECT pos FROM outbox
-                                       WHERE claimed_until IS NULL OR claimed_until < now()
-                                          OR (claimed_by = $2 AND $3)
-                                          OR ({HOLDER_DEAD})
-                                       ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
-                         RETURNING pos, event"
+                        "WITH picked AS (SELECT pos, claimed_by FROM outbox
+                                         WHERE claimed_until IS NULL OR claimed_until < now()
+                                            OR (claimed_by = $2 AND $3)
+                                            OR ({HOLDER_DEAD})
+                                         ORDER BY pos LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         UPDATE outbox SET claimed_until = now() + {LEASE_SQL}, claimed_by = $2
+                         FROM picked WHERE outbox.pos = picked.pos
+                         RETURNING outbox.pos, outbox.event, NULLIF(picked.claimed_by, $2)"
                     ),
                     &[&(BATCH as i64), &&*holder, &own],
-                    pos_and_event,
+                    swept,
                 )?,
             };
-            rows.sort_unstable_by_key(|(pos, _)| *pos);
+            rows.sort_unstable_by_key(|(pos, _, _)| *pos);
             let depth: i64 = tx.query_row("SELECT count(*) FROM outbox", &[], |row| row.get(0))?;
             Ok::<_, StoreError>((rows, depth))
         };
@@ -290,8 +297,18 @@ impl Outbox {
             Engine::Postgres => self.store.write_relaxed(move |tx| sweep(tx)).await?,
         };
         let caught_up = rows.len() < BATCH;
+        let mut taken: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, _, previous) in &rows {
+            if let Some(previous) = previous {
+                *taken.entry(previous.clone()).or_default() += 1;
+            }
+        }
+        for (replica, events) in taken {
+            self.taken_over.add(events as u64);
+            tracing::warn!(%replica, events, "taking over outbox events of a replica that is gone (or whose lease ran out)");
+        }
         let mut readable = Vec::with_capacity(rows.len());
-        for (pos, json) in rows {
+        for (pos, json, _) in rows {
             match serde_json::from_str::<Event>(&json) {
                 Ok(event) => readable.push((pos, event)),
                 Err(e) => self.refuse(pos, json, &format!("unreadable outbox row: {e}")).await?,
@@ -350,9 +367,9 @@ impl Outbox {
     }
 }
 
-/// An outbox row as sweeps read it.
-fn pos_and_event(row: &crate::store::Row<'_, '_>) -> Result<(i64, String), StoreError> {
-    Ok((row.get(0)?, row.get(1)?))
+/// An outbox row as sweeps read it, with the other replica that held it.
+fn swept(row: &crate::store::Row<'_, '_>) -> Result<(i64, String, Option<String>), StoreError> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
 }
 
 impl Shared {
@@ -765,6 +782,7 @@ mod replicas {
         stopping.release().await;
         other.sweep(true).await.unwrap();
         assert_eq!(staged_ids(&other), committed, "released rows are the next sweep's");
+        assert_eq!(other.taken_over.get(), 0, "a clean hand-over is no takeover");
         stopping.sweep(true).await.unwrap();
         let held_again: i64 = other
             .store
@@ -835,6 +853,7 @@ mod replicas {
         assert_eq!(dead_to("behind a pooler").await.unwrap(), 0, "one that cannot see itself takes nobody for dead");
         survivor.sweep(true).await.unwrap();
         assert_eq!(staged_ids(&survivor), staged, "taken over by the next sweep, in commit order");
+        assert_eq!(survivor.taken_over.get(), 5, "and counted as taken over");
 
         let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
         tokio::spawn(survivor.clone().relay(BusClient::new(http_client(Duration::from_secs(5)), &bus_url, secret), shutdown.clone()));
