@@ -169,11 +169,13 @@ impl EventLog {
         let store = match &self.backend {
             Backend::Sqlite(store) => store,
             Backend::JetStream(stream) => {
-                // The tail caches the events and tells `/flow`; the head moves
-                // now so deliverers need not wait for it.
+                // Cached now if they follow what the cache holds (else the
+                // tail brings them, in order); the head moves now so
+                // deliverers need not wait for the tail.
                 telemetry::lag_mark("bus.appending", traced.iter().map(String::as_str));
-                let stored = stream.append(events, &format_millis(now)).await?;
+                let (stored, fresh) = stream.append(events, &format_millis(now)).await?;
                 telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
+                self.remember_following(fresh);
                 if let Some(max) = stored.iter().map(|s| s.seq).max() {
                     self.advance(max);
                 }
@@ -222,12 +224,34 @@ impl EventLog {
         Ok(stored)
     }
 
-    /// Caches freshly stored events and tells flow watchers about them.
+    /// Caches freshly stored events and tells flow watchers about them,
+    /// each once (on JetStream the replica that stored an event may have
+    /// cached it before its tail brings it).
     fn remember(&self, fresh: Vec<Event>) {
-        if self.flow.receiver_count() > 0 {
-            for event in &fresh {
+        self.cache(fresh, false);
+    }
+
+    /// Like [`EventLog::remember`], for the events this replica just stored
+    /// on JetStream: only as long as each follows what the cache holds, so
+    /// the cache stays a run without gaps and `/flow` tells the log's order;
+    /// the tail brings the rest.
+    fn remember_following(&self, fresh: Vec<Event>) {
+        self.cache(fresh, true);
+    }
+
+    fn cache(&self, fresh: Vec<Event>, following: bool) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for event in fresh {
+            let seq = event.seq.unwrap_or(0);
+            if recent.contains_key(&seq) {
+                continue;
+            }
+            if following && recent.last_key_value().is_none_or(|(last, _)| *last + 1 != seq) {
+                break;
+            }
+            if self.flow.receiver_count() > 0 {
                 let record = Published {
-                    seq: event.seq.unwrap_or(0),
+                    seq,
                     id: event.id.clone(),
                     kind: event.kind.clone(),
                     data: event.data.clone(),
@@ -235,10 +259,7 @@ impl EventLog {
                 };
                 let _ = self.flow.send(Flow::Published(record));
             }
-        }
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        for event in fresh {
-            recent.insert(event.seq.unwrap_or(0), event);
+            recent.insert(seq, event);
         }
         while recent.len() > RECENT {
             recent.pop_first();
@@ -357,4 +378,42 @@ pub fn now_millis() -> i64 {
 fn format_millis(millis: i64) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use blog_kit::store::Store;
+
+    use super::*;
+
+    fn stored(seq: u64) -> Event {
+        let mut event =
+            Event::from_value(serde_json::json!({"id": format!("e{seq}"), "type": "PostCreated", "data": {"id": "p", "title": "t"}}))
+                .unwrap();
+        event.seq = Some(seq);
+        event
+    }
+
+    /// What a replica stored itself is cached only while it follows the
+    /// cache, so the cache has no gaps; `/flow` hears of each event once, in
+    /// the log's order, whichever of the append and the tail brings it first.
+    #[tokio::test]
+    async fn events_this_replica_stored_are_cached_only_in_order_and_told_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(Store::open(dir.path(), "event-bus", MIGRATIONS).unwrap()).await.unwrap();
+        let mut flow = log.flow().subscribe();
+        log.remember(vec![stored(1), stored(2)]);
+        log.remember_following(vec![stored(4)]);
+        assert!(!log.recent.lock().unwrap().contains_key(&4), "after a gap the tail brings it");
+        log.remember_following(vec![stored(3), stored(4)]);
+        log.remember(vec![stored(3), stored(4)]);
+        assert_eq!(log.recent.lock().unwrap().keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+        let mut told = Vec::new();
+        while let Ok(Flow::Published(p)) = flow.try_recv() {
+            told.push(p.seq);
+        }
+        assert_eq!(told, [1, 2, 3, 4]);
+        log.remember_following(vec![stored(5)]);
+        assert!(log.recent.lock().unwrap().contains_key(&5));
+    }
 }

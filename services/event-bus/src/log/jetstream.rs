@@ -142,7 +142,10 @@ impl JetStreamLog {
     }
 
     /// Publishes every event (pipelined), then waits for each acknowledgement in order.
-    pub async fn append(&self, events: Vec<Event>, timestamp: &str) -> Result<Vec<Stored>, StoreError> {
+    /// Publishes `events` and waits for the stream to store them; returns
+    /// where each is, and the events stored now (not duplicates of ones
+    /// stored before) as the stream holds them.
+    pub async fn append(&self, events: Vec<Event>, timestamp: &str) -> Result<(Vec<Stored>, Vec<Event>), StoreError> {
         let mut pending = Vec::with_capacity(events.len());
         for mut event in events {
             event.seq = None;
@@ -151,14 +154,19 @@ impl JetStreamLog {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.as_str());
             let ack = self.js.publish_with_headers(SUBJECT, headers, body.into()).await.map_err(unavailable)?;
-            pending.push((event.id, ack));
+            pending.push((event, ack));
         }
         let mut stored = Vec::with_capacity(pending.len());
-        for (id, ack) in pending {
+        let mut fresh = Vec::with_capacity(pending.len());
+        for (mut event, ack) in pending {
             let ack = ack.await.map_err(unavailable)?;
-            stored.push(Stored { id, seq: ack.sequence });
+            stored.push(Stored { id: event.id.clone(), seq: ack.sequence });
+            if !ack.duplicate {
+                event.seq = Some(ack.sequence);
+                fresh.push(event);
+            }
         }
-        Ok(stored)
+        Ok((stored, fresh))
     }
 
     /// Up to `limit` events after `after`, in order, as the stream's leader
