@@ -12,7 +12,9 @@
 //!
 //! With `EVENT_STORE=nats://…` the same log lives in a JetStream stream
 //! instead ([`jetstream`]), shared by every bus replica: the cache and the
-//! head then follow the stream (every replica's appends) through a tail.
+//! head then follow the stream (every replica's appends) through a tail, and
+//! a replica caches what it appended itself at once when it follows what the
+//! cache holds.
 
 pub mod jetstream;
 
