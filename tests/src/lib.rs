@@ -434,4 +434,20 @@ impl TestSuite {
             suite.stop().await;
         }
     }
+
+    /// Stops the suite as [`TestSuite::shutdown`] does; returns each
+    /// process's name and whole log, from start to stop.
+    pub async fn shutdown_with_logs(mut self) -> Vec<(String, String)> {
+        let names: Vec<String> = Service::ALL.into_iter().flat_map(|s| self.processes(s)).collect();
+        if let Some(suite) = self.suite.take() {
+            suite.stop().await;
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+                (name, log)
+            })
+            .collect()
+    }
 }

@@ -282,3 +282,21 @@ async fn metrics_show_red_series_with_bounded_labels_after_unknown_paths() {
     assert_eq!(peers, ["comments", "moderation", "query"].map(str::to_owned).into(), "{bus}");
     suite.shutdown().await;
 }
+
+/// A clean stop is no failure: after a comment went the whole way, stopping
+/// the suite (SIGTERM to every process) leaves no error in any log, while
+/// each process did log that it stopped.
+#[tokio::test]
+async fn a_clean_stop_logs_no_error() {
+    let suite = TestSuite::launch().await;
+    let post = suite.create_post("stopped cleanly").await;
+    let comment = suite.comment(&post.id, "then the suite stops").await.remove(0);
+    suite.wait_for_status(&post.id, &comment.id, "approved").await;
+    let logs = suite.shutdown_with_logs().await;
+    assert_eq!(logs.len(), Service::ALL.len());
+    for (name, log) in logs {
+        assert!(log.lines().any(|line| line.contains("stopped")), "{name} logged no stop:\n{log}");
+        let errors: Vec<&str> = log.lines().filter(|line| line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"")).collect();
+        assert!(errors.is_empty(), "{name} logged errors on a clean stop:\n{}", errors.join("\n"));
+    }
+}

@@ -157,7 +157,7 @@ impl Sqlite {
         let (writer, jobs) = mpsc::channel::<Job>();
         let degraded = Arc::new(AtomicBool::new(false));
         let writer_alive = Arc::new(AtomicBool::new(true));
-        let alive = WriterAlive(writer_alive.clone());
+        let mut alive = WriterAlive { alive: writer_alive.clone(), closed: false };
         let writer_degraded = degraded.clone();
         let commits = super::CommitMetrics::new();
         let writer_commits = commits.clone();
@@ -169,8 +169,8 @@ impl Sqlite {
         thread::Builder::new()
             .name(format!("{name}-db-writer"))
             .spawn(move || {
-                let _alive = alive;
-                write_loop(&writer_state, &jobs, &writer_queued, &writer_degraded, &writer_commits, &writer_checkpoints);
+                alive.closed = write_loop(&writer_state, &jobs, &writer_queued, &writer_degraded, &writer_commits, &writer_checkpoints);
+                drop(alive);
             })
             .map_err(|e| StoreError::Commit(e.to_string()))?;
 
@@ -364,13 +364,22 @@ impl Sqlite {
 /// A table for readiness probes of a degraded store; always empty.
 const PROBE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS store_probe (filler BLOB);";
 
-/// Clears the writer's liveness flag when the writer thread ends, unwinding included.
-struct WriterAlive(Arc<AtomicBool>);
+/// Clears the writer's liveness flag when the writer thread ends, unwinding
+/// included. An error unless the store was closed (every handle dropped, as
+/// at shutdown), which is no failure.
+struct WriterAlive {
+    alive: Arc<AtomicBool>,
+    closed: bool,
+}
 
 impl Drop for WriterAlive {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-        tracing::error!("the database writer thread stopped; the service is no longer ready");
+        self.alive.store(false, Ordering::SeqCst);
+        if self.closed {
+            tracing::debug!("the database writer thread stopped: the store was closed");
+        } else {
+            tracing::error!("the database writer thread stopped; the service is no longer ready");
+        }
     }
 }
 
@@ -519,7 +528,8 @@ impl Drop for Arriving<'_> {
     }
 }
 
-/// The writer thread: commits whatever callers queued, in batches.
+/// The writer thread: commits whatever callers queued, in batches. True
+/// when it ends because every handle to the store is gone.
 fn write_loop(
     state: &Mutex<Writer>,
     jobs: &mpsc::Receiver<Job>,
@@ -527,14 +537,14 @@ fn write_loop(
     degraded: &AtomicBool,
     commits: &super::CommitMetrics,
     checkpoints: &crate::metrics::Histograms,
-) {
+) -> bool {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = jobs.recv() {
         // Poisoned or broken: a job panicked mid-commit; the queued jobs'
         // callers hear that the writer is gone.
-        let Ok(mut writer) = state.lock() else { return };
+        let Ok(mut writer) = state.lock() else { return false };
         if writer.broken {
-            return;
+            return false;
         }
         // Taken once the connection is ours, so that the jobs queued while
         // someone else committed all share this commit.
@@ -555,6 +565,8 @@ fn write_loop(
         drop(writer);
         queued.fetch_sub(taken, Ordering::SeqCst);
     }
+    // Every handle to the store is gone.
+    true
 }
 
 /// Runs `batch` in one transaction, each job in its own savepoint, commits
