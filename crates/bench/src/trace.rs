@@ -172,7 +172,7 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
                 format!("hop {hop} {kind}: (overlaps) {consumer}'s after-commit hook (view, known posts)"),
                 between(mark(consumer, "inbox.committed", id), mark(consumer, "inbox.done", id)),
             );
-            // Off the critical path: the answers and the cursor.
+            // Off the critical path: the answers.
             add(
                 format!("hop {hop} {kind}: (off path) bus stored -> relay has the answer"),
                 between(mark(bus, "bus.stored", id), mark(publisher, "relay.published", id)),
@@ -180,10 +180,6 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
             add(
                 format!("hop {hop} {kind}: (off path) {consumer} done -> bus has its answer"),
                 between(mark(consumer, "inbox.done", id), mark(bus, &format!("push.answered:{consumer}"), id)),
-            );
-            add(
-                format!("hop {hop} {kind}: (off path) bus saves {consumer}'s cursor"),
-                between(mark(bus, &format!("push.answered:{consumer}"), id), mark(bus, &format!("cursor.saved:{consumer}"), id)),
             );
             let pushed: Vec<String> = Service::SUBSCRIBERS
                 .iter()

@@ -49,6 +49,11 @@ impl Shutdown {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
+    /// Whether shutdown has been requested.
+    pub fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
     /// Sleeps for `duration`; returns true if shutdown came first.
     pub async fn sleep(&self, duration: Duration) -> bool {
         tokio::select! {

@@ -155,6 +155,9 @@ pub struct AppState {
 /// How long `/readyz` and `/status` wait for JetStream to answer before
 /// calling the replica not ready (or showing its last knowledge).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopping bus waits for its deliverers' pushes in flight before
+/// saving their cursors: a push answered later is sent again at the next start.
+const SHUTDOWN_SAVE_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let (store, log) = match &config.event_store {
@@ -174,6 +177,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     };
     let head = log.head_now();
     let mut statuses = Vec::new();
+    let mut deliverers = Vec::new();
     let calls = blog_kit::messaging::bus_client::OutboundCalls::default();
     for subscriber in config.subscribers {
         let cursor = saved.get(&subscriber.name).copied().unwrap_or(0);
@@ -199,11 +203,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
             calls: calls.clone(),
         };
         // Replicas sharing a JetStream log take turns per subscriber.
-        match log.leases() {
+        deliverers.push(match log.leases() {
             Some(leases) => tokio::spawn(leases.deliver_while_held(deliverer, shutdown.clone())),
             None => tokio::spawn(deliverer.run(shutdown.clone())),
-        };
+        });
     }
+    let cursors = tokio::spawn(log.clone().save_moved_cursors(shutdown.clone()));
     let state = AppState { log, subscribers: Arc::new(statuses), shutdown: shutdown.clone(), secret: config.internal_secret };
     let metrics = registry(&state);
     calls.register(&metrics);
@@ -211,8 +216,20 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
         store.register_metrics(&metrics);
     }
     let log = state.log.clone();
-    let app = layers::standard(app(state), store, metrics).layer(axum::middleware::from_fn_with_state(log, jetstream_readiness));
+    let app = layers::standard(app(state), store, metrics).layer(axum::middleware::from_fn_with_state(log.clone(), jetstream_readiness));
     serve(listener, app, shutdown).await?;
+    // What the deliverers got to, saved once they stopped (each ends its
+    // push in flight first; not waited for past SHUTDOWN_SAVE_WAIT).
+    let _ = cursors.await;
+    let stopped = async {
+        for deliverer in deliverers {
+            let _ = deliverer.await;
+        }
+    };
+    let _ = tokio::time::timeout(SHUTDOWN_SAVE_WAIT, stopped).await;
+    if let Err(e) = log.save_cursors_now().await {
+        tracing::warn!(error = %e, "cannot persist the delivery cursors at shutdown; their last events will be sent again");
+    }
     Ok(())
 }
 

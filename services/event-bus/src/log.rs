@@ -27,7 +27,7 @@ use std::{
 use blog_domain::Event;
 use blog_kit::{StoreError, Tx, store::Store, telemetry};
 use serde_json::{Map, Value};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::flow::{Flow, Published};
 
@@ -35,6 +35,9 @@ use crate::flow::{Flow, Published};
 const RECENT: usize = 8_192;
 /// How often a replica on JetStream reads the stream's head besides following its tail.
 const HEAD_CHECK: Duration = Duration::from_secs(1);
+/// How long a deliverer's progress may wait to be saved: the cursors that
+/// moved meanwhile are saved together, off the deliverers' path.
+pub const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
 
 pub const MIGRATIONS: &[&str] = &[
     "
@@ -72,6 +75,14 @@ pub struct EventLog {
     head: watch::Sender<u64>,
     recent: Arc<Mutex<BTreeMap<u64, Event>>>,
     flow: broadcast::Sender<Flow>,
+    cursors: Arc<MovedCursors>,
+}
+
+/// Delivery cursors that moved and are not saved yet, by subscriber.
+#[derive(Debug, Default)]
+struct MovedCursors {
+    moved: Mutex<BTreeMap<String, u64>>,
+    wake: Notify,
 }
 
 impl EventLog {
@@ -83,7 +94,13 @@ impl EventLog {
     }
 
     fn new(backend: Backend, head: u64) -> Self {
-        Self { backend, head: watch::Sender::new(head), recent: Arc::default(), flow: broadcast::Sender::new(crate::flow::BUFFER) }
+        Self {
+            backend,
+            head: watch::Sender::new(head),
+            recent: Arc::default(),
+            flow: broadcast::Sender::new(crate::flow::BUFFER),
+            cursors: Arc::default(),
+        }
     }
 
     /// The log in JetStream at `url` (`nats://host:port[,host:port…]`), and a
@@ -309,21 +326,92 @@ impl EventLog {
             .await
     }
 
-    /// Relaxed: a cursor lost to a power loss only means redelivering events
-    /// the subscriber recognises.
+    /// Records that `name`'s deliverer got to `seq`; saved within
+    /// [`CURSOR_SAVE_EVERY`] by [`EventLog::save_moved_cursors`], together
+    /// with every other cursor that moved meanwhile. A deliverer need not
+    /// wait for a write after each push, and the bus writes once per period
+    /// for all of them rather than once per push. A crash loses at most that
+    /// period's progress: events the subscribers are sent again and recognise.
+    pub fn cursor_moved(&self, name: &str, seq: u64) {
+        let mut moved = self.cursors.moved.lock().unwrap_or_else(|p| p.into_inner());
+        let cursor = moved.entry(name.to_owned()).or_default();
+        *cursor = (*cursor).max(seq);
+        drop(moved);
+        self.cursors.wake.notify_one();
+    }
+
+    /// Saves the cursors that moved, [`CURSOR_SAVE_EVERY`] after the first
+    /// of them did, until `shutdown`; then once more (the caller saves what
+    /// the deliverers did after that with [`EventLog::save_cursors_now`]).
+    pub async fn save_moved_cursors(self, shutdown: blog_kit::Shutdown) {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = self.cursors.wake.notified() => {}
+                () = shutdown.wait() => break,
+            }
+            if shutdown.sleep(CURSOR_SAVE_EVERY).await {
+                break;
+            }
+            match self.save_cursors_now().await {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "cannot persist the delivery cursors; retrying");
+                    }
+                    failing = true;
+                    // Taken back by `save_cursors_now`; tried again next period.
+                    self.cursors.wake.notify_one();
+                }
+            }
+        }
+        let _ = self.save_cursors_now().await;
+    }
+
+    /// Saves every cursor that moved since the last save; on failure they
+    /// stay to be saved next time.
+    pub async fn save_cursors_now(&self) -> Result<(), StoreError> {
+        let moved = std::mem::take(&mut *self.cursors.moved.lock().unwrap_or_else(|p| p.into_inner()));
+        if moved.is_empty() {
+            return Ok(());
+        }
+        let result = self.save_cursors(moved.clone()).await;
+        if result.is_err() {
+            let mut pending = self.cursors.moved.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, seq) in moved {
+                let cursor = pending.entry(name).or_default();
+                *cursor = (*cursor).max(seq);
+            }
+        }
+        result
+    }
+
+    /// Moves `name`'s cursor to `seq` unless it is already beyond.
     pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
+        self.save_cursors(BTreeMap::from([(name.to_owned(), seq)])).await
+    }
+
+    /// Relaxed, in one commit on SQLite: a cursor lost to a power loss only
+    /// means redelivering events the subscriber recognises.
+    async fn save_cursors(&self, cursors: BTreeMap<String, u64>) -> Result<(), StoreError> {
         let store = match &self.backend {
             Backend::Sqlite(store) => store,
-            Backend::JetStream(stream) => return stream.save_cursor(name, seq).await,
+            Backend::JetStream(stream) => {
+                for (name, seq) in &cursors {
+                    stream.save_cursor(name, *seq).await?;
+                }
+                return Ok(());
+            }
         };
-        let name = name.to_owned();
         store
             .write_relaxed(move |tx| {
-                tx.execute(
-                    "INSERT INTO subscriber_cursor (name, seq) VALUES ($1, $2)
-                     ON CONFLICT (name) DO UPDATE SET seq = max(subscriber_cursor.seq, excluded.seq)",
-                    &[&name, &(seq as i64)],
-                )?;
+                for (name, seq) in &cursors {
+                    tx.execute(
+                        "INSERT INTO subscriber_cursor (name, seq) VALUES ($1, $2)
+                         ON CONFLICT (name) DO UPDATE SET seq = max(subscriber_cursor.seq, excluded.seq)",
+                        &[name, &(*seq as i64)],
+                    )?;
+                }
                 Ok(())
             })
             .await
@@ -417,5 +505,38 @@ mod tests {
         assert_eq!(told, [1, 2, 3, 4]);
         log.remember_following(vec![stored(5)]);
         assert!(log.recent.lock().unwrap().contains_key(&5));
+    }
+
+    /// Deliverers' progress is saved by one task, each cursor at the highest
+    /// it was moved to, shortly after it moved, and what moved last is saved
+    /// when the bus stops without waiting for the period.
+    #[tokio::test]
+    async fn moved_cursors_are_saved_together_shortly_after_and_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(Store::open(dir.path(), "event-bus", MIGRATIONS).unwrap()).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let saver = tokio::spawn(log.clone().save_moved_cursors(blog_kit::Shutdown::new(async move {
+            let _ = stopped.await;
+        })));
+        log.cursor_moved("query", 3);
+        log.cursor_moved("query", 2);
+        log.cursor_moved("comments", 5);
+        let expected = vec![("comments".to_owned(), 5), ("query".to_owned(), 3)];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cursors = log.cursors().await.unwrap();
+            cursors.sort();
+            if cursors == expected {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "saved: {cursors:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.cursor_moved("query", 9);
+        stop.send(()).unwrap();
+        saver.await.unwrap();
+        let mut cursors = log.cursors().await.unwrap();
+        cursors.sort();
+        assert_eq!(cursors, [("comments".to_owned(), 5), ("query".to_owned(), 9)]);
     }
 }

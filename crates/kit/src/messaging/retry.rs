@@ -172,7 +172,13 @@ pub async fn run<W: Worker>(mut worker: W, shutdown: Shutdown) {
     let mut failures = 0u32;
     loop {
         match worker.pass().await {
-            Ok(Pass::Worked) => failures = 0,
+            Ok(Pass::Worked) => {
+                failures = 0;
+                // A backlog does not hold a stopping process up.
+                if shutdown.requested() {
+                    return;
+                }
+            }
             Ok(Pass::Idle) => {
                 failures = 0;
                 tokio::select! {
