@@ -40,6 +40,7 @@ const READ_VIEW_POSTS: usize = 1_000;
 /// Posts (one comment each) of the view whose readers' memory is measured.
 const MEMORY_VIEW_POSTS: usize = 10_000;
 
+mod floor;
 mod trace;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -71,12 +72,20 @@ fn main() -> Result<(), Error> {
                 Ok(())
             })
         }
+        Some("floor") => tokio::runtime::Runtime::new()?.block_on(floor::measure(LAG_SAMPLES)),
+        Some("floor-role") => {
+            let usage = "floor-role INDEX DIR PORT...";
+            let index = args.next().ok_or(usage)?.parse()?;
+            let dir = PathBuf::from(args.next().ok_or(usage)?);
+            let ports = args.map(|port| port.parse()).collect::<Result<Vec<u16>, _>>()?;
+            floor::role(index, &dir, ports)
+        }
         Some("lag") => {
             let bin_dir = PathBuf::from(args.next().ok_or("lag BIN_DIR")?);
             tokio::runtime::Runtime::new()?.block_on(async { lag(&client_builder().build()?, &bin_dir).await.map(drop) })
         }
         _ => {
-            Err("usage: blog-bench run BIN_DIR [--scale N] | blog-bench lag BIN_DIR | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]"
+            Err("usage: blog-bench run BIN_DIR [--scale N] | blog-bench lag BIN_DIR | blog-bench floor | blog-bench baseline PORT [VIEW_FILE GZIP_FILE]"
                 .into())
         }
     }
@@ -660,6 +669,7 @@ async fn lag(http: &reqwest::Client, bin_dir: &std::path::Path) -> Result<Vec<Du
     suite.stop().await;
     drop(dir);
     trace::breakdown(http, bin_dir, LAG_SAMPLES / 2).await?;
+    floor::measure(LAG_SAMPLES).await?;
     Ok(streamed)
 }
 

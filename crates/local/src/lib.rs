@@ -168,7 +168,7 @@ impl Options {
 /// worker per core: answering `GET /posts` is CPU work (copying the whole
 /// view into each answer), and on one worker it served a third fewer. The
 /// caller's own `TOKIO_WORKER_THREADS` (`inherited`) applies to all.
-fn async_workers(service: Service, inherited: Option<String>) -> Option<String> {
+pub fn async_workers(service: Service, inherited: Option<String>) -> Option<String> {
     inherited.or_else(|| (service != Service::Query).then(|| "1".to_owned()))
 }
 
