@@ -145,32 +145,37 @@ impl Leases {
                 }
             });
             let running = tokio::spawn(active.run(child));
-            let released = self.renew(&key, revision, &deliverer.status, &shutdown).await;
+            let held = self.renew(&key, revision, &deliverer.status, &shutdown).await;
             let _ = stop.send(());
             let _ = running.await;
-            if released {
+            // The cursor goes before the lease does, so the next holder starts
+            // where this replica got to, sending nothing again.
+            if let Err(e) = deliverer.log.save_cursors_now().await {
+                tracing::warn!(subscriber = %name, error = %e, "cannot save the cursor on handing over; the next holder sends its last events again");
+            }
+            if let Some(revision) = held {
+                let _ = self.kv.delete_expect_revision(&key, Some(revision)).await;
                 return;
             }
             tracing::warn!(subscriber = %name, "lost the delivery lease");
         }
     }
 
-    /// Renews until shutdown (then releases the lease and returns true) or
-    /// until a renewal fails or runs late (returns false).
-    async fn renew(&self, key: &str, mut revision: u64, status: &crate::delivery::SharedStatus, shutdown: &Shutdown) -> bool {
+    /// Renews until shutdown (then returns the lease's revision, for the
+    /// caller to release it) or until a renewal fails or runs late (None).
+    async fn renew(&self, key: &str, mut revision: u64, status: &crate::delivery::SharedStatus, shutdown: &Shutdown) -> Option<u64> {
         loop {
             if shutdown.sleep(TTL / 3).await {
-                let _ = self.kv.delete_expect_revision(key, Some(revision)).await;
-                return true;
+                return Some(revision);
             }
             let cursor = status.lock().unwrap_or_else(|p| p.into_inner()).cursor;
             match tokio::time::timeout(TTL / 3, self.kv.update(key, self.value(cursor), revision)).await {
                 Ok(Ok(next)) => revision = next,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot renew the delivery lease");
-                    return false;
+                    return None;
                 }
-                Err(_) => return false,
+                Err(_) => return None,
             }
         }
     }
