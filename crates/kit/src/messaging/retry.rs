@@ -428,6 +428,40 @@ mod tests {
         assert_eq!(status(403).longest_wait(), MAX_BACKOFF, "misdirected");
     }
 
+    /// Always finds more to do, counting its passes.
+    struct Backlog(Arc<Mutex<u32>>);
+
+    impl Worker for Backlog {
+        type Error = String;
+
+        async fn pass(&mut self) -> Result<Pass, String> {
+            *self.0.lock().unwrap() += 1;
+            tokio::task::yield_now().await;
+            Ok(Pass::Worked)
+        }
+
+        async fn idle(&mut self) {}
+
+        fn failed(&mut self, error: &String, _: u32) {
+            panic!("a backlog does not fail: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backlog_does_not_hold_up_a_stopping_worker() {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        let passes = Arc::new(Mutex::new(0));
+        let task = tokio::spawn(run(Backlog(passes.clone()), shutdown));
+        while *passes.lock().unwrap() < 3 {
+            tokio::task::yield_now().await;
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task).await.expect("the worker stops with work left").unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn shutdown_ends_the_backoff() {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
