@@ -381,20 +381,6 @@ mod tests {
         (status, metrics)
     }
 
-    /// Waits until `log`'s persisted cursors are `expected`.
-    async fn saved(log: &EventLog, expected: &[(&str, u64)]) {
-        let expected: Vec<(String, u64)> = expected.iter().map(|(name, seq)| ((*name).to_owned(), *seq)).collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let cursors = log.cursors().await.unwrap();
-            if cursors == expected {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "persisted cursors {cursors:?}, expected {expected:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     #[tokio::test]
     async fn a_refused_event_is_skipped_a_misdirected_answer_retried_and_the_rest_delivered_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -415,7 +401,7 @@ mod tests {
         let done = read();
         assert_eq!((done.delivered, done.rejected, done.lag, done.last_error), (2, 1, 0, None));
         assert!(done.retries >= 2);
-        saved(&log, &[("query", 3)]).await;
+        crate::log::tests::saved(&log, &[("query", 3)]).await;
         // Every push is timed by subscriber and outcome: the 404s as errors,
         // the refusal of "bad" once, and the deliveries that went through.
         let text = metrics.render();
@@ -488,7 +474,7 @@ mod tests {
         log.append(vec![typed("e", "CommentCreated")]).await.unwrap();
         until("the comment is moved over", || read().cursor == 5).await;
         assert_eq!((pushes().len(), read().lag), (2, 0));
-        saved(&log, &[("posts-only", 4)]).await;
+        crate::log::tests::saved(&log, &[("posts-only", 4)]).await;
 
         // The next post covers everything after what the subscriber acknowledged.
         log.append(vec![typed("f", "PostCreated")]).await.unwrap();
@@ -503,6 +489,6 @@ mod tests {
         subscriber.answer.store(200, Ordering::SeqCst);
         until("the post is delivered after the failure", || read().cursor == 7).await;
         assert_eq!(pushes()[3..], [(6, vec![]), (6, vec![7])]);
-        saved(&log, &[("posts-only", 7)]).await;
+        crate::log::tests::saved(&log, &[("posts-only", 7)]).await;
     }
 }

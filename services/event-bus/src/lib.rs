@@ -219,7 +219,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> R
     let app = layers::standard(app(state), store, metrics).layer(axum::middleware::from_fn_with_state(log.clone(), jetstream_readiness));
     serve(listener, app, shutdown).await?;
     // What the deliverers got to, saved once they stopped (each ends its
-    // push in flight first; not waited for past SHUTDOWN_SAVE_WAIT).
+    // push in flight first; not waited for past SHUTDOWN_SAVE_WAIT). The
+    // saver has stopped by then, so this is the one save after it.
     let _ = cursors.await;
     let stopped = async {
         for deliverer in deliverers {

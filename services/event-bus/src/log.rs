@@ -341,17 +341,17 @@ impl EventLog {
     }
 
     /// Saves the cursors that moved, [`CURSOR_SAVE_EVERY`] after the first
-    /// of them did, until `shutdown`; then once more (the caller saves what
-    /// the deliverers did after that with [`EventLog::save_cursors_now`]).
+    /// of them did, until `shutdown`. What the deliverers do while they stop
+    /// is the caller's to save, with [`EventLog::save_cursors_now`].
     pub async fn save_moved_cursors(self, shutdown: blog_kit::Shutdown) {
         let mut failing = false;
         loop {
             tokio::select! {
                 () = self.cursors.wake.notified() => {}
-                () = shutdown.wait() => break,
+                () = shutdown.wait() => return,
             }
             if shutdown.sleep(CURSOR_SAVE_EVERY).await {
-                break;
+                return;
             }
             match self.save_cursors_now().await {
                 Ok(()) => failing = false,
@@ -365,7 +365,6 @@ impl EventLog {
                 }
             }
         }
-        let _ = self.save_cursors_now().await;
     }
 
     /// Saves every cursor that moved since the last save; on failure they
@@ -386,13 +385,9 @@ impl EventLog {
         result
     }
 
-    /// Moves `name`'s cursor to `seq` unless it is already beyond.
-    pub async fn save_cursor(&self, name: &str, seq: u64) -> Result<(), StoreError> {
-        self.save_cursors(BTreeMap::from([(name.to_owned(), seq)])).await
-    }
-
-    /// Relaxed, in one commit on SQLite: a cursor lost to a power loss only
-    /// means redelivering events the subscriber recognises.
+    /// Moves each cursor to its `seq` unless it is already beyond. Relaxed,
+    /// in one commit on SQLite: a cursor lost to a power loss only means
+    /// redelivering events the subscriber recognises.
     async fn save_cursors(&self, cursors: BTreeMap<String, u64>) -> Result<(), StoreError> {
         let store = match &self.backend {
             Backend::Sqlite(store) => store,
@@ -471,7 +466,7 @@ fn format_millis(millis: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use blog_kit::store::Store;
 
     use super::*;
@@ -507,9 +502,24 @@ mod tests {
         assert!(log.recent.lock().unwrap().contains_key(&5));
     }
 
+    /// Waits until `log`'s persisted cursors are `expected` (by name).
+    pub(crate) async fn saved(log: &EventLog, expected: &[(&str, u64)]) {
+        let expected: Vec<(String, u64)> = expected.iter().map(|(name, seq)| ((*name).to_owned(), *seq)).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut cursors = log.cursors().await.unwrap();
+            cursors.sort();
+            if cursors == expected {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "persisted cursors {cursors:?}, expected {expected:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Deliverers' progress is saved by one task, each cursor at the highest
-    /// it was moved to, shortly after it moved, and what moved last is saved
-    /// when the bus stops without waiting for the period.
+    /// it was moved to, shortly after it moved; what moved last is saved when
+    /// the bus stops, without waiting for the period.
     #[tokio::test]
     async fn moved_cursors_are_saved_together_shortly_after_and_at_shutdown() {
         let dir = tempfile::tempdir().unwrap();
@@ -521,20 +531,12 @@ mod tests {
         log.cursor_moved("query", 3);
         log.cursor_moved("query", 2);
         log.cursor_moved("comments", 5);
-        let expected = vec![("comments".to_owned(), 5), ("query".to_owned(), 3)];
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut cursors = log.cursors().await.unwrap();
-            cursors.sort();
-            if cursors == expected {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "saved: {cursors:?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        saved(&log, &[("comments", 5), ("query", 3)]).await;
         log.cursor_moved("query", 9);
         stop.send(()).unwrap();
         saver.await.unwrap();
+        // What moved after the last period is saved by the stopping bus.
+        log.save_cursors_now().await.unwrap();
         let mut cursors = log.cursors().await.unwrap();
         cursors.sort();
         assert_eq!(cursors, [("comments".to_owned(), 5), ("query".to_owned(), 9)]);
