@@ -11,7 +11,7 @@ use std::{
 
 use blog_domain::{Service, TraceParent};
 use blog_local::supervisor::LogSink;
-use blog_tests::TestSuite;
+use blog_tests::{Mode, TestSuite};
 use serde_json::{Value, json};
 
 /// What a caller (a browser's tracing library, an API gateway) would send.
@@ -283,17 +283,20 @@ async fn metrics_show_red_series_with_bounded_labels_after_unknown_paths() {
     suite.shutdown().await;
 }
 
+in_both_modes!(a_clean_stop_logs_no_error);
+
 /// A clean stop is no failure: after a comment went the whole way, stopping
-/// the suite (SIGTERM to every process) leaves no error in any log, while
-/// each process did log that it stopped.
-#[tokio::test]
-async fn a_clean_stop_logs_no_error() {
-    let suite = TestSuite::launch().await;
+/// the suite (SIGTERM to every process, every replica) leaves no error in
+/// any log, while each process did log that it stopped.
+async fn a_clean_stop_logs_no_error(mode: Mode) {
+    let suite = TestSuite::launch_in(mode).await;
     let post = suite.create_post("stopped cleanly").await;
     let comment = suite.comment(&post.id, "then the suite stops").await.remove(0);
     suite.wait_for_status(&post.id, &comment.id, "approved").await;
     let logs = suite.shutdown_with_logs().await;
-    assert_eq!(logs.len(), Service::ALL.len());
+    for service in Service::ALL {
+        assert!(logs.iter().any(|(name, _)| name.starts_with(service.name())), "no log of {}: {logs:?}", service.name());
+    }
     for (name, log) in logs {
         assert!(log.lines().any(|line| line.contains("stopped")), "{name} logged no stop:\n{log}");
         let errors: Vec<&str> = log.lines().filter(|line| line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\"")).collect();
