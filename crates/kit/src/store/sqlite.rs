@@ -134,6 +134,7 @@ impl Sqlite {
              PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -2000;",
         )?;
+        plan_once(&conn)?;
         // Room for the commit protocol's statements beside the jobs' own.
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, migrations)?;
@@ -386,7 +387,19 @@ impl Drop for WriterAlive {
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.execute_batch("PRAGMA busy_timeout = 5000; PRAGMA cache_size = -1000;")?;
+    plan_once(&conn)?;
     Ok(conn)
+}
+
+/// Plans each statement once, whatever values are later bound to it (the
+/// query planner stability guarantee). Without it SQLite prepares a cached
+/// statement again after every new value bound where that value could
+/// change the plan (compared in a subquery, a `LIMIT`, a `LIKE` pattern):
+/// the inbox's watermark query was parsed and planned anew on every
+/// delivery, a tenth of a consumer's time. Our statements are written for
+/// the one plan they get.
+fn plan_once(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map(drop)
 }
 
 /// The log's preallocated size: a header, then the frames (each its own
@@ -948,5 +961,32 @@ mod tests {
     #[tokio::test]
     async fn readiness_notices_a_dead_writer_when_the_writer_thread_commits() {
         a_panicking_job_stops_the_writer(true).await;
+    }
+
+    /// Statements whose plan SQLite would redo whenever a new value is bound
+    /// (a bound value compared in a subquery, a `LIMIT`, a `LIKE`
+    /// pattern): prepared once, on both kinds of connection, they are never
+    /// prepared again, however often they run with new values.
+    #[test]
+    fn a_cached_statement_is_planned_once_whatever_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Sqlite::open_capped(dir.path(), "t", &["CREATE TABLE seen (seq INTEGER PRIMARY KEY, name TEXT);"], None).unwrap();
+        const STATEMENTS: [&str; 3] = [
+            "SELECT min(s.seq) FROM seen s WHERE NOT EXISTS (SELECT 1 FROM seen n WHERE n.seq = s.seq + 1)
+               AND EXISTS (SELECT 1 FROM seen f WHERE f.seq = ?1)",
+            "SELECT count(*) FROM (SELECT seq FROM seen WHERE seq > ?1 ORDER BY seq LIMIT ?1)",
+            "SELECT count(*) FROM seen WHERE name LIKE ?1",
+        ];
+        let writer = db.inner.state.lock().unwrap();
+        let reader = open_reader(db.path()).unwrap();
+        for conn in [&writer.conn, &reader] {
+            for sql in STATEMENTS {
+                let mut statement = conn.prepare(sql).unwrap();
+                for value in [1_i64, 2, 5, 40] {
+                    let _: Option<i64> = statement.query_row([value], |row| row.get(0)).unwrap();
+                }
+                assert_eq!(statement.get_status(rusqlite::StatementStatus::RePrepare), 0, "prepared again: {sql}");
+            }
+        }
     }
 }
