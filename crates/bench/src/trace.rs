@@ -131,12 +131,20 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
     let between = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a));
     // (label, samples in µs), in print order.
     let mut rows: Vec<(String, Vec<u64>)> = Vec::new();
-    let mut add = |label: String, value: Option<u64>| match rows.iter_mut().find(|(l, _)| *l == label) {
-        Some((_, values)) => values.extend(value),
-        None => rows.push((label, value.into_iter().collect())),
-    };
+    // Each comment's own stages, for the tail.
+    let mut per_comment: Vec<Vec<(String, u64)>> = Vec::with_capacity(comments.len());
     let mut fan_out: HashMap<&str, Vec<String>> = HashMap::new();
     for (started, shown, events) in comments {
+        let mut stages: Vec<(String, u64)> = Vec::new();
+        let mut add = |label: String, value: Option<u64>| {
+            if let Some(value) = value {
+                stages.push((label.clone(), value));
+            }
+            match rows.iter_mut().find(|(l, _)| *l == label) {
+                Some((_, values)) => values.extend(value),
+                None => rows.push((label, value.into_iter().collect())),
+            }
+        };
         // Where the previous hop ended: the POST's start, then the moment the
         // previous consumer's writer took up the event that causes this one.
         let mut origin = Some(*started);
@@ -198,8 +206,10 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
             applied_at.map(|c| shown.saturating_sub(c)),
         );
         add("total: POST sent -> stream shows it approved".to_owned(), Some(shown.saturating_sub(*started)));
+        per_comment.push(stages);
     }
     println!("where the lag goes, traced (median / p90 of {} comments, marks from the services' own clocks):", comments.len());
+    print_tail(&rows, &per_comment);
     for (label, mut values) in rows {
         values.sort_unstable();
         let as_durations: Vec<Duration> = values.iter().map(|us| Duration::from_micros(*us)).collect();
@@ -229,5 +239,38 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
             percentile(&took, 0.5).as_secs_f64() * 1e3,
             percentile(&took, 0.9).as_secs_f64() * 1e3,
         );
+    }
+}
+
+/// Where the slowest comments (the tenth with the longest total) lost their
+/// time: for each, the stages that took longest beyond their own median.
+fn print_tail(rows: &[(String, Vec<u64>)], per_comment: &[Vec<(String, u64)>]) {
+    const TOTAL: &str = "total: POST sent -> stream shows it approved";
+    let median: HashMap<&str, u64> = rows
+        .iter()
+        .map(|(label, values)| {
+            let mut values = values.clone();
+            values.sort_unstable();
+            (label.as_str(), values.get(values.len() / 2).copied().unwrap_or(0))
+        })
+        .collect();
+    let total = |stages: &Vec<(String, u64)>| stages.iter().find(|(l, _)| l == TOTAL).map_or(0, |(_, v)| *v);
+    let mut slowest: Vec<&Vec<(String, u64)>> = per_comment.iter().collect();
+    slowest.sort_by_key(|stages| std::cmp::Reverse(total(stages)));
+    slowest.truncate(per_comment.len().div_ceil(10));
+    println!("the slowest tenth of those comments, and the stages that took them longest beyond each stage's median:");
+    for stages in slowest {
+        let mut excess: Vec<(&str, u64)> = stages
+            .iter()
+            .filter(|(label, _)| {
+                label != TOTAL && !label.contains("(off path)") && !label.contains("(overlaps)") && !label.ends_with(": total")
+            })
+            .map(|(label, value)| (label.as_str(), value.saturating_sub(median.get(label.as_str()).copied().unwrap_or(0))))
+            .filter(|(_, extra)| *extra >= 100)
+            .collect();
+        excess.sort_by_key(|(_, extra)| std::cmp::Reverse(*extra));
+        let over = total(stages).saturating_sub(median.get(TOTAL).copied().unwrap_or(0));
+        let parts: Vec<String> = excess.iter().take(3).map(|(label, extra)| format!("{label} +{:.2}", *extra as f64 / 1e3)).collect();
+        println!("  {:.2} ms (+{:.2}): {}", total(stages) as f64 / 1e3, over as f64 / 1e3, parts.join("; "));
     }
 }
