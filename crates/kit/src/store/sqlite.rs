@@ -725,6 +725,8 @@ mod tests {
             assert_eq!(commits(&db), (1, 0), "one commit, durable since one of its jobs is");
             let mode: i64 = db.submit(false, |c| c.query_row("PRAGMA synchronous", &[], |r| r.get(0)), |_| {}).await.unwrap();
             assert_eq!(mode, 1, "a lone relaxed write commits with synchronous=NORMAL");
+            let mode: i64 = db.submit(true, |c| c.query_row("PRAGMA synchronous", &[], |r| r.get(0)), |_| {}).await.unwrap();
+            assert_eq!(mode, 2, "and the next durable one with synchronous=FULL again");
         }
         let store = Store::open(dir.path(), "t", SCHEMA).unwrap();
         assert_eq!(count(&store).await, 3);
