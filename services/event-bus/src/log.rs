@@ -123,9 +123,7 @@ impl EventLog {
     async fn check_head(self, stream: Arc<jetstream::JetStreamLog>, shutdown: blog_kit::Shutdown) {
         while !shutdown.sleep(HEAD_CHECK).await {
             match stream.head().await {
-                Ok(head) => {
-                    self.advance(head);
-                }
+                Ok(head) => self.advance(head),
                 Err(e) => tracing::debug!(error = %e, "cannot read JetStream's head; the tail and the next check will"),
             }
         }
@@ -161,25 +159,12 @@ impl EventLog {
         }
     }
 
-    /// Moves the head to `seq`, waking the deliverers; true if it moved.
-    fn advance(&self, seq: u64) -> bool {
+    fn advance(&self, seq: u64) {
         self.head.send_if_modified(|head| {
             let moved = seq > *head;
             *head = (*head).max(seq);
             moved
-        })
-    }
-
-    /// After an append: moves the head past what was stored, and lets the
-    /// woken deliverers push before the appending request goes on to answer
-    /// its publisher (the push is on the consistency lag's path, the answer
-    /// is not).
-    async fn advance_past(&self, stored: &[Stored]) {
-        if let Some(max) = stored.iter().map(|s| s.seq).max()
-            && self.advance(max)
-        {
-            tokio::task::yield_now().await;
-        }
+        });
     }
 
     /// The live feed of stored and delivered events.
@@ -210,7 +195,9 @@ impl EventLog {
                 let (stored, fresh) = stream.append(events, &format_millis(now)).await?;
                 telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
                 self.remember_following(fresh);
-                self.advance_past(&stored).await;
+                if let Some(max) = stored.iter().map(|s| s.seq).max() {
+                    self.advance(max);
+                }
                 return Ok(stored);
             }
         };
@@ -250,7 +237,9 @@ impl EventLog {
             .await?;
         telemetry::lag_mark("bus.stored", traced.iter().map(String::as_str));
         self.remember(fresh);
-        self.advance_past(&stored).await;
+        if let Some(max) = stored.iter().map(|s| s.seq).max() {
+            self.advance(max);
+        }
         Ok(stored)
     }
 

@@ -179,7 +179,7 @@ impl Outbox {
         // Events published without a trace of their own belong to the
         // request (or other traced task) that commits them.
         let trace = telemetry::current_trace().map(|t| t.to_string());
-        let stage = move |tx: &mut Tx<'_>| -> Result<(T, Staged, bool), E> {
+        let stage = move |tx: &mut Tx<'_>| -> Result<(T, Vec<(i64, Event)>), E> {
             let value = f(tx)?;
             let mut staged = Vec::new();
             for mut event in tx.take_published() {
@@ -200,17 +200,10 @@ impl Outbox {
                 };
                 staged.push((pos, event));
             }
-            let published = !staged.is_empty();
-            Ok((value, staged, published))
+            Ok((value, staged))
         };
-        let hand_off = move |(_, staged, _): &mut (T, Staged, bool)| shared.hand_off(std::mem::take(staged));
-        let (value, _, published) = self.store.submit(durable, stage, hand_off).await?;
-        if published {
-            // The woken relay publishes before this caller goes on to its
-            // answer (a push's acknowledgement, a response): the next hop is
-            // on the consistency lag's path, the answer is not.
-            tokio::task::yield_now().await;
-        }
+        let hand_off = move |(_, staged): &mut (T, Vec<(i64, Event)>)| shared.hand_off(std::mem::take(staged));
+        let (value, _) = self.store.submit(durable, stage, hand_off).await?;
         Ok(value)
     }
 
@@ -378,9 +371,6 @@ impl Outbox {
 fn swept(row: &crate::store::Row<'_, '_>) -> Result<(i64, String, Option<String>), StoreError> {
     Ok((row.get(0)?, row.get(1)?, row.get(2)?))
 }
-
-/// Events a commit wrote to the outbox, with their positions in it.
-type Staged = Vec<(i64, Event)>;
 
 impl Shared {
     /// Takes committed events (on the committing thread, in commit order).
