@@ -244,11 +244,7 @@ impl TestSuite {
             // The comments service learns of a post from the bus, on its own
             // delivery: until then it answers 404 for it, and that is not
             // converged yet rather than a failure.
-            let answer = self.get(&format!("/posts/{}/comments", post.id)).await;
-            if answer.status != 200 {
-                return Err(format!("comments answered {} for post {}: {:?}", answer.status, post.title, answer.body));
-            }
-            let listed: Vec<Comment> = serde_json::from_value(answer.body).map_err(|e| format!("a comment list: {e}"))?;
+            let listed = self.try_comments(&post.id).await?;
             let mut by_comments: Vec<_> = listed.iter().map(|c| (&c.id, &c.status)).collect();
             let mut by_query: Vec<_> = post.comments.iter().map(|c| (&c.id, &c.status)).collect();
             if matches!(self.mode, crate::Mode::Scaled(_)) {

@@ -31,6 +31,9 @@ use crate::{Error, launch_with, percentile, post_comment, sse_events};
 const HOPS: [(&str, &str, &str); 3] =
     [("CommentCreated", "comments", "moderation"), ("CommentModerated", "moderation", "comments"), ("CommentUpdated", "comments", "query")];
 
+/// The stage that is a comment's whole lag.
+const TOTAL: &str = "total: POST sent -> stream shows it approved";
+
 /// `(service, stage, event id)` -> the first time it was marked, in µs.
 type Marks = HashMap<(String, String, String), u64>;
 /// `(service, durable)` -> each commit's (µs, jobs in it).
@@ -205,19 +208,18 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
             "query committed -> its stream shows it (view update, SSE to this client)".to_owned(),
             applied_at.map(|c| shown.saturating_sub(c)),
         );
-        add("total: POST sent -> stream shows it approved".to_owned(), Some(shown.saturating_sub(*started)));
+        add(TOTAL.to_owned(), Some(shown.saturating_sub(*started)));
         per_comment.push(stages);
     }
     println!("where the lag goes, traced (median / p90 of {} comments, marks from the services' own clocks):", comments.len());
-    print_tail(&rows, &per_comment);
-    for (label, mut values) in rows {
+    // Each stage's median in µs, for the tail.
+    let mut medians: HashMap<&str, u64> = HashMap::new();
+    for (label, values) in &mut rows {
         values.sort_unstable();
         let as_durations: Vec<Duration> = values.iter().map(|us| Duration::from_micros(*us)).collect();
-        println!(
-            "  {label:<86} {:>6.2} ms  (p90 {:.2})",
-            percentile(&as_durations, 0.5).as_secs_f64() * 1e3,
-            percentile(&as_durations, 0.9).as_secs_f64() * 1e3
-        );
+        let median = percentile(&as_durations, 0.5);
+        medians.insert(label.as_str(), median.as_micros() as u64);
+        println!("  {label:<86} {:>6.2} ms  (p90 {:.2})", median.as_secs_f64() * 1e3, percentile(&as_durations, 0.9).as_secs_f64() * 1e3);
     }
     for (kind, _, _) in HOPS {
         if let Some(pushed) = fan_out.get(kind) {
@@ -240,20 +242,12 @@ fn report(marks: &Marks, commits: &Commits, comments: &[Sample]) {
             percentile(&took, 0.9).as_secs_f64() * 1e3,
         );
     }
+    print_tail(&medians, &per_comment);
 }
 
 /// Where the slowest comments (the tenth with the longest total) lost their
 /// time: for each, the stages that took longest beyond their own median.
-fn print_tail(rows: &[(String, Vec<u64>)], per_comment: &[Vec<(String, u64)>]) {
-    const TOTAL: &str = "total: POST sent -> stream shows it approved";
-    let median: HashMap<&str, u64> = rows
-        .iter()
-        .map(|(label, values)| {
-            let mut values = values.clone();
-            values.sort_unstable();
-            (label.as_str(), values.get(values.len() / 2).copied().unwrap_or(0))
-        })
-        .collect();
+fn print_tail(median: &HashMap<&str, u64>, per_comment: &[Vec<(String, u64)>]) {
     let total = |stages: &Vec<(String, u64)>| stages.iter().find(|(l, _)| l == TOTAL).map_or(0, |(_, v)| *v);
     let mut slowest: Vec<&Vec<(String, u64)>> = per_comment.iter().collect();
     slowest.sort_by_key(|stages| std::cmp::Reverse(total(stages)));
