@@ -3,10 +3,13 @@
 //! rules (see [`crate::routes`]). It answers whatever `Host` a request
 //! carries, so a browser at `http://127.0.0.1:8080` and
 //! `curl -H 'Host: posts.com'` both work. Request bodies are read whole, up to
-//! 1 MiB like ingress-nginx's default `client_max_body_size` (413 beyond): a
-//! buffered request can be sent again when a pooled connection turns out to
-//! have been closed by the service (as it does after refusing an oversized
-//! body), where a streamed one would fail. Responses stream, so the live
+//! 1 MiB like ingress-nginx's default `client_max_body_size` (413 beyond),
+//! within [`BODY_READ_TIMEOUT`] (a JSON 408 beyond, as nginx's
+//! `client_body_timeout`), and only a body received to its end is passed on:
+//! one whose client hung up mid-body is no request. A buffered request can
+//! be sent again when a pooled connection turns out to have been closed by
+//! the service (as it does after refusing an oversized body), where a
+//! streamed one would fail. Responses stream, so the live
 //! update stream passes through like any other response. Connections are
 //! served by [`blog_kit::http::serve::serve`] (a client has 10 s to send its
 //! request head), an upstream has 2 s to accept a connection and
@@ -235,25 +238,61 @@ pub fn checked_path(raw: &str) -> Result<String, PathRefusal> {
     Ok(path)
 }
 
-/// The whole body, or `None` past `max` bytes. An oversized body is still
-/// read (up to 8 times `max`) before the 413, as nginx's lingering close
-/// does: answering with unread data in the connection gets it reset, and the
-/// client would see the reset instead of the answer.
-async fn read_body(body: Body, max: usize) -> Option<axum::body::Bytes> {
-    use futures_util::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut buffer = Vec::new();
-    let mut seen = 0;
-    while let Some(Ok(chunk)) = stream.next().await {
-        seen += chunk.len();
-        if seen > max.saturating_mul(8) {
-            break;
+/// Longest a client may take to send a request's body, as ingress-nginx's
+/// `client_body_timeout`: past it the request is answered 408 and nothing
+/// is passed on, so a client trickling a body cannot hold a connection (and
+/// a file descriptor of the gateway) for longer than its head and this.
+pub const BODY_READ_TIMEOUT: Duration = blog_kit::http::layers::REQUEST_TIMEOUT;
+
+/// Why a request body is not passed on.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyRefusal {
+    TooLarge,
+    /// The client stopped sending before the body's end (its connection
+    /// closed or broke mid-body, or a chunked body never ended): a request
+    /// that was not sent whole is never processed.
+    CutOff,
+    TooSlow,
+}
+
+impl BodyRefusal {
+    fn response(&self) -> Response {
+        let mut response = match self {
+            BodyRefusal::TooLarge => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large"),
+            BodyRefusal::CutOff => error_response(StatusCode::BAD_REQUEST, "the request body was cut off before its end"),
+            BodyRefusal::TooSlow => error_response(StatusCode::REQUEST_TIMEOUT, "the request body was not sent in time"),
+        };
+        if *self != BodyRefusal::TooLarge {
+            // What is left of the body is not read: the connection ends here.
+            response.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
         }
-        if seen <= max {
-            buffer.extend_from_slice(&chunk);
-        }
+        response
     }
-    (seen <= max).then(|| buffer.into())
+}
+
+/// The whole body, sent within [`BODY_READ_TIMEOUT`]. An oversized body is
+/// still read (up to 8 times `max`) before the 413, as nginx's lingering
+/// close does: answering with unread data in the connection gets it reset,
+/// and the client would see the reset instead of the answer.
+async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, BodyRefusal> {
+    use futures_util::StreamExt;
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buffer = Vec::new();
+        let mut seen = 0;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| BodyRefusal::CutOff)?;
+            seen += chunk.len();
+            if seen > max.saturating_mul(8) {
+                break;
+            }
+            if seen <= max {
+                buffer.extend_from_slice(&chunk);
+            }
+        }
+        if seen > max { Err(BodyRefusal::TooLarge) } else { Ok(buffer.into()) }
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read).await.unwrap_or(Err(BodyRefusal::TooSlow))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
@@ -299,8 +338,9 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
         None => path,
     };
     let (parts, body) = request.into_parts();
-    let Some(body) = read_body(body, max_body).await else {
-        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large");
+    let body = match read_body(body, max_body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal.response(),
     };
     let mut headers = HeaderMap::new();
     for (name, value) in forwardable(&parts.headers) {
@@ -490,6 +530,78 @@ mod tests {
             assert_eq!(body["replica"], "c");
         }
         assert_eq!(seen_c.load(Ordering::SeqCst), 20, "each write reached the live replica exactly once");
+    }
+
+    /// Sends `head` and `body` on a raw connection to the gateway at
+    /// `address`, then closes it without finishing the body.
+    async fn send_and_hang_up(address: std::net::SocketAddr, head: &str, body: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(body).await.unwrap();
+        tcp.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(tcp);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_client_hung_up_before_the_body_ended_is_never_passed_on() {
+        let (posts, seen) = replica("posts").await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let gateway = Gateway::balanced(every_service(&[(Service::Posts, vec![posts.clone()]), (Service::Comments, vec![posts])]));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            gateway,
+            Shutdown::new(async move {
+                let _ = stopped.await;
+            }),
+        ));
+        let json = br#"{"title":"never finished"}"#;
+        for (path, framing) in [("/posts/create", "chunked"), ("/posts/create", "length"), ("/posts/p1/comments", "chunked")] {
+            let head = |framing: &str| match framing {
+                "chunked" => {
+                    format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                }
+                _ => format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"),
+            };
+            // Every chunk but the last, empty one that ends a chunked body.
+            let body = match framing {
+                "chunked" => [format!("{:x}\r\n", json.len()).into_bytes(), json.to_vec(), b"\r\n".to_vec()].concat(),
+                _ => json.to_vec(),
+            };
+            send_and_hang_up(address, &head(framing), &body).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "a body cut off is no request");
+        // The same requests sent whole are passed on.
+        let http = reqwest::Client::new();
+        let answer = http.post(format!("http://{address}/posts/create")).body(&json[..]).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::CREATED);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_sent_in_time_is_a_json_408_and_is_never_passed_on() {
+        let (posts, seen) = replica("posts").await;
+        let router = Gateway::balanced(every_service(&[(Service::Posts, vec![posts])])).router();
+        use futures_util::StreamExt;
+        // A first chunk, then nothing: the client neither ends the body nor hangs up.
+        let trickle = futures_util::stream::iter([Ok::<_, io::Error>(axum::body::Bytes::from_static(b"{\"title\""))])
+            .chain(futures_util::stream::pending());
+        let request = axum::http::Request::post("/posts/create")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(trickle))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let (status, body) = call(&router, request).await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("not sent in time")), "{body}");
+        assert_eq!(started.elapsed(), BODY_READ_TIMEOUT);
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
