@@ -24,6 +24,7 @@ use axum::{
 use blog_domain::TraceParent;
 use tower_http::{
     catch_panic::CatchPanicLayer,
+    classify::ServerErrorsFailureClass,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
@@ -91,7 +92,7 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
         .layer(axum::middleware::from_fn(time_limit))
         .layer(axum::middleware::from_fn_with_state(requests, record))
         // The span is `traced`'s, so TraceLayer's lines carry the trace id.
-        .layer(TraceLayer::new_for_http().make_span_with(|_: &Request| tracing::Span::current()))
+        .layer(TraceLayer::new_for_http().make_span_with(|_: &Request| tracing::Span::current()).on_failure(log_failure))
         .layer(axum::middleware::from_fn(traced))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
@@ -108,6 +109,22 @@ async fn traced(mut request: Request, next: axum::middleware::Next) -> Response 
     let trace = telemetry::continue_trace(&span, parent);
     request.extensions_mut().insert(trace);
     telemetry::in_trace(trace, next.run(request)).instrument(span).await
+}
+
+/// Logs a 5xx answer (tower-http's default logs every one at ERROR): a 503
+/// is a WARN, because it is the service shedding load or asking for a retry
+/// (more live streams than the cap, a request past its time limit), which
+/// anyone outside can cause at will, and an ERROR line means a fault. A 503
+/// for failing storage is a fault, and is logged at ERROR where it is
+/// answered ([`super::error::ApiError`]).
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span) {
+    let latency = format_args!("{} ms", latency.as_millis());
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::SERVICE_UNAVAILABLE) => {
+            tracing::warn!(classification = %class, %latency, "response failed");
+        }
+        _ => tracing::error!(classification = %class, %latency, "response failed"),
+    }
 }
 
 /// Records a request in the RED histogram (see the module doc).
@@ -185,6 +202,43 @@ mod tests {
         assert_eq!(headers[header::RETRY_AFTER], RETRY_AFTER_SECS.to_string());
         assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/json"));
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    }
+
+    /// A log sink for one test: every line the test's subscriber writes.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_503_that_sheds_load_is_logged_as_a_warning_and_a_500_as_an_error() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let app = Router::new()
+            .route("/busy", get(|| async { error::retry_later("too many live streams, try again", 1) }))
+            .route("/broken", get(|| async { error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error") }));
+        let app = standard(app, None, Registry::default());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            assert_eq!(answer(app.clone(), "/busy").await.0, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(answer(app, "/broken").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let line = |status: &str| text.lines().find(|l| l.contains("response failed") && l.contains(status)).unwrap_or_default();
+        assert!(line("503").contains(" WARN "), "{text}");
+        assert!(line("500").contains(" ERROR "), "{text}");
+        assert!(!text.lines().any(|l| l.contains(" ERROR ") && l.contains("503")), "{text}");
     }
 
     #[tokio::test]
