@@ -280,7 +280,7 @@ fn full_view(snapshot: &Snapshot, request: &HeaderMap) -> Response {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|tag| snapshot.matches(tag));
+        .any(|tag| snapshot.matches(tag, gzip));
     let mut response = if current {
         StatusCode::NOT_MODIFIED.into_response()
     } else if gzip {
@@ -718,6 +718,11 @@ mod tests {
         let gz_etag = gz_headers[header::ETAG].to_str().unwrap();
         let (status, _, _) = get(&state, "/posts", &[("if-none-match", gz_etag), ("accept-encoding", "gzip")]).await;
         assert_eq!(status, StatusCode::NOT_MODIFIED);
+        // Each tag names its own bytes: the other encoding's copy is not current.
+        let (status, headers, body) = get(&state, "/posts", &[("if-none-match", gz_etag)]).await;
+        assert_eq!((status, &headers[header::ETAG], &body), (StatusCode::OK, &HeaderValue::from_str(&etag).unwrap(), &plain));
+        let (status, headers, _) = get(&state, "/posts", &[("if-none-match", &etag), ("accept-encoding", "gzip")]).await;
+        assert_eq!((status, &headers[header::CONTENT_ENCODING]), (StatusCode::OK, &HeaderValue::from_static("gzip")));
 
         // A change makes every earlier tag stale.
         inbox.deliver(vec![Event::from_value(json!({"type":"PostCreated","data":{"id":"p4","title":"t4"}})).unwrap()]).await.unwrap();

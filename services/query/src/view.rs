@@ -219,11 +219,13 @@ impl Snapshot {
     }
 
     /// Whether `tag` (an entity tag from `If-None-Match`, `W/` allowed) names
-    /// this version in any encoding.
-    pub fn matches(&self, tag: &str) -> bool {
+    /// this version in the encoding that would be sent (gzipped or not): the
+    /// other encoding's tag names other bytes, and a cache that holds those
+    /// must not be told its copy of these is current (RFC 9110 §13.1.2).
+    pub fn matches(&self, tag: &str, gzip: bool) -> bool {
         let tag = tag.trim();
         let tag = tag.strip_prefix("W/").unwrap_or(tag);
-        tag == "*" || tag == self.etag || tag == self.gzip_etag
+        tag == "*" || tag == if gzip { &self.gzip_etag } else { &self.etag }
     }
 }
 
