@@ -61,7 +61,7 @@ use axum::{
 use blog_domain::Service;
 use blog_kit::{
     Shutdown,
-    http::error::{error_response, retry_later},
+    http::error::{error_response, retry_later, shown_path},
 };
 
 use crate::routes::RouteTable;
@@ -325,7 +325,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
                 Err(PathRefusal::Internal) => return error_response(StatusCode::NOT_FOUND, "no such route"),
             };
             let Some(route) = gateway.table.route(&path) else {
-                return error_response(StatusCode::NOT_FOUND, &format!("no route for {path}"));
+                return error_response(StatusCode::NOT_FOUND, &format!("no route for {}", shown_path(&path)));
             };
             (route.service, path, MAX_REQUEST_BODY)
         }

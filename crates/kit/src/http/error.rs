@@ -96,12 +96,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Most bytes of a request's path an error message repeats.
+pub const SHOWN_PATH: usize = 200;
+
+/// A request's path as an error message repeats it: cut at [`SHOWN_PATH`]
+/// bytes (on a character boundary), so an answer never grows with the URL.
+pub fn shown_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= SHOWN_PATH {
+        return path.into();
+    }
+    let end = (0..=SHOWN_PATH).rev().find(|i| path.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}…", &path[..end]).into()
+}
+
 /// The fallback for paths no route matches.
 pub async fn not_found(uri: axum::http::Uri) -> Response {
-    error_response(StatusCode::NOT_FOUND, &format!("no route for {}", uri.path()))
+    error_response(StatusCode::NOT_FOUND, &format!("no route for {}", shown_path(uri.path())))
 }
 
 /// The answer for a known path with the wrong method.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {}", uri.path()))
+    error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {}", shown_path(uri.path())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_repeated_whole_up_to_its_cap_and_cut_on_a_character_boundary_beyond() {
+        assert_eq!(shown_path("/posts/x/comments"), "/posts/x/comments");
+        let long = format!("/{}", "é".repeat(400));
+        let shown = shown_path(&long);
+        assert!(shown.ends_with('…') && shown.len() <= SHOWN_PATH + '…'.len_utf8(), "{shown}");
+        assert!(long.starts_with(shown.trim_end_matches('…')));
+    }
 }
