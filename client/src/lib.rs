@@ -71,7 +71,7 @@ pub fn service(peers: api::Peers) -> Router {
 }
 
 const INTERNAL_ROUTES: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
-const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "x-forwarded-host", "x-real-ip", "forwarded"];
+const FORWARDING_HEADERS: [&str; 5] = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded"];
 
 async fn internal_only_direct(request: axum::extract::Request, next: middleware::Next) -> Response {
     let internal = INTERNAL_ROUTES.iter().any(|route| request.uri().path().trim_end_matches('/').eq_ignore_ascii_case(route));

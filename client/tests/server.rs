@@ -355,7 +355,7 @@ async fn internal_routes_answer_only_requests_that_did_not_come_through_a_proxy(
     for path in ["/metrics", "/healthz", "/readyz"] {
         let direct = client::service(peers(&closed())).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(direct.status(), StatusCode::OK, "{path} direct");
-        for forwarding in ["x-forwarded-for", "x-forwarded-host", "x-real-ip", "forwarded"] {
+        for forwarding in ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded"] {
             let request = Request::get(path).header(forwarding, "203.0.113.9").body(Body::empty()).unwrap();
             let proxied = client::service(peers(&closed())).oneshot(request).await.unwrap();
             assert_eq!(proxied.status(), StatusCode::NOT_FOUND, "{path} with {forwarding}");
