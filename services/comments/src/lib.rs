@@ -573,6 +573,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn content_with_control_characters_or_nothing_visible_gets_a_json_400() {
+        let (test, state) = state(&["p1"], 8).await;
+        let app = app(state);
+        for (body, expected) in [
+            (r#"{"content":"\u200b"}"#, "`content` must not be empty"),
+            (r#"{"content":"\u200b \ufeff\u00ad"}"#, "`content` must not be empty"),
+            (r#"{"content":"o\u0000range"}"#, "`content` must not contain control characters"),
+            (r#"{"content":"ding\u0007"}"#, "`content` must not contain control characters"),
+            (r#"{"content":"two\nlines"}"#, "`content` must not contain control characters"),
+            (r#"{"content":"c1 \u009b control"}"#, "`content` must not contain control characters"),
+        ] {
+            let (status, answer) = send(&app, "POST", "/posts/p1/comments", body).await;
+            assert_eq!((status, answer["error"].as_str()), (StatusCode::BAD_REQUEST, Some(expected)), "{body}: {answer}");
+        }
+        let (status, listed) = send(&app, "GET", "/posts/p1/comments", "").await;
+        assert_eq!((status, listed), (StatusCode::OK, json!([])), "none of it was stored");
+        assert!(test.bus.events().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_corrupt_status_fails_the_read_loudly() {
         let (test, state) = state(&["p1"], 8).await;
         test.kit
@@ -600,6 +620,9 @@ mod tests {
     fn content_is_trimmed_and_bounded() {
         assert_eq!(CommentContent::parse(" hi ").unwrap(), CommentContent("hi".into()));
         assert!(CommentContent::parse("").is_err());
+        assert!(CommentContent::parse("\u{200B}").is_err());
+        assert!(CommentContent::parse("a\u{0}b").is_err());
+        assert_eq!(CommentContent::parse("line\n").unwrap(), CommentContent("line".into()), "trailing newline trimmed");
         assert!(CommentContent::parse(&"x".repeat(MAX_CONTENT + 1)).is_err());
     }
 }

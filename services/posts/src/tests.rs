@@ -39,6 +39,8 @@ fn create(body: &str) -> Request<Body> {
 fn titles_are_trimmed_and_bounded() {
     assert_eq!(PostTitle::parse("  Hello ").unwrap(), PostTitle("Hello".into()));
     assert!(PostTitle::parse("   ").is_err());
+    assert!(PostTitle::parse("\u{200B}").is_err());
+    assert!(PostTitle::parse("a\u{7}").is_err());
     assert!(PostTitle::parse(&"x".repeat(MAX_TITLE)).is_ok());
     assert!(PostTitle::parse(&"é".repeat(MAX_TITLE + 1)).is_err());
 }
@@ -64,6 +66,11 @@ async fn bad_bodies_get_a_json_400_and_publish_nothing() {
     let (test, app) = posts().await;
     for (body, expected) in [
         (r#"{"title":"   "}"#, "`title` must not be empty"),
+        (r#"{"title":"\u200b"}"#, "`title` must not be empty"),
+        (r#"{"title":" \u200b\u00ad\u2060 "}"#, "`title` must not be empty"),
+        (r#"{"title":"a\u0000b"}"#, "`title` must not contain control characters"),
+        (r#"{"title":"ding\u0007"}"#, "`title` must not contain control characters"),
+        (r#"{"title":"two\nlines"}"#, "`title` must not contain control characters"),
         (&format!(r#"{{"title":"{}"}}"#, "x".repeat(MAX_TITLE + 1)), "`title` must be at most 200 characters"),
         (r#"{"title":7}"#, "invalid request body"),
         (r#"{"title":"#, "malformed JSON"),
