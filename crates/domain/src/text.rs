@@ -30,20 +30,17 @@ pub enum TextError {
 ///   [invisible](is_invisible) characters (`"\u{200B}"`, `"\u{00AD} \u{2060}"`)
 ///   is refused as empty.
 /// - Control characters (C0, DEL, C1: `char::is_control`) are refused
-///   anywhere inside the text, newline and tab included, in every field. A
-///   post title and a comment are both one line: the original React client
-///   and ours (`client/assets/app.js`) type both into an `<input>`, which
-///   cannot hold a line break, and ours shows a comment in a `<p>` that would
-///   fold a newline into a space. Only `curl` could send one, and a line break
-///   that no reader sees is not worth storing. Leading and trailing ones
-///   (`"hello\n"` from a shell heredoc) are whitespace and trimmed like spaces
-///   before the check, so they are not refused.
+///   anywhere inside the text, except the whitespace ones: tab, line feed and
+///   carriage return. The original app stored any text, and an API client's
+///   multi-line comment is text, not an attack; a NUL, a BEL or a terminal
+///   escape is neither readable nor harmless to every log and subscriber
+///   that shows it. At either end, whitespace is trimmed.
 pub fn required(field: &str, value: &str, max_chars: usize) -> Result<String, TextError> {
     let value = value.trim();
     if value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
         return Err(TextError::Empty { field: field.to_owned() });
     }
-    if value.chars().any(char::is_control) {
+    if value.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         return Err(TextError::ControlCharacter { field: field.to_owned() });
     }
     if value.chars().count() > max_chars {
@@ -100,8 +97,12 @@ mod tests {
     #[test]
     fn control_characters_are_refused_inside_the_text() {
         let refused = Err(TextError::ControlCharacter { field: "content".into() });
-        for text in ["a\u{0}b", "\u{0}", "bell\u{7}", "a\u{1B}[31mred", "a\u{7F}", "a\u{85}b", "a\u{9B}b", "two\nlines", "a\tb", "a\rb"] {
+        for text in ["a\u{0}b", "\u{0}", "bell\u{7}", "a\u{1B}[31mred", "a\u{7F}", "a\u{85}b", "a\u{9B}b", "a\u{B}b", "a\u{C}b"] {
             assert_eq!(required("content", text, 200), refused, "{text:?}");
+        }
+        // Lines and tabs inside the text are kept, as the original kept them.
+        for text in ["two\nlines", "a\tb", "a\r\nb"] {
+            assert_eq!(required("content", text, 200).unwrap(), text);
         }
         // At either end, whitespace controls are trimmed, not refused.
         assert_eq!(required("content", "\thello\r\n", 200).unwrap(), "hello");
