@@ -42,6 +42,7 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
         nats::ensure_installed()?;
     }
     options.bin_dir = crate::build_services(release)?;
+    show_gateway_warnings();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let suite = Suite::launch(options).await?;
@@ -90,4 +91,26 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
         suite.stop().await;
         Ok::<_, Box<dyn std::error::Error>>(())
     })
+}
+
+/// Prints what the gateway (it runs in this process) warns of, as a
+/// `gateway |` line beside the services' own: a replica that refused a
+/// connection, an upstream that did not answer in time, the connection cap
+/// reached. `RUST_LOG` chooses the levels, as for the services; warnings by
+/// default.
+fn show_gateway_warnings() {
+    /// Writes each formatted line behind the gateway's prefix.
+    struct Prefixed;
+    impl std::io::Write for Prefixed {
+        fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+            print!("{:>10} | {}", "gateway", String::from_utf8_lossy(line));
+            Ok(line.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::Write::flush(&mut std::io::stdout())
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(|| Prefixed).try_init();
 }
