@@ -39,9 +39,12 @@ impl Recorder {
     pub async fn start() -> Self {
         let receipts = Receipts::default();
         let app = Router::new().route("/events", post(record)).with_state(receipts.clone());
-        // A port from the harness's registry: one the OS picked here could be
-        // one another suite of this process chose and has not bound yet.
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", crate::free_port())).await.expect("a port for the recorder");
+        // A port from the harness's registry (one the OS picked here could be
+        // one another suite of this process chose and has not bound yet),
+        // bound as it is chosen: nothing can take it in between.
+        let listener = blog_kit::ports::free_listener();
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("a port for the recorder");
         let url = format!("http://{}/events", listener.local_addr().expect("its address"));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

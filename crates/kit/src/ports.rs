@@ -23,19 +23,27 @@ const SPAN: u32 = 12_000;
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A port on 127.0.0.1 that was free a moment ago and that this process has
-/// not handed out before (until it has handed out all [`SPAN`]).
+/// not handed out before (until it has handed out all [`SPAN`]), for a server
+/// another process will bind.
 pub fn free_port() -> u16 {
+    free_listener().local_addr().expect("a bound listener has an address").port()
+}
+
+/// A listener on one of the ports [`free_port`] hands out, already bound: for
+/// a server of this process, which then has no moment between choosing its
+/// port and binding it in which another process could take the port.
+pub fn free_listener() -> TcpListener {
     // Processes with consecutive ids start ~2,000 ports apart.
     let offset = std::process::id().wrapping_mul(1_999) % SPAN;
     for _ in 0..SPAN {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = u16::try_from(FIRST + (offset + n) % SPAN).expect("ports below 32000");
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener;
         }
     }
     // Everything in the range is taken: fall back on the OS's choice.
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+    TcpListener::bind("127.0.0.1:0").expect("a free port")
 }
 
 #[cfg(test)]
@@ -58,5 +66,15 @@ mod tests {
             assert_ne!(next, held.local_addr().unwrap().port());
         }
         TcpListener::bind(("127.0.0.1", next)).expect("the port is free");
+    }
+
+    #[test]
+    fn a_free_listener_is_bound_on_a_port_no_one_else_was_handed() {
+        let listener = free_listener();
+        let port = listener.local_addr().unwrap().port();
+        assert!((20_000..32_000).contains(&port), "{port}");
+        // Held: the next port handed out is another one, and the port cannot be bound again.
+        assert_ne!(free_port(), port);
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err(), "the listener holds its port");
     }
 }
