@@ -23,6 +23,9 @@ pub const MIGRATIONS: &[Migration] = &[Migration::per_engine(
     "CREATE TABLE decision (comment_id TEXT PRIMARY KEY, status TEXT NOT NULL);",
 )];
 
+/// The blocked word when `BLOCKED_WORDS` is not set: the original's.
+pub const DEFAULT_BLOCKED_WORD: &str = "orange";
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub common: CommonConfig,
@@ -31,7 +34,10 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self { common: CommonConfig::from_env(Service::Moderation)?, rule: Rule::new(&config::list("BLOCKED_WORDS", "orange")) })
+        Ok(Self {
+            common: CommonConfig::from_env(Service::Moderation)?,
+            rule: Rule::new(&config::list("BLOCKED_WORDS", DEFAULT_BLOCKED_WORD)),
+        })
     }
 }
 
@@ -44,6 +50,13 @@ pub struct Rule {
     /// word that folds to nothing or to spaces would block everything, so it
     /// is dropped.
     blocked: Vec<String>,
+}
+
+impl Default for Rule {
+    /// The rule when `BLOCKED_WORDS` is not set.
+    fn default() -> Self {
+        Self::new(&[DEFAULT_BLOCKED_WORD.to_owned()])
+    }
 }
 
 impl Rule {
