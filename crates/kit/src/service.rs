@@ -1,7 +1,7 @@
 //! One entry point for a service with a database:
 //!
 //! ```text
-//! let kit = ServiceKit::new(Service::Posts).migrations(MIGRATIONS).open(&config.common).await?;
+//! let kit = ServiceKit::new(Service::Posts).migrations(MIGRATIONS).open(&config.common, &shutdown).await?;
 //! kit.serve(app(AppState { kit: kit.clone() })).consumer(handler).run(listener, shutdown).await
 //! ```
 //!
@@ -60,10 +60,11 @@ impl ServiceKit {
     }
 
     /// Opens the service's database as `config` says: PostgreSQL at
-    /// `DATABASE_URL` when set, else SQLite in `DATA_DIR`.
-    pub async fn open(self, config: &CommonConfig) -> Result<Kit, StoreError> {
+    /// `DATABASE_URL` when set (waiting, until `shutdown`, for a server that
+    /// cannot be reached yet), else SQLite in `DATA_DIR`.
+    pub async fn open(self, config: &CommonConfig, shutdown: &Shutdown) -> Result<Kit, StoreError> {
         let store = match &config.database_url {
-            Some(url) => Store::connect(url, self.service.name(), self.migrations).await?,
+            Some(url) => Store::connect_waiting(url, self.service.name(), self.migrations, shutdown).await?,
             None => Store::open_capped(&config.data_dir, self.service.name(), &self.sqlite_migrations(), config.db_max_bytes)?,
         };
         let bus = BusClient::new(http_client(BUS_TIMEOUT), &config.bus_url, config.internal_secret.clone());

@@ -160,7 +160,7 @@ pub fn kit() -> ServiceKit {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let kit = kit().open(&config.common).await?;
+    let kit = kit().open(&config.common, &shutdown).await?;
     let state = AppState::load(kit.clone(), config.post_wait).await?;
     tokio::spawn(state.clone().follow_other_replicas(shutdown.clone()));
     let inbox = state.inbox.clone();

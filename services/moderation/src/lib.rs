@@ -154,7 +154,7 @@ pub fn kit() -> ServiceKit {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let kit = kit().open(&config.common).await?;
+    let kit = kit().open(&config.common, &shutdown).await?;
     kit.serve(Router::new()).consumer(Moderator { rule: config.rule }).run(listener, shutdown).await
 }
 

@@ -42,7 +42,7 @@ pub struct AppState {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let kit = kit().open(&config.common).await?;
+    let kit = kit().open(&config.common, &shutdown).await?;
     kit.serve(app(AppState { kit: kit.clone() })).run(listener, shutdown).await
 }
 

@@ -200,7 +200,7 @@ pub fn kit() -> ServiceKit {
 }
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
-    let kit = kit().open(&config.common).await?;
+    let kit = kit().open(&config.common, &shutdown).await?;
     let state = AppState::load(&kit, shutdown.clone()).await?;
     tokio::spawn(state.clone().follow_other_replicas(kit.clone()));
     let consumer = state.consumer();
@@ -574,7 +574,7 @@ mod tests {
             db_max_bytes: None,
             database_url: None,
         };
-        let kit = kit().open(&config).await.unwrap();
+        let kit = kit().open(&config, &Shutdown::new(std::future::pending())).await.unwrap();
         let state = AppState::load(&kit, Shutdown::new(std::future::pending())).await.unwrap();
         let view = state.view.clone();
         let inbox = kit.inbox(state.consumer());

@@ -256,3 +256,81 @@ async fn two_replicas_of_a_consumer_given_the_same_batch_at_once_apply_it_once()
     );
     suite.shutdown().await;
 }
+
+/// A data service started while its PostgreSQL cannot be reached (a fresh
+/// cluster whose database is still starting, an outage across a restart)
+/// waits for it instead of exiting, and serves once it answers: every one of
+/// posts, comments, moderation and query. One told a wrong password fails at
+/// once instead: waiting would not mend its configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_service_started_before_its_postgresql_waits_for_it() {
+    if Mode::scaled(1).is_none() {
+        return;
+    }
+    let postgres = blog_tests::postgres::TestPostgres::start().await;
+    postgres.supervisor().stop(blog_local::postgres::PROCESS).await;
+    let logs = tempfile::tempdir().unwrap();
+    let http = blog_kit::http::client::http_client(Duration::from_secs(5));
+    let start = |service: Service, url: String| {
+        let port = blog_tests::free_port();
+        let log = std::fs::File::create(logs.path().join(format!("{service}.log"))).unwrap();
+        let child = Killed(
+            std::process::Command::new(blog_tests::binaries().join(service.name()))
+                .env("PORT", port.to_string())
+                .env("DATABASE_URL", url)
+                .env("INTERNAL_SECRET", "0123456789abcdef0123")
+                // No bus: what is published waits in the outbox.
+                .env("EVENT_BUS_URL", format!("http://127.0.0.1:{}", blog_tests::free_port()))
+                .env("NO_COLOR", "1")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("the binary runs"),
+        );
+        (service, child, format!("http://127.0.0.1:{port}"))
+    };
+    let log = |service: Service| std::fs::read_to_string(logs.path().join(format!("{service}.log"))).unwrap_or_default();
+    let mut waiting: Vec<_> =
+        blog_local::postgres::database_services().map(|service| start(service, postgres.url(service.name()))).collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (service, child, _) in &mut waiting {
+        assert!(child.0.try_wait().unwrap().is_none(), "{service} exited while PostgreSQL was down:\n{}", log(*service));
+        assert!(log(*service).contains("PostgreSQL cannot be reached yet"), "{service} says what it waits for:\n{}", log(*service));
+    }
+    postgres.supervisor().start(blog_local::postgres::PROCESS);
+    let deadline = std::time::Instant::now() + blog_tests::DEADLINE;
+    for (service, _, url) in &waiting {
+        while !http.get(format!("{url}/readyz")).send().await.is_ok_and(|ready| ready.status().is_success()) {
+            assert!(std::time::Instant::now() < deadline, "{service} not ready once PostgreSQL answered:\n{}", log(*service));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let posts = &waiting.iter().find(|(service, ..)| *service == Service::Posts).expect("posts").2;
+    let created = http.post(format!("{posts}/posts/create")).json(&json!({ "title": "after the wait" })).send().await.unwrap();
+    assert_eq!(created.status(), 201, "a write once PostgreSQL answers");
+
+    let wrong = postgres.url(Service::Posts.name()).replacen("@127.0.0.1", "x@127.0.0.1", 1);
+    drop(waiting);
+    let (_, mut refused, _) = start(Service::Posts, wrong);
+    let deadline = std::time::Instant::now() + blog_tests::DEADLINE;
+    let status = loop {
+        if let Some(status) = refused.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "posts kept waiting on a wrong password:\n{}", log(Service::Posts));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{}", log(Service::Posts));
+    assert!(log(Service::Posts).contains("password authentication failed"), "the log says why:\n{}", log(Service::Posts));
+    postgres.stop().await;
+}
+
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

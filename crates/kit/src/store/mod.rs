@@ -47,7 +47,7 @@ pub use postgres::DatabaseUrl;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", postgres_detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection to PostgreSQL could be had in time.
     #[error("database unavailable: {0}")]
@@ -68,6 +68,15 @@ pub enum StoreError {
     /// A plain write published events; only a unit of work may.
     #[error("events published outside a unit of work would be lost")]
     Unpublished,
+}
+
+/// A PostgreSQL error with the server's own words: tokio-postgres shows an
+/// error the server sent only as "db error".
+fn postgres_detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl StoreError {
@@ -204,7 +213,18 @@ impl Store {
     /// (their PostgreSQL texts) under an advisory lock, so replicas starting
     /// together migrate once.
     pub async fn connect(url: &DatabaseUrl, name: &str, migrations: &[Migration]) -> Result<Self, StoreError> {
-        Ok(Self(Backend::Postgres(postgres::Postgres::connect(url, name, migrations).await?)))
+        Ok(Self(Backend::Postgres(postgres::Postgres::connect(url, name, migrations, None).await?)))
+    }
+
+    /// [`Store::connect`], waiting for a server that cannot be reached yet
+    /// (until `shutdown`) instead of failing: how a service starts.
+    pub async fn connect_waiting(
+        url: &DatabaseUrl,
+        name: &str,
+        migrations: &[Migration],
+        shutdown: &crate::Shutdown,
+    ) -> Result<Self, StoreError> {
+        Ok(Self(Backend::Postgres(postgres::Postgres::connect(url, name, migrations, Some(shutdown)).await?)))
     }
 
     pub fn engine(&self) -> Engine {

@@ -18,7 +18,12 @@
 //! error is rolled back and its caller told, never reported committed.
 //!
 //! Migrations run at start inside one transaction holding an advisory lock,
-//! so replicas starting together apply each once. The server being down is a
+//! so replicas starting together apply each once. A service started before
+//! its server answers (a fresh cluster, an outage) waits for it
+//! ([`Postgres::connect`] given a [`Shutdown`]), where exiting would have
+//! Kubernetes space its restarts out to five minutes; a server that answers
+//! and refuses (a wrong password, no such database) is a mistake in the
+//! configuration and fails the start at once. The server being down is a
 //! storage failure like a full disk: writes answer 503, readiness is false,
 //! and both recover by themselves once connections can be made again.
 //!
@@ -34,12 +39,13 @@ use std::{
     time::Duration,
 };
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use tokio::{runtime::Handle, sync::broadcast};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{Migration, Params, Refresh, StoreError, Tx};
+use crate::shutdown::Shutdown;
 
 /// Connections per replica.
 const POOL_SIZE: usize = 8;
@@ -54,6 +60,11 @@ const MIGRATION_LOCK: i64 = 0x626c_6f67;
 const NOTIFY_LIMIT: usize = 7_000;
 /// Refreshes a slow listener may fall behind before it is told to look at everything.
 const LISTEN_BUFFER: usize = 1_024;
+/// First and longest pause between attempts to reach the server at start.
+const REACH_PAUSE_MIN: Duration = Duration::from_millis(250);
+const REACH_PAUSE_MAX: Duration = Duration::from_secs(5);
+/// How often waiting for the server at start is logged.
+const REACH_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Pause between attempts to (re)establish a listening connection.
 const LISTEN_RETRY: Duration = Duration::from_millis(500);
 
@@ -127,7 +138,14 @@ struct Inner {
 }
 
 impl Postgres {
-    pub(super) async fn connect(url: &DatabaseUrl, name: &str, migrations: &[Migration]) -> Result<Self, StoreError> {
+    /// Connects and migrates. With `wait`, a server that cannot be reached
+    /// yet is waited for (until `wait` is triggered); without, that fails at once.
+    pub(super) async fn connect(
+        url: &DatabaseUrl,
+        name: &str,
+        migrations: &[Migration],
+        wait: Option<&Shutdown>,
+    ) -> Result<Self, StoreError> {
         let mut config = url.0.clone();
         config.connect_timeout(CONNECT_TIMEOUT);
         let origin = uuid::Uuid::new_v4().simple().to_string();
@@ -155,8 +173,41 @@ impl Postgres {
                 commits: super::CommitMetrics::new(),
             }),
         };
+        if let Some(shutdown) = wait {
+            store.reachable(shutdown).await?;
+        }
         store.migrate(migrations).await?;
         Ok(store)
+    }
+
+    /// Returns once a connection can be had: retried with a growing pause
+    /// (to [`REACH_PAUSE_MAX`]) while the server cannot be reached or says it
+    /// cannot take connections now; an answer that refuses for good (a
+    /// wrong password, no such database) is returned at once, as is
+    /// `shutdown`.
+    async fn reachable(&self, shutdown: &Shutdown) -> Result<(), StoreError> {
+        let mut pause = REACH_PAUSE_MIN;
+        let mut warned: Option<tokio::time::Instant> = None;
+        loop {
+            let e = match self.inner.pool.get().await {
+                Ok(_) => {
+                    if warned.is_some() {
+                        tracing::info!(database = %self.inner.name, "PostgreSQL reached");
+                    }
+                    return Ok(());
+                }
+                Err(PoolError::Backend(e)) if !worth_waiting_for(&e) => return Err(e.into()),
+                Err(e) => e,
+            };
+            if warned.is_none_or(|at| at.elapsed() >= REACH_WARN_EVERY) {
+                tracing::warn!(database = %self.inner.name, error = %e, "PostgreSQL cannot be reached yet; waiting for it");
+                warned = Some(tokio::time::Instant::now());
+            }
+            if shutdown.sleep(pause).await {
+                return Err(StoreError::Unavailable(format!("stopped while waiting for PostgreSQL: {e}")));
+            }
+            pause = (pause * 2).min(REACH_PAUSE_MAX);
+        }
     }
 
     pub(super) fn name(&self) -> &str {
@@ -445,6 +496,16 @@ impl Drop for Session {
             drop(Object::take(client));
         }
     }
+}
+
+/// Whether a failed connection attempt may succeed later: no answer (refused,
+/// timed out, cut), or the server's own "not now" (SQLSTATE class 08,
+/// connection exception; 53, insufficient resources such as too many
+/// connections; 57, operator intervention such as starting up or shutting
+/// down). Anything else it answered (a wrong password, no such database)
+/// stays true until someone changes the configuration.
+fn worth_waiting_for(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_none_or(|db| ["08", "53", "57"].iter().any(|class| db.code().code().starts_with(class)))
 }
 
 #[cfg(test)]
