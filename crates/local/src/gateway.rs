@@ -29,7 +29,10 @@
 //! A service may run as several replicas (`cargo xtask up --scale N`): the
 //! gateway takes them in turn (round robin), and a replica it could not
 //! connect to is skipped for [`EJECT_FOR`] (tried again only when no other
-//! is left). Failover is only ever for a request that was never sent: when
+//! is left), and so is one that has kept a request waiting for its answer
+//! for [`HUNG_AFTER`] without answering anything since (a stopped or wedged
+//! process, whose kernel still accepts connections): the requests after it
+//! go to the others. Failover is only ever for a request that was never sent: when
 //! the connection to a replica is refused (or cannot be made in time), the
 //! same request goes to the next one. Once a connection is made, nothing is
 //! resent, because the replica may have processed it (a `POST` answered by a
@@ -45,7 +48,7 @@ use std::{
     collections::BTreeMap,
     io,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -79,6 +82,12 @@ pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
 
 /// How long a replica that refused a connection is passed over.
 pub const EJECT_FOR: Duration = Duration::from_secs(1);
+
+/// How long a replica may keep a request waiting for its response head,
+/// answering nothing meanwhile, before the requests after it go to the other
+/// replicas first. Above a comment's wait for its post (2 s) and a service's
+/// usual answer; far below [`UPSTREAM_HEADERS_TIMEOUT`].
+pub const HUNG_AFTER: Duration = Duration::from_secs(3);
 
 /// Largest request body passed on to one service by [`Gateway::for_service`]:
 /// an internal event batch may be as large as a consumer takes.
@@ -134,20 +143,65 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutd
 }
 
 /// A service's replicas, taken in turn, those that recently refused a
-/// connection last.
+/// connection last, and before them those that seem hung.
 #[derive(Debug)]
 struct Replicas {
     bases: Vec<String>,
     next: AtomicUsize,
     /// Per replica, until when it is passed over (ms since `epoch`; 0: never refused).
     ejected_until: Vec<AtomicU64>,
+    /// Per replica, its requests waiting for an answer.
+    waiting: Vec<Mutex<Waiting>>,
     epoch: Instant,
+}
+
+/// A replica's requests sent and not answered yet.
+#[derive(Debug, Default)]
+struct Waiting {
+    requests: usize,
+    /// Since when (ms since `epoch`) it has had some waiting and answered none.
+    since: u64,
+}
+
+/// One request waiting for a replica's answer; done when dropped (answered,
+/// failed, or abandoned with its client).
+struct Sent<'a> {
+    replicas: &'a Replicas,
+    replica: usize,
+}
+
+impl Drop for Sent<'_> {
+    fn drop(&mut self) {
+        let mut waiting = lock(&self.replicas.waiting[self.replica]);
+        waiting.requests = waiting.requests.saturating_sub(1);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Replicas {
     fn new(bases: Vec<String>) -> Self {
         let ejected_until = bases.iter().map(|_| AtomicU64::new(0)).collect();
-        Self { bases, next: AtomicUsize::new(0), ejected_until, epoch: Instant::now() }
+        let waiting = bases.iter().map(|_| Mutex::default()).collect();
+        Self { bases, next: AtomicUsize::new(0), ejected_until, waiting, epoch: Instant::now() }
+    }
+
+    /// Notes a request sent to `replica`, until the guard is dropped.
+    fn sent(&self, replica: usize) -> Sent<'_> {
+        let mut waiting = lock(&self.waiting[replica]);
+        if waiting.requests == 0 {
+            waiting.since = self.now_ms();
+        }
+        waiting.requests += 1;
+        Sent { replicas: self, replica }
+    }
+
+    /// Whether `replica` has kept a request waiting for [`HUNG_AFTER`] with no answer since.
+    fn hung(&self, replica: usize, now: u64) -> bool {
+        let waiting = lock(&self.waiting[replica]);
+        waiting.requests > 0 && now.saturating_sub(waiting.since) >= u64::try_from(HUNG_AFTER.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn now_ms(&self) -> u64 {
@@ -155,14 +209,14 @@ impl Replicas {
     }
 
     /// The order to try the replicas in for one request: each in turn
-    /// starts, and ejected ones go to the end (still tried: better a replica
-    /// that may be back than no answer).
+    /// starts, those that seem hung go after the others and ejected ones to
+    /// the end (still tried: better a replica that may be back than no answer).
     fn order(&self) -> Vec<usize> {
         let count = self.bases.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
         let mut order: Vec<usize> = (0..count).map(|k| (start + k) % count).collect();
-        order.sort_by_key(|&i| self.ejected_until[i].load(Ordering::Relaxed) > now);
+        order.sort_by_cached_key(|&i| (self.ejected_until[i].load(Ordering::Relaxed) > now, self.hung(i, now)));
         order
     }
 
@@ -173,6 +227,7 @@ impl Replicas {
 
     fn answered(&self, replica: usize) {
         self.ejected_until[replica].store(0, Ordering::Relaxed);
+        lock(&self.waiting[replica]).since = self.now_ms();
     }
 }
 
@@ -363,10 +418,13 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
             .request(parts.method.clone(), format!("{}{path_and_query}", replicas.bases[replica]))
             .headers(headers.clone())
             .body(body.clone());
+        let waiting = replicas.sent(replica);
         let Ok(sent) = tokio::time::timeout(UPSTREAM_HEADERS_TIMEOUT, upstream.send()).await else {
             tracing::warn!(%service, replica, "upstream did not answer in time");
+            replicas.refused(replica);
             return error_response(StatusCode::GATEWAY_TIMEOUT, &format!("{service} did not answer in time"));
         };
+        drop(waiting);
         match sent {
             Ok(answer) => {
                 replicas.answered(replica);
@@ -508,6 +566,50 @@ mod tests {
         assert_eq!(replicas.order(), [1, 0, 2]);
         replicas.answered(2);
         assert_eq!(replicas.order(), [2, 0, 1]);
+    }
+
+    #[test]
+    fn a_replica_that_kept_a_request_waiting_too_long_goes_after_the_others_until_it_answers() {
+        let mut replicas = Replicas::new(vec!["a".into(), "b".into(), "c".into()]);
+        replicas.epoch -= HUNG_AFTER * 2;
+        let waiting = replicas.sent(0);
+        assert_eq!(replicas.order(), [0, 1, 2], "a request just sent is no sign of anything");
+        lock(&replicas.waiting[0]).since -= u64::try_from(HUNG_AFTER.as_millis()).unwrap();
+        assert_eq!(replicas.order(), [1, 2, 0]);
+        assert_eq!(replicas.order(), [2, 1, 0]);
+        assert_eq!(replicas.order(), [1, 2, 0], "its turns pass to the others");
+        replicas.refused(1);
+        assert_eq!(replicas.order(), [2, 0, 1], "one that refused goes after one that seems hung");
+        replicas.answered(0);
+        assert_eq!(replicas.order(), [2, 0, 1]);
+        assert_eq!(replicas.order(), [0, 2, 1], "an answer clears it, with a request still waiting");
+        lock(&replicas.waiting[0]).since = 0;
+        assert!(replicas.hung(0, replicas.now_ms()), "still waiting, long after its last answer");
+        drop(waiting);
+        assert!(!replicas.hung(0, replicas.now_ms()), "nothing waiting: not hung, however long ago it answered");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_after_one_a_replica_left_waiting_go_to_the_others() {
+        // Accepts connections (the kernel's backlog does) and never answers: a stopped process.
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (good, seen) = replica("good").await;
+        let router =
+            Gateway::balanced(every_service(&[(Service::Query, vec![format!("http://{}", hung.local_addr().unwrap()), good])])).router();
+        let stuck = tokio::spawn({
+            let router = router.clone();
+            async move { call(&router, axum::http::Request::get("/posts").body(Body::empty()).unwrap()).await }
+        });
+        tokio::time::sleep(HUNG_AFTER + Duration::from_millis(300)).await;
+        assert!(!stuck.is_finished(), "the first request went to the hung replica");
+        for _ in 0..4 {
+            let request = axum::http::Request::get("/posts").body(Body::empty()).unwrap();
+            let (status, body) = tokio::time::timeout(HUNG_AFTER, call(&router, request)).await.expect("answered by the live replica");
+            assert_eq!((status, &body["replica"]), (StatusCode::OK, &serde_json::json!("good")));
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 4);
+        stuck.abort();
+        drop(hung);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
