@@ -33,7 +33,7 @@ use blog_domain::{
 use blog_kit::{
     ApiError, Applied, BoxError, Consumer, Json, Kit, Outcome, ServiceKit, Shutdown, StoreError, Tx,
     config::CommonConfig,
-    http::{self, RequestId},
+    http::{self, Object, RequestId},
     messaging::inbox::{CatchUpError, Inbox},
     store::{Migration, Refresh, next_refresh},
 };
@@ -198,7 +198,7 @@ async fn create(
     State(state): State<AppState>,
     http::Path(post_id): http::Path<String>,
     request_id: RequestId,
-    Json(body): Json<CreateComment>,
+    Json(Object(body)): Json<Object<CreateComment>>,
 ) -> Result<(StatusCode, Json<Vec<Comment>>), Response> {
     let content = CommentContent::parse(&body.content).map_err(|e| ApiError::from(e).into_response())?;
     checked_post_id(&post_id).map_err(IntoResponse::into_response)?;
@@ -552,6 +552,7 @@ mod tests {
             ("malformed JSON", "application/json", r#"{"content":"#, StatusCode::BAD_REQUEST),
             ("wrong content type", "text/plain", r#"{"content":"x"}"#, StatusCode::UNSUPPORTED_MEDIA_TYPE),
             ("not an object", "application/json", "[1,2]", StatusCode::BAD_REQUEST),
+            ("the fields in an array", "application/json", r#"["an array comment"]"#, StatusCode::BAD_REQUEST),
             ("empty object", "application/json", "{}", StatusCode::BAD_REQUEST),
             ("wrong field type", "application/json", r#"{"content":5}"#, StatusCode::BAD_REQUEST),
             ("empty content", "application/json", r#"{"content":"  "}"#, StatusCode::BAD_REQUEST),

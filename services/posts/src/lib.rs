@@ -8,7 +8,12 @@ use blog_domain::{
     config::ConfigError,
     text::{self, TextError},
 };
-use blog_kit::{ApiError, BoxError, Json, Kit, ServiceKit, Shutdown, config::CommonConfig, http::RequestId, store::Migration};
+use blog_kit::{
+    ApiError, BoxError, Json, Kit, ServiceKit, Shutdown,
+    config::CommonConfig,
+    http::{Object, RequestId},
+    store::Migration,
+};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -68,7 +73,7 @@ struct CreatePost {
 async fn create(
     State(state): State<AppState>,
     request_id: RequestId,
-    Json(body): Json<CreatePost>,
+    Json(Object(body)): Json<Object<CreatePost>>,
 ) -> Result<(StatusCode, Json<PostCreated>), ApiError> {
     let title = PostTitle::parse(&body.title)?;
     let post = PostCreated { id: uuid::Uuid::now_v7().simple().to_string(), title: title.0 };

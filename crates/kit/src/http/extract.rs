@@ -80,6 +80,30 @@ where
     }
 }
 
+/// A body that must be a JSON object: a struct's derived `Deserialize` also
+/// takes an array of its fields in order (`["a title"]` for `{"title": …}`),
+/// which no client of the original sends and the API does not promise. Use
+/// as `Json<Object<T>>`; anything but an object is a 400 "expected a JSON
+/// object".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_map(Fields(std::marker::PhantomData)).map(Object)
+    }
+}
+
 impl<T: Serialize, const LIMIT: usize> IntoResponse for Json<T, LIMIT> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
@@ -142,6 +166,41 @@ where
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(value)) => Ok(Query(value)),
             Err(rejection) => Err(ApiError::bad_request(format!("invalid query string: {}", rejection.body_text()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{Router, body::Body, routing::post};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Titled {
+        title: String,
+    }
+
+    /// `POST /` of `body` to a handler taking `Json<Object<Titled>>`: the status and the error or title.
+    async fn send(body: &str) -> (StatusCode, serde_json::Value) {
+        let app = Router::new().route("/", post(|Json(Object(body)): Json<Object<Titled>>| async move { body.title }));
+        let request = Request::post("/").header("content-type", "application/json").body(Body::from(body.to_owned())).unwrap();
+        let answer = app.oneshot(request).await.unwrap();
+        let status = answer.status();
+        let bytes = axum::body::to_bytes(answer.into_body(), 1 << 16).await.unwrap();
+        let body =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn an_object_body_must_be_an_object_not_the_fields_in_an_array() {
+        assert_eq!(send(r#"{"title":"a title"}"#).await, (StatusCode::OK, serde_json::json!("a title")));
+        for body in [r#"["a title"]"#, r#"[["title","a title"]]"#, r#""a title""#, "5", "null", "true"] {
+            let (status, answer) = send(body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+            assert!(answer["error"].as_str().is_some_and(|e| e.contains("expected a JSON object")), "{body}: {answer}");
         }
     }
 }

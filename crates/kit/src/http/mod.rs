@@ -11,4 +11,4 @@ pub mod serve;
 pub mod sse;
 
 pub use error::{ApiError, error_response, retry_later};
-pub use extract::{Json, Path, Query, RequestId};
+pub use extract::{Json, Object, Path, Query, RequestId};
