@@ -90,6 +90,10 @@ impl IntoResponse for ApiError {
                 ApiError::Store(e) if e.is_storage_failure() => "storage is full or failing: nothing was written, try again later",
                 _ => "internal error",
             };
+            // Every 503 says when to come back, as the others the services send do.
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                return retry_later(message, super::layers::RETRY_AFTER_SECS);
+            }
             return error_response(status, message);
         }
         error_response(status, &self.to_string())
@@ -122,6 +126,21 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_503_says_when_to_come_back_and_a_500_does_not() {
+        let full = ApiError::Store(crate::StoreError::Full("disk".into())).into_response();
+        assert_eq!(full.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(full.headers()[axum::http::header::RETRY_AFTER], "1");
+        let unavailable = ApiError::Unavailable("bus".into()).into_response();
+        assert_eq!(
+            (unavailable.status(), &unavailable.headers()[axum::http::header::RETRY_AFTER]),
+            (StatusCode::SERVICE_UNAVAILABLE, &axum::http::HeaderValue::from(1))
+        );
+        let internal = ApiError::Store(crate::StoreError::WriterGone).into_response();
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(internal.headers().get(axum::http::header::RETRY_AFTER).is_none());
+    }
 
     #[test]
     fn a_path_is_repeated_whole_up_to_its_cap_and_cut_on_a_character_boundary_beyond() {

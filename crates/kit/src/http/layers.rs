@@ -52,7 +52,8 @@ pub const UNMATCHED: &str = "unmatched";
 pub const READ_LIMIT: usize = 1024 * 1024;
 /// Longest a request may take before it is answered 503 and dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// What a timed-out request's `Retry-After` says, in seconds.
+/// What the `Retry-After` of a 503 says, in seconds: a request that timed
+/// out, a store or a peer that cannot be used now.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
 /// Adds the standard routes and layers to a service's routes. Readiness is
