@@ -482,6 +482,33 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
 }
 
 #[test]
+fn every_artifact_context_keeps_its_test_only_files_out_of_the_build() {
+    // Docker reads the .dockerignore at the root of each artifact's context,
+    // and skaffold reads it to decide which edits trigger a rebuild: a
+    // context of its own (services/<name>, client) needs its own file, or
+    // editing a test there rebuilds the image.
+    let config = skaffold();
+    for artifact in config["build"]["artifacts"].as_array().unwrap() {
+        let context = artifact["context"].as_str().unwrap_or(".");
+        if context == "." {
+            continue; // the repository's own .dockerignore, checked below
+        }
+        let dir = root().join(context);
+        let ignore = std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_else(|e| panic!("{context}/.dockerignore: {e}"));
+        let excluded = |entry: &str| ignore.lines().map(str::trim).any(|l| l == entry || l == format!("{entry}/"));
+        for test_only in ["tests", "benches", "examples"] {
+            if dir.join(test_only).is_dir() {
+                assert!(excluded(test_only), "{context}/.dockerignore must exclude {test_only}/");
+            }
+        }
+        assert!(excluded("Dockerfile") && excluded(".dockerignore"), "{context}: the build files are no inputs");
+        for needed in ["src", "Cargo.toml", "assets"] {
+            assert!(!excluded(needed), "{context}/.dockerignore must not exclude {needed}: the build copies it");
+        }
+    }
+}
+
+#[test]
 fn skaffold_dev_builds_the_same_artifacts_with_the_fast_cargo_profile() {
     let config = skaffold();
     let profiles = config["profiles"].as_array().expect("skaffold.yaml has profiles");
