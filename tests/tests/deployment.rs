@@ -705,10 +705,22 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
         let (database, _) = env_entry(workload.container, "DATABASE_URL").unwrap();
         assert!(password < database, "{service}: PGPASSWORD must come before DATABASE_URL");
 
-        let spread = &workload.pod["topologySpreadConstraints"];
+        // It waits for PostgreSQL at start without serving HTTP: a startup
+        // probe holds liveness off for as long as a fresh PostgreSQL needs.
+        let startup = &workload.container["startupProbe"];
+        assert_eq!(startup["httpGet"], serde_json::json!({ "path": "/healthz", "port": "http" }), "{service}");
+        let patience = startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+        assert!(patience >= 120, "{service}: {patience} s of startup is too short for a fresh PostgreSQL");
+    }
+    // The client has two replicas too; only the servers keep state.
+    assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
+    // Every replicated Deployment spreads its replicas over the nodes.
+    for service in blog_local::postgres::database_services().chain([Service::EventBus, Service::Client]) {
+        let workload = scale.workload(service).unwrap();
+        assert_eq!(workload.kind(), "Deployment");
         assert_eq!(
-            spread,
-            &serde_json::json!([{
+            workload.pod["topologySpreadConstraints"],
+            serde_json::json!([{
                 "maxSkew": 1,
                 "topologyKey": "kubernetes.io/hostname",
                 "whenUnsatisfiable": "ScheduleAnyway",
@@ -717,8 +729,6 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
             "{service}"
         );
     }
-    // The client has two replicas too; only the servers keep state.
-    assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
     let stateful: Vec<&str> = scale.of_kind("StatefulSet").filter_map(|d| d["metadata"]["name"].as_str()).collect();
     assert_eq!(stateful, [k8s::POSTGRES, k8s::NATS]);
 }
@@ -775,7 +785,8 @@ fn in_the_scale_overlay_every_replicated_service_has_a_disruption_budget_and_a_c
 fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_database() {
     // Hand-kept copies of the base's pod templates: they must not drift
     // (probes, limits, hardening, labels) beyond what the scale mode changes.
-    // The bus's likewise, but for its log and the probe that waits for it.
+    // The bus's likewise, but for its log; each with the probe that waits for
+    // its store.
     let (base, scale) = (manifests(), scale());
     for service in blog_local::postgres::database_services().chain([Service::EventBus]) {
         let mut expected = base.workload(service).unwrap().doc["spec"]["template"].clone();
@@ -794,9 +805,8 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
             .as_array_mut()
             .unwrap()
             .retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
-        if service == Service::EventBus {
-            container.as_object_mut().unwrap().remove("startupProbe");
-        }
+        // The scale mode waits for PostgreSQL or JetStream at start.
+        container.as_object_mut().unwrap().remove("startupProbe");
         assert_eq!(actual, expected, "{service}: the scale overlay's pod template drifted from the base's");
     }
 }
