@@ -226,7 +226,8 @@ fn every_service_has_a_cluster_ip_service_named_and_numbered_as_the_topology_say
     for service in Service::ALL {
         let found = manifests.named("Service", service.k8s_service()).unwrap_or_else(|| panic!("no Service {}", service.k8s_service()));
         assert_eq!(found["spec"]["type"], "ClusterIP");
-        assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": service.name() }));
+        // And its mode's pods only: services_select_only_the_pods_of_their_own_mode.
+        assert_eq!(found["spec"]["selector"]["app"], service.name());
         assert_eq!(found["metadata"]["labels"]["app"], service.name());
         let ports = found["spec"]["ports"].as_array().unwrap();
         assert_eq!(ports.len(), 1);
@@ -389,7 +390,7 @@ fn every_object_and_pod_template_has_the_recommended_labels_and_selectors_stay_a
             assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
         }
         if doc["kind"] == "Service" {
-            assert_eq!(doc["spec"]["selector"], serde_json::json!({ "app": name }), "{what}: selector");
+            assert_eq!(doc["spec"]["selector"]["app"], name, "{what}: selector");
         }
     }
     assert_eq!(templates, Service::ALL.len(), "one pod template per service");
@@ -791,6 +792,7 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
     for service in blog_local::postgres::database_services().chain([Service::EventBus]) {
         let mut expected = base.workload(service).unwrap().doc["spec"]["template"].clone();
         let mut actual = scale.workload(service).unwrap().doc["spec"]["template"].clone();
+        expected["metadata"]["labels"][MODE_LABEL] = "scale".into();
         let pod = expected["spec"].as_object_mut().unwrap();
         let security = pod["securityContext"].as_object_mut().unwrap();
         security.remove("fsGroup");
@@ -1218,4 +1220,115 @@ fn the_scale_overlays_requests_fit_a_two_cpu_minikube_beside_its_control_plane()
     }
     assert!(millis <= 1_150, "CPU requests add up to {millis}m");
     assert!(bytes <= 1 << 30, "memory requests add up to {} Mi", bytes >> 20);
+}
+
+// Switching between the modes: neither `kubectl apply` nor skaffold prunes,
+// so a deploy of one mode must remove what only the other mode has, and no
+// Service may select the pods of both.
+
+/// The mode label on every pod of a workload that exists in one mode only,
+/// and in the selectors of the Services in front of them.
+const MODE_LABEL: &str = "blog/mode";
+
+/// `(kind, name)` of every object of `manifests`.
+fn objects(manifests: &Manifests) -> std::collections::BTreeSet<(String, String)> {
+    manifests
+        .documents()
+        .map(|(_, doc)| (doc["kind"].as_str().unwrap().to_owned(), doc["metadata"]["name"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The `kind/name` arguments of the one `kubectl delete` in a deploy hook.
+fn deleted_by(hook: &Value) -> std::collections::BTreeSet<(String, String)> {
+    let script = hook["host"]["command"][2].as_str().expect("a sh -c hook");
+    let (_, arguments) = script.split_once("delete --ignore-not-found").expect("a kubectl delete that tolerates absence");
+    arguments
+        .split_whitespace()
+        .map(|argument| {
+            let (kind, name) = argument.split_once('/').unwrap_or_else(|| panic!("{argument}: not kind/name"));
+            (kind.to_owned(), name.to_owned())
+        })
+        .collect()
+}
+
+/// What a deploy of `to` must remove, having followed `from`: every object
+/// of `from` that `to` lacks (kinds as kubectl names them, in lower case).
+fn left_behind(from: &Manifests, to: &Manifests) -> std::collections::BTreeSet<(String, String)> {
+    objects(from).difference(&objects(to)).map(|(kind, name)| (kind.to_lowercase(), name.clone())).collect()
+}
+
+/// The deploy hook of the default mode, or of `profile`, that deletes objects.
+fn removal_hook(profile: Option<&str>) -> Value {
+    let config = skaffold();
+    let deploy = match profile {
+        None => config["deploy"].clone(),
+        Some(name) => config["profiles"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["deploy"].clone(),
+    };
+    let hooks = deploy["kubectl"]["hooks"]["before"].as_array().unwrap().clone();
+    let removals: Vec<Value> =
+        hooks.into_iter().filter(|h| h["host"]["command"][2].as_str().is_some_and(|s| s.contains("delete --ignore-not-found"))).collect();
+    let [hook] = removals.try_into().expect("one hook that deletes");
+    hook
+}
+
+#[test]
+fn each_modes_deploy_removes_what_only_the_other_mode_has() {
+    let (base, scale) = (manifests(), scale());
+    let to_scale = left_behind(&base, &scale);
+    let to_default = left_behind(&scale, &base);
+    // The SQLite StatefulSets give way to the scale mode's Deployments, and
+    // back: the same names, another kind.
+    for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+        assert!(to_scale.contains(&("statefulset".to_owned(), service.name().to_owned())), "{service}");
+        assert!(to_default.contains(&("deployment".to_owned(), service.name().to_owned())), "{service}");
+    }
+    assert_eq!(deleted_by(&removal_hook(Some("scale"))), to_scale, "skaffold run -p scale must remove exactly the base's leftovers");
+    assert_eq!(deleted_by(&removal_hook(None)), to_default, "skaffold run must remove exactly the scale mode's leftovers");
+    // The hooks act where skaffold deploys, after the Secrets are made.
+    for hook in [removal_hook(None), removal_hook(Some("scale"))] {
+        let script = hook["host"]["command"][2].as_str().unwrap();
+        assert!(script.contains("$SKAFFOLD_KUBE_CONTEXT") && script.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{script}");
+        assert!(script.contains("kubectl \"$@\" delete"), "{script}");
+    }
+    // The README's commands for `kubectl apply -k` users say the same.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap().replace("\\\n", " ");
+    let commands: Vec<std::collections::BTreeSet<(String, String)>> = readme
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("kubectl delete --ignore-not-found"))
+        .map(|rest| {
+            rest.split('#')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .map(|a| {
+                    let (kind, name) = a.split_once('/').unwrap_or_else(|| panic!("README: {a}: not kind/name"));
+                    (kind.to_owned(), name.to_owned())
+                })
+                .collect()
+        })
+        .collect();
+    assert!(commands.contains(&to_scale), "README: the switch to the scale mode, by hand");
+    assert!(commands.contains(&to_default), "README: the switch back to the default mode, by hand");
+}
+
+#[test]
+fn services_select_only_the_pods_of_their_own_mode() {
+    for (manifests, mode) in [(manifests(), "embedded"), (scale(), "scale")] {
+        for service in Service::ALL {
+            let found = manifests.named("Service", service.k8s_service()).unwrap();
+            let workload = manifests.workload(service).unwrap();
+            let labels = &workload.doc["spec"]["template"]["metadata"]["labels"];
+            if service.keeps_data() {
+                // A StatefulSet by default, a Deployment in the scale mode:
+                // after a switch, the old pods may linger until deleted.
+                assert_eq!(labels[MODE_LABEL], mode, "{service}: its pods say their mode");
+                let selector = serde_json::json!({ "app": service.name(), MODE_LABEL: mode });
+                assert_eq!(found["spec"]["selector"], selector, "{service}: only {mode} pods");
+            } else {
+                // The client is one Deployment in both modes: nothing to mix.
+                assert!(labels.get(MODE_LABEL).is_none(), "{service}");
+                assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": service.name() }), "{service}");
+            }
+        }
+    }
 }
