@@ -221,8 +221,8 @@ fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
 #[test]
 fn every_service_has_a_cluster_ip_service_named_and_numbered_as_the_topology_says() {
     let manifests = manifests();
-    let services: Vec<&Value> = manifests.of_kind("Service").collect();
-    assert_eq!(services.len(), Service::ALL.len(), "one Service per service, no strays");
+    let services: Vec<&Value> = manifests.of_kind("Service").filter(|s| s["spec"]["clusterIP"] != "None").collect();
+    assert_eq!(services.len(), Service::ALL.len(), "one ClusterIP Service per service, no strays");
     for service in Service::ALL {
         let found = manifests.named("Service", service.k8s_service()).unwrap_or_else(|| panic!("no Service {}", service.k8s_service()));
         assert_eq!(found["spec"]["type"], "ClusterIP");
@@ -1331,4 +1331,45 @@ fn services_select_only_the_pods_of_their_own_mode() {
             }
         }
     }
+}
+
+#[test]
+fn every_statefulset_is_governed_by_a_headless_service_of_its_own_pods() {
+    // A StatefulSet's serviceName gives each pod its DNS name; it must be a
+    // headless Service. The ClusterIP Services the peers use stay as they are.
+    for manifests in [manifests(), scale()] {
+        let statefulsets: Vec<&Value> = manifests.of_kind("StatefulSet").collect();
+        assert!(!statefulsets.is_empty());
+        for statefulset in statefulsets {
+            let name = statefulset["metadata"]["name"].as_str().unwrap();
+            let governing = statefulset["spec"]["serviceName"].as_str().unwrap();
+            let service = manifests.named("Service", governing).unwrap_or_else(|| panic!("{name}: no Service {governing}"));
+            assert_eq!(service["spec"]["clusterIP"], "None", "{name}: {governing} must be headless");
+            let pods = &statefulset["spec"]["template"]["metadata"]["labels"];
+            for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+                assert_eq!(&pods[key], value, "{name}: {governing} selects its pods");
+            }
+        }
+        // The names the migration hook of skaffold.yaml expects.
+        for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+            if let Some(statefulset) = manifests.named("StatefulSet", service.name()) {
+                assert_eq!(statefulset["spec"]["serviceName"], format!("{}-headless", service.name()));
+            }
+        }
+        // No suite Service is headless but the governing ones.
+        for service in Service::ALL {
+            assert_eq!(manifests.named("Service", service.k8s_service()).unwrap()["spec"]["type"], "ClusterIP", "{service}");
+        }
+    }
+}
+
+#[test]
+fn the_default_deploy_remakes_a_statefulset_governed_by_an_older_service() {
+    // serviceName cannot change in place: skaffold's hook deletes a StatefulSet
+    // whose governing Service is not <name>-headless (its volume stays).
+    let hooks = serde_json::to_string(&skaffold()["deploy"]["kubectl"]["hooks"]["before"]).unwrap();
+    let names: Vec<&str> = Service::ALL.into_iter().filter(|s| s.keeps_data()).map(|s| s.name()).collect();
+    assert!(hooks.contains(&format!("for name in {}; do", names.join(" "))), "{hooks}");
+    assert!(hooks.contains("jsonpath='{.spec.serviceName}'") && hooks.contains("= \\\"$name-headless\\\" ]"), "{hooks}");
+    assert!(hooks.contains("delete statefulset \\\"$name\\\""), "{hooks}");
 }
