@@ -798,7 +798,7 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
         security.remove("fsGroup");
         security.remove("fsGroupChangePolicy");
         let container = &mut pod.get_mut("containers").unwrap()[0];
-        container["env"].as_array_mut().unwrap().retain(|e| e["name"] != "DATA_DIR");
+        container["env"].as_array_mut().unwrap().retain(|e| !["DATA_DIR", "DB_MAX_BYTES"].contains(&e["name"].as_str().unwrap()));
         container["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "data");
         let spec = actual["spec"].as_object_mut().unwrap();
         spec.remove("topologySpreadConstraints");
@@ -1372,4 +1372,26 @@ fn the_default_deploy_remakes_a_statefulset_governed_by_an_older_service() {
     assert!(hooks.contains(&format!("for name in {}; do", names.join(" "))), "{hooks}");
     assert!(hooks.contains("jsonpath='{.spec.serviceName}'") && hooks.contains("= \\\"$name-headless\\\" ]"), "{hooks}");
     assert!(hooks.contains("delete statefulset \\\"$name\\\""), "{hooks}");
+}
+
+#[test]
+fn every_sqlite_database_is_capped_at_nine_tenths_of_its_volume_and_no_other_store() {
+    // README (Sizing): DB_MAX_BYTES at about 90 % of the volume, so the
+    // database answers 503 and turns unready before the filesystem fills.
+    let manifests = manifests();
+    for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+        let workload = manifests.workload(service).unwrap();
+        let claim = &workload.doc["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"];
+        let volume = k8s::parse_quantity(claim.as_str().unwrap()).unwrap();
+        let env = workload.env().unwrap();
+        let cap = env.iter().find(|(k, _)| k == "DB_MAX_BYTES").map(|(_, v)| v.parse::<u64>().unwrap());
+        assert_eq!(cap, Some(volume * 9 / 10), "{service}: 90 % of its {volume}-byte volume");
+    }
+    // The services refuse the cap where their data is not in SQLite
+    // (blog_domain::config::sqlite_cap): none in the scale mode.
+    let scale = scale();
+    for service in Service::ALL {
+        let env = scale.workload(service).unwrap().env().unwrap();
+        assert!(env.iter().all(|(k, _)| k != "DB_MAX_BYTES"), "{service}: DB_MAX_BYTES with PostgreSQL or JetStream is refused");
+    }
 }
