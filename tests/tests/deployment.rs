@@ -126,6 +126,8 @@ fn the_http_route_sends_each_path_where_the_route_table_does_within_gateway_api_
         "/posts/123",
         "/",
         "/app.js",
+        "/api/flow",
+        "/api/status",
     ];
     for path in paths.into_iter().chain(blog_local::gateway::INTERNAL_PATHS.iter().copied()) {
         let expected = table.route(path).expect("every path is routed").service.k8s_service();
@@ -159,7 +161,7 @@ fn the_http_route_sends_each_path_where_the_route_table_does_within_gateway_api_
 }
 
 #[test]
-fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
+fn only_the_stream_rules_lift_the_gateway_request_timeout() {
     let documents = gateway_api_documents();
     let route = documents.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
     let rules = route["spec"]["rules"].as_array().unwrap();
@@ -169,6 +171,23 @@ fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
     }
     let lifted = rules.iter().filter(|rule| rule.get("timeouts").is_some()).count();
     assert_eq!(lifted, blog_local::routes::ROUTES.iter().filter(|r| r.streaming).count(), "ordinary routes keep the default timeout");
+}
+
+#[test]
+fn every_stream_the_browser_opens_is_a_streaming_route() {
+    // The UI's server-sent event streams (client/assets/app.js) must stay open
+    // through every proxy generated from the route table: an ordinary route
+    // would be buffered by ingress-nginx and cut at 15 s by Envoy Gateway.
+    let script = std::fs::read_to_string(root().join("client/assets/app.js")).expect("the UI's script");
+    let opened: Vec<&str> = script.split("new EventSource(\"").skip(1).map(|rest| rest.split('"').next().unwrap()).collect();
+    assert!(opened.len() >= 2, "the UI opens its streams: {opened:?}");
+    let table = RouteTable::standard();
+    for path in &opened {
+        let route = table.route(path).unwrap_or_else(|| panic!("{path} is not routed"));
+        assert!(route.streaming && route.path == *path, "{path}: reached by {}, which is no streaming route of its own", route.path);
+    }
+    let streams: Vec<&str> = blog_local::routes::ROUTES.iter().filter(|r| r.streaming).map(|r| r.path).collect();
+    assert_eq!(streams.len(), opened.len(), "a streaming route nothing opens: {streams:?} vs {opened:?}");
 }
 
 #[test]
@@ -207,7 +226,7 @@ fn the_gateway_api_component_admits_the_gateway_to_each_routed_service_and_drops
 }
 
 #[test]
-fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
+fn the_stream_routes_are_unbuffered_with_a_long_read_timeout() {
     let paths = k8s::ingress_paths(&manifests()).unwrap();
     for stream in blog_local::routes::ROUTES.iter().filter(|r| r.streaming) {
         let path = paths.iter().find(|p| p.path == stream.path).expect("the stream is routed");
