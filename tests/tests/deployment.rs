@@ -703,22 +703,15 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
         let env = workload.env().unwrap();
         assert!(env.iter().all(|(name, _)| name != "DATA_DIR"), "{service}: nothing kept in DATA_DIR");
         let url = env.iter().find(|(name, _)| name == "DATABASE_URL").map(|(_, v)| v.as_str()).expect("DATABASE_URL");
-        let expected = format!(
-            "postgres://{}:$(PGPASSWORD)@{}:{}/{}",
-            blog_local::postgres::ROLE,
-            k8s::POSTGRES_SERVICE,
-            k8s::POSTGRES_PORT,
-            service.name()
-        );
-        assert_eq!(url, expected, "{service}: its own database, the password from the Secret");
+        let name = service.name();
+        let expected = format!("postgres://{name}:$(PGPASSWORD)@{}:{}/{name}", k8s::POSTGRES_SERVICE, k8s::POSTGRES_PORT);
+        assert_eq!(url, expected, "{service}: its own database as its own role, the password from its own Secret");
         let secrets = workload.secret_env();
+        let own = k8s::SecretEnv { variable: "PGPASSWORD".into(), secret: format!("blog-postgres-{name}"), key: "PASSWORD".into() };
+        assert!(secrets.contains(&own), "{service}: {secrets:?}");
         assert!(
-            secrets.contains(&k8s::SecretEnv {
-                variable: "PGPASSWORD".into(),
-                secret: "blog-postgres".into(),
-                key: "POSTGRES_PASSWORD".into()
-            }),
-            "{service}: {secrets:?}"
+            secrets.iter().all(|s| !s.secret.starts_with("blog-postgres") || *s == own),
+            "{service}: no other role's password, nor the superuser's: {secrets:?}"
         );
         // The kubelet expands $(PGPASSWORD) only from variables listed before.
         let (password, _) = env_entry(workload.container, "PGPASSWORD").unwrap();
@@ -866,27 +859,43 @@ fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_ser
     let env = postgres.env().unwrap();
     let pgdata = env.iter().find(|(k, _)| k == "PGDATA").map(|(_, v)| v.as_str()).unwrap();
     assert!(pgdata.starts_with("/var/lib/postgresql/data/"), "{pgdata}: a directory inside the volume, owned by postgres");
-    assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())));
-    assert_eq!(
-        postgres.secret_env(),
-        [k8s::SecretEnv { variable: "POSTGRES_PASSWORD".into(), secret: "blog-postgres".into(), key: "POSTGRES_PASSWORD".into() }]
-    );
+    assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())), "the superuser");
+    // The superuser's password, and each service's own role's, for the init script.
+    let mut expected_secrets =
+        vec![k8s::SecretEnv { variable: "POSTGRES_PASSWORD".into(), secret: "blog-postgres".into(), key: "POSTGRES_PASSWORD".into() }];
+    for service in blog_local::postgres::database_services() {
+        expected_secrets.push(k8s::SecretEnv {
+            variable: format!("{}_PASSWORD", service.name().to_uppercase()),
+            secret: format!("blog-postgres-{}", service.name()),
+            key: "PASSWORD".into(),
+        });
+    }
+    assert_eq!(postgres.secret_env(), expected_secrets);
     for probe in ["readinessProbe", "startupProbe", "livenessProbe"] {
         assert_eq!(container[probe]["exec"]["command"][0], "pg_isready", "{probe}");
     }
 
-    // The init script, run on first start: one database per data-owning service.
+    // The init script, run on first start: per data-owning service a role of
+    // its name, no superuser, with its own password, owning a database of its
+    // name that nobody else may open. (Run against a real PostgreSQL when this
+    // was written: each role opens its own database only.)
     let init = backing("/docker-entrypoint-initdb.d").expect("the init scripts are mounted");
     let config = scale.named("ConfigMap", init["configMap"]["name"].as_str().unwrap()).expect("the init ConfigMap");
-    let scripts: Vec<&str> = config["data"].as_object().unwrap().values().filter_map(Value::as_str).collect();
-    let created: Vec<String> = scripts
-        .iter()
-        .flat_map(|script| script.lines())
-        .filter_map(|line| line.trim().strip_prefix("CREATE DATABASE "))
-        .map(|name| name.trim_end_matches(';').to_owned())
-        .collect();
-    let expected: Vec<String> = blog_local::postgres::database_services().map(|s| s.name().to_owned()).collect();
-    assert_eq!(created, expected);
+    let [(file, script)]: [(&String, &Value); 1] = config["data"].as_object().unwrap().iter().collect::<Vec<_>>().try_into().unwrap();
+    let script = script.as_str().unwrap();
+    assert!(file.ends_with(".sh"), "{file}: a shell script, sourced by the entrypoint with the passwords in its environment");
+    let services: Vec<String> = blog_local::postgres::database_services().map(|s| s.name().to_owned()).collect();
+    assert!(script.starts_with(&format!("for service in {}; do\n", services.join(" "))), "{script}");
+    assert!(script.contains("variable=\"${service^^}_PASSWORD\""), "the variables the pod sets: {script}");
+    for statement in [
+        "CREATE ROLE :\"service\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION PASSWORD :'secret';",
+        "CREATE DATABASE :\"service\" OWNER :\"service\";",
+        "REVOKE ALL ON DATABASE :\"service\" FROM PUBLIC;",
+        "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;",
+    ] {
+        assert!(script.contains(statement), "{statement}");
+    }
+    assert!(script.contains("-v ON_ERROR_STOP=1") && script.contains("exit 1"), "a failure fails the first start");
 
     // A headless Service for the StatefulSet, a ClusterIP one for DATABASE_URL.
     let headless = scale.named("Service", postgres.doc["spec"]["serviceName"].as_str().unwrap()).expect("the governing Service");
@@ -907,7 +916,10 @@ fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
     assert!(!overlay.contains("secretGenerator"), "a generated Secret would commit its value");
     for (_, doc) in scale.documents() {
         let text = doc.to_string();
-        assert!(!text.contains("postgres://blog:") || text.contains("postgres://blog:$(PGPASSWORD)@"), "{text}");
+        for url in text.split("postgres://").skip(1) {
+            let credentials = url.split('@').next().unwrap();
+            assert!(credentials.ends_with(":$(PGPASSWORD)"), "a password only from a Secret: postgres://{url}");
+        }
         assert!(!text.to_lowercase().contains("password=") && !text.contains("\"POSTGRES_PASSWORD\",\"value\""), "{text}");
     }
     for (_, doc) in scale.documents().filter(|(_, d)| d["spec"]["template"].is_object()) {
@@ -926,6 +938,10 @@ fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
     let postgres = serde_json::to_string(&hooks[1]).unwrap();
     assert!(postgres.contains("create secret generic blog-postgres") && postgres.contains("POSTGRES_PASSWORD="), "{postgres}");
     assert!(postgres.contains("/dev/urandom") && postgres.contains("od -An -tx1"), "random, and hex: nothing to escape in a URL");
+    // And one per data service's role.
+    let services: Vec<&str> = blog_local::postgres::database_services().map(|s| s.name()).collect();
+    assert!(postgres.contains(&format!("for service in {}; do", services.join(" "))), "{postgres}");
+    assert!(postgres.contains("create secret generic \\\"blog-postgres-$service\\\"") && postgres.contains("PASSWORD="), "{postgres}");
     assert!(postgres.contains("$SKAFFOLD_KUBE_CONTEXT") && postgres.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{postgres}");
 }
 
