@@ -833,7 +833,12 @@ fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_ser
     assert_eq!(postgres.doc["spec"]["replicas"], 1);
     let image = postgres.image().unwrap();
     let tag = image.strip_prefix("postgres:").expect("the official image");
-    assert!(tag.split(['.', '-']).next().unwrap().parse::<u32>().unwrap() >= 17, "{image}: a current major version, pinned");
+    // A current major version, pinned to its minor release, on the suite's
+    // runtime Debian (trixie).
+    let (version, debian) = tag.split_once('-').unwrap_or_else(|| panic!("{image}: version-debian"));
+    let version: Vec<u32> = version.split('.').map(|n| n.parse().unwrap()).collect();
+    assert!(version.len() == 2 && version[0] >= 18, "{image}: major.minor, 18 or newer");
+    assert_eq!(debian, "trixie", "{image}");
     let (pod, container) = (postgres.pod, postgres.container);
     assert_eq!(postgres.run_as(), Some((999, 999)), "the image's own postgres user");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -854,11 +859,19 @@ fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_ser
     for scratch in ["/var/run/postgresql", "/tmp"] {
         assert!(backing(scratch).is_some_and(|v| v.get("emptyDir").is_some()), "{scratch} is an emptyDir");
     }
-    let data = backing("/var/lib/postgresql/data").expect("a data volume");
+    // The 18+ images' layout: the volume at /var/lib/postgresql, the data in
+    // a directory per major version inside it (the entrypoint refuses a
+    // volume at /var/lib/postgresql/data).
+    let data = backing("/var/lib/postgresql").expect("a data volume");
     assert_eq!(data["claim"], postgres.doc["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]);
+    assert!(backing("/var/lib/postgresql/data").is_none());
     let env = postgres.env().unwrap();
     let pgdata = env.iter().find(|(k, _)| k == "PGDATA").map(|(_, v)| v.as_str()).unwrap();
-    assert!(pgdata.starts_with("/var/lib/postgresql/data/"), "{pgdata}: a directory inside the volume, owned by postgres");
+    assert_eq!(pgdata, format!("/var/lib/postgresql/{}/docker", version[0]), "a directory inside the volume, owned by postgres");
+    assert_eq!(
+        container["lifecycle"]["preStop"]["exec"]["command"],
+        serde_json::json!(["pg_ctl", "stop", "--mode=fast", format!("--pgdata={pgdata}")])
+    );
     assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())), "the superuser");
     // The superuser's password, and each service's own role's, for the init script.
     let mut expected_secrets =
@@ -1428,5 +1441,32 @@ fn every_sqlite_database_is_capped_at_nine_tenths_of_its_volume_and_no_other_sto
     for service in Service::ALL {
         let env = scale.workload(service).unwrap().env().unwrap();
         assert!(env.iter().all(|(k, _)| k != "DB_MAX_BYTES"), "{service}: DB_MAX_BYTES with PostgreSQL or JetStream is refused");
+    }
+}
+
+#[test]
+fn every_third_party_image_is_pinned_to_a_release() {
+    // postgres, nats, prometheus, grafana: a version tag (major.minor at
+    // least), never `latest` or a bare major that moves under a deploy.
+    let mut pending = vec![root().join("infrastructure")];
+    let mut images = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                images.extend(text.lines().filter_map(|l| l.trim().strip_prefix("image: ")).map(str::to_owned));
+            }
+        }
+    }
+    let third_party: Vec<&String> = images.iter().filter(|image| !image.starts_with("blog/")).collect();
+    assert!(third_party.len() >= 4, "{images:?}");
+    for image in third_party {
+        let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{image}: no tag"));
+        let version = tag.trim_start_matches('v').split('-').next().unwrap();
+        let parts: Vec<&str> = version.split('.').collect();
+        assert!(parts.len() >= 2 && parts.iter().all(|p| p.parse::<u32>().is_ok()), "{image}: pinned to a release");
     }
 }
