@@ -1404,6 +1404,12 @@ fn every_statefulset_is_governed_by_a_headless_service_of_its_own_pods() {
                 assert_eq!(statefulset["spec"]["serviceName"], format!("{}-headless", service.name()));
             }
         }
+        // `cargo xtask e2e-containers` names each container after the first
+        // Service that selects its app: that must be the ClusterIP one.
+        for service in Service::ALL {
+            let first = manifests.of_kind("Service").find(|s| s["spec"]["selector"]["app"] == service.name()).unwrap();
+            assert_eq!(first["metadata"]["name"], service.k8s_service(), "{service}: list the headless Service after it");
+        }
         // No suite Service is headless but the governing ones.
         for service in Service::ALL {
             assert_eq!(manifests.named("Service", service.k8s_service()).unwrap()["spec"]["type"], "ClusterIP", "{service}");
