@@ -126,6 +126,8 @@ fn the_http_route_sends_each_path_where_the_route_table_does_within_gateway_api_
         "/posts/123",
         "/",
         "/app.js",
+        "/api/flow",
+        "/api/status",
     ];
     for path in paths.into_iter().chain(blog_local::gateway::INTERNAL_PATHS.iter().copied()) {
         let expected = table.route(path).expect("every path is routed").service.k8s_service();
@@ -159,7 +161,7 @@ fn the_http_route_sends_each_path_where_the_route_table_does_within_gateway_api_
 }
 
 #[test]
-fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
+fn only_the_stream_rules_lift_the_gateway_request_timeout() {
     let documents = gateway_api_documents();
     let route = documents.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
     let rules = route["spec"]["rules"].as_array().unwrap();
@@ -169,6 +171,23 @@ fn only_the_stream_rule_lifts_the_gateway_request_timeout() {
     }
     let lifted = rules.iter().filter(|rule| rule.get("timeouts").is_some()).count();
     assert_eq!(lifted, blog_local::routes::ROUTES.iter().filter(|r| r.streaming).count(), "ordinary routes keep the default timeout");
+}
+
+#[test]
+fn every_stream_the_browser_opens_is_a_streaming_route() {
+    // The UI's server-sent event streams (client/assets/app.js) must stay open
+    // through every proxy generated from the route table: an ordinary route
+    // would be buffered by ingress-nginx and cut at 15 s by Envoy Gateway.
+    let script = std::fs::read_to_string(root().join("client/assets/app.js")).expect("the UI's script");
+    let opened: Vec<&str> = script.split("new EventSource(\"").skip(1).map(|rest| rest.split('"').next().unwrap()).collect();
+    assert!(opened.len() >= 2, "the UI opens its streams: {opened:?}");
+    let table = RouteTable::standard();
+    for path in &opened {
+        let route = table.route(path).unwrap_or_else(|| panic!("{path} is not routed"));
+        assert!(route.streaming && route.path == *path, "{path}: reached by {}, which is no streaming route of its own", route.path);
+    }
+    let streams: Vec<&str> = blog_local::routes::ROUTES.iter().filter(|r| r.streaming).map(|r| r.path).collect();
+    assert_eq!(streams.len(), opened.len(), "a streaming route nothing opens: {streams:?} vs {opened:?}");
 }
 
 #[test]
@@ -207,7 +226,7 @@ fn the_gateway_api_component_admits_the_gateway_to_each_routed_service_and_drops
 }
 
 #[test]
-fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
+fn the_stream_routes_are_unbuffered_with_a_long_read_timeout() {
     let paths = k8s::ingress_paths(&manifests()).unwrap();
     for stream in blog_local::routes::ROUTES.iter().filter(|r| r.streaming) {
         let path = paths.iter().find(|p| p.path == stream.path).expect("the stream is routed");
@@ -221,12 +240,13 @@ fn the_stream_route_is_unbuffered_with_a_long_read_timeout() {
 #[test]
 fn every_service_has_a_cluster_ip_service_named_and_numbered_as_the_topology_says() {
     let manifests = manifests();
-    let services: Vec<&Value> = manifests.of_kind("Service").collect();
-    assert_eq!(services.len(), Service::ALL.len(), "one Service per service, no strays");
+    let services: Vec<&Value> = manifests.of_kind("Service").filter(|s| s["spec"]["clusterIP"] != "None").collect();
+    assert_eq!(services.len(), Service::ALL.len(), "one ClusterIP Service per service, no strays");
     for service in Service::ALL {
         let found = manifests.named("Service", service.k8s_service()).unwrap_or_else(|| panic!("no Service {}", service.k8s_service()));
         assert_eq!(found["spec"]["type"], "ClusterIP");
-        assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": service.name() }));
+        // And its mode's pods only: services_select_only_the_pods_of_their_own_mode.
+        assert_eq!(found["spec"]["selector"]["app"], service.name());
         assert_eq!(found["metadata"]["labels"]["app"], service.name());
         let ports = found["spec"]["ports"].as_array().unwrap();
         assert_eq!(ports.len(), 1);
@@ -389,7 +409,7 @@ fn every_object_and_pod_template_has_the_recommended_labels_and_selectors_stay_a
             assert_eq!(doc["spec"]["selector"]["matchLabels"], serde_json::json!({ "app": name }), "{what}: selector");
         }
         if doc["kind"] == "Service" {
-            assert_eq!(doc["spec"]["selector"], serde_json::json!({ "app": name }), "{what}: selector");
+            assert_eq!(doc["spec"]["selector"]["app"], name, "{what}: selector");
         }
     }
     assert_eq!(templates, Service::ALL.len(), "one pod template per service");
@@ -478,6 +498,33 @@ fn dockerfiles_build_with_the_classic_builder_and_run_unprivileged() {
     }
     for kept_in in ["tests", "tests/", "crates/", "services/", "Cargo.lock"] {
         assert!(!ignore.lines().any(|l| l.trim() == kept_in), ".dockerignore must not exclude {kept_in}: the build needs it");
+    }
+}
+
+#[test]
+fn every_artifact_context_keeps_its_test_only_files_out_of_the_build() {
+    // Docker reads the .dockerignore at the root of each artifact's context,
+    // and skaffold reads it to decide which edits trigger a rebuild: a
+    // context of its own (services/<name>, client) needs its own file, or
+    // editing a test there rebuilds the image.
+    let config = skaffold();
+    for artifact in config["build"]["artifacts"].as_array().unwrap() {
+        let context = artifact["context"].as_str().unwrap_or(".");
+        if context == "." {
+            continue; // the repository's own .dockerignore, checked below
+        }
+        let dir = root().join(context);
+        let ignore = std::fs::read_to_string(dir.join(".dockerignore")).unwrap_or_else(|e| panic!("{context}/.dockerignore: {e}"));
+        let excluded = |entry: &str| ignore.lines().map(str::trim).any(|l| l == entry || l == format!("{entry}/"));
+        for test_only in ["tests", "benches", "examples"] {
+            if dir.join(test_only).is_dir() {
+                assert!(excluded(test_only), "{context}/.dockerignore must exclude {test_only}/");
+            }
+        }
+        assert!(excluded("Dockerfile") && excluded(".dockerignore"), "{context}: the build files are no inputs");
+        for needed in ["src", "Cargo.toml", "assets"] {
+            assert!(!excluded(needed), "{context}/.dockerignore must not exclude {needed}: the build copies it");
+        }
     }
 }
 
@@ -656,32 +703,37 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
         let env = workload.env().unwrap();
         assert!(env.iter().all(|(name, _)| name != "DATA_DIR"), "{service}: nothing kept in DATA_DIR");
         let url = env.iter().find(|(name, _)| name == "DATABASE_URL").map(|(_, v)| v.as_str()).expect("DATABASE_URL");
-        let expected = format!(
-            "postgres://{}:$(PGPASSWORD)@{}:{}/{}",
-            blog_local::postgres::ROLE,
-            k8s::POSTGRES_SERVICE,
-            k8s::POSTGRES_PORT,
-            service.name()
-        );
-        assert_eq!(url, expected, "{service}: its own database, the password from the Secret");
+        let name = service.name();
+        let expected = format!("postgres://{name}:$(PGPASSWORD)@{}:{}/{name}", k8s::POSTGRES_SERVICE, k8s::POSTGRES_PORT);
+        assert_eq!(url, expected, "{service}: its own database as its own role, the password from its own Secret");
         let secrets = workload.secret_env();
+        let own = k8s::SecretEnv { variable: "PGPASSWORD".into(), secret: format!("blog-postgres-{name}"), key: "PASSWORD".into() };
+        assert!(secrets.contains(&own), "{service}: {secrets:?}");
         assert!(
-            secrets.contains(&k8s::SecretEnv {
-                variable: "PGPASSWORD".into(),
-                secret: "blog-postgres".into(),
-                key: "POSTGRES_PASSWORD".into()
-            }),
-            "{service}: {secrets:?}"
+            secrets.iter().all(|s| !s.secret.starts_with("blog-postgres") || *s == own),
+            "{service}: no other role's password, nor the superuser's: {secrets:?}"
         );
         // The kubelet expands $(PGPASSWORD) only from variables listed before.
         let (password, _) = env_entry(workload.container, "PGPASSWORD").unwrap();
         let (database, _) = env_entry(workload.container, "DATABASE_URL").unwrap();
         assert!(password < database, "{service}: PGPASSWORD must come before DATABASE_URL");
 
-        let spread = &workload.pod["topologySpreadConstraints"];
+        // It waits for PostgreSQL at start without serving HTTP: a startup
+        // probe holds liveness off for as long as a fresh PostgreSQL needs.
+        let startup = &workload.container["startupProbe"];
+        assert_eq!(startup["httpGet"], serde_json::json!({ "path": "/healthz", "port": "http" }), "{service}");
+        let patience = startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+        assert!(patience >= 120, "{service}: {patience} s of startup is too short for a fresh PostgreSQL");
+    }
+    // The client has two replicas too; only the servers keep state.
+    assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
+    // Every replicated Deployment spreads its replicas over the nodes.
+    for service in blog_local::postgres::database_services().chain([Service::EventBus, Service::Client]) {
+        let workload = scale.workload(service).unwrap();
+        assert_eq!(workload.kind(), "Deployment");
         assert_eq!(
-            spread,
-            &serde_json::json!([{
+            workload.pod["topologySpreadConstraints"],
+            serde_json::json!([{
                 "maxSkew": 1,
                 "topologyKey": "kubernetes.io/hostname",
                 "whenUnsatisfiable": "ScheduleAnyway",
@@ -690,8 +742,6 @@ fn in_the_scale_overlay_each_data_service_is_two_replicas_on_its_own_postgres_da
             "{service}"
         );
     }
-    // The client has two replicas too; only the servers keep state.
-    assert_eq!(scale.workload(Service::Client).unwrap().doc["spec"]["replicas"], 2);
     let stateful: Vec<&str> = scale.of_kind("StatefulSet").filter_map(|d| d["metadata"]["name"].as_str()).collect();
     assert_eq!(stateful, [k8s::POSTGRES, k8s::NATS]);
 }
@@ -748,17 +798,19 @@ fn in_the_scale_overlay_every_replicated_service_has_a_disruption_budget_and_a_c
 fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_database() {
     // Hand-kept copies of the base's pod templates: they must not drift
     // (probes, limits, hardening, labels) beyond what the scale mode changes.
-    // The bus's likewise, but for its log and the probe that waits for it.
+    // The bus's likewise, but for its log; each with the probe that waits for
+    // its store.
     let (base, scale) = (manifests(), scale());
     for service in blog_local::postgres::database_services().chain([Service::EventBus]) {
         let mut expected = base.workload(service).unwrap().doc["spec"]["template"].clone();
         let mut actual = scale.workload(service).unwrap().doc["spec"]["template"].clone();
+        expected["metadata"]["labels"][MODE_LABEL] = "scale".into();
         let pod = expected["spec"].as_object_mut().unwrap();
         let security = pod["securityContext"].as_object_mut().unwrap();
         security.remove("fsGroup");
         security.remove("fsGroupChangePolicy");
         let container = &mut pod.get_mut("containers").unwrap()[0];
-        container["env"].as_array_mut().unwrap().retain(|e| e["name"] != "DATA_DIR");
+        container["env"].as_array_mut().unwrap().retain(|e| !["DATA_DIR", "DB_MAX_BYTES"].contains(&e["name"].as_str().unwrap()));
         container["volumeMounts"].as_array_mut().unwrap().retain(|m| m["name"] != "data");
         let spec = actual["spec"].as_object_mut().unwrap();
         spec.remove("topologySpreadConstraints");
@@ -767,9 +819,8 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
             .as_array_mut()
             .unwrap()
             .retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
-        if service == Service::EventBus {
-            container.as_object_mut().unwrap().remove("startupProbe");
-        }
+        // The scale mode waits for PostgreSQL or JetStream at start.
+        container.as_object_mut().unwrap().remove("startupProbe");
         assert_eq!(actual, expected, "{service}: the scale overlay's pod template drifted from the base's");
     }
 }
@@ -782,7 +833,12 @@ fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_ser
     assert_eq!(postgres.doc["spec"]["replicas"], 1);
     let image = postgres.image().unwrap();
     let tag = image.strip_prefix("postgres:").expect("the official image");
-    assert!(tag.split(['.', '-']).next().unwrap().parse::<u32>().unwrap() >= 17, "{image}: a current major version, pinned");
+    // A current major version, pinned to its minor release, on the suite's
+    // runtime Debian (trixie).
+    let (version, debian) = tag.split_once('-').unwrap_or_else(|| panic!("{image}: version-debian"));
+    let version: Vec<u32> = version.split('.').map(|n| n.parse().unwrap()).collect();
+    assert!(version.len() == 2 && version[0] >= 18, "{image}: major.minor, 18 or newer");
+    assert_eq!(debian, "trixie", "{image}");
     let (pod, container) = (postgres.pod, postgres.container);
     assert_eq!(postgres.run_as(), Some((999, 999)), "the image's own postgres user");
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
@@ -803,32 +859,56 @@ fn the_scale_overlays_postgres_is_hardened_pinned_and_creates_a_database_per_ser
     for scratch in ["/var/run/postgresql", "/tmp"] {
         assert!(backing(scratch).is_some_and(|v| v.get("emptyDir").is_some()), "{scratch} is an emptyDir");
     }
-    let data = backing("/var/lib/postgresql/data").expect("a data volume");
+    // The 18+ images' layout: the volume at /var/lib/postgresql, the data in
+    // a directory per major version inside it (the entrypoint refuses a
+    // volume at /var/lib/postgresql/data).
+    let data = backing("/var/lib/postgresql").expect("a data volume");
     assert_eq!(data["claim"], postgres.doc["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]);
+    assert!(backing("/var/lib/postgresql/data").is_none());
     let env = postgres.env().unwrap();
     let pgdata = env.iter().find(|(k, _)| k == "PGDATA").map(|(_, v)| v.as_str()).unwrap();
-    assert!(pgdata.starts_with("/var/lib/postgresql/data/"), "{pgdata}: a directory inside the volume, owned by postgres");
-    assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())));
+    assert_eq!(pgdata, format!("/var/lib/postgresql/{}/docker", version[0]), "a directory inside the volume, owned by postgres");
     assert_eq!(
-        postgres.secret_env(),
-        [k8s::SecretEnv { variable: "POSTGRES_PASSWORD".into(), secret: "blog-postgres".into(), key: "POSTGRES_PASSWORD".into() }]
+        container["lifecycle"]["preStop"]["exec"]["command"],
+        serde_json::json!(["pg_ctl", "stop", "--mode=fast", format!("--pgdata={pgdata}")])
     );
+    assert!(env.contains(&("POSTGRES_USER".to_owned(), blog_local::postgres::ROLE.to_owned())), "the superuser");
+    // The superuser's password, and each service's own role's, for the init script.
+    let mut expected_secrets =
+        vec![k8s::SecretEnv { variable: "POSTGRES_PASSWORD".into(), secret: "blog-postgres".into(), key: "POSTGRES_PASSWORD".into() }];
+    for service in blog_local::postgres::database_services() {
+        expected_secrets.push(k8s::SecretEnv {
+            variable: format!("{}_PASSWORD", service.name().to_uppercase()),
+            secret: format!("blog-postgres-{}", service.name()),
+            key: "PASSWORD".into(),
+        });
+    }
+    assert_eq!(postgres.secret_env(), expected_secrets);
     for probe in ["readinessProbe", "startupProbe", "livenessProbe"] {
         assert_eq!(container[probe]["exec"]["command"][0], "pg_isready", "{probe}");
     }
 
-    // The init script, run on first start: one database per data-owning service.
+    // The init script, run on first start: per data-owning service a role of
+    // its name, no superuser, with its own password, owning a database of its
+    // name that nobody else may open. (Run against a real PostgreSQL when this
+    // was written: each role opens its own database only.)
     let init = backing("/docker-entrypoint-initdb.d").expect("the init scripts are mounted");
     let config = scale.named("ConfigMap", init["configMap"]["name"].as_str().unwrap()).expect("the init ConfigMap");
-    let scripts: Vec<&str> = config["data"].as_object().unwrap().values().filter_map(Value::as_str).collect();
-    let created: Vec<String> = scripts
-        .iter()
-        .flat_map(|script| script.lines())
-        .filter_map(|line| line.trim().strip_prefix("CREATE DATABASE "))
-        .map(|name| name.trim_end_matches(';').to_owned())
-        .collect();
-    let expected: Vec<String> = blog_local::postgres::database_services().map(|s| s.name().to_owned()).collect();
-    assert_eq!(created, expected);
+    let [(file, script)]: [(&String, &Value); 1] = config["data"].as_object().unwrap().iter().collect::<Vec<_>>().try_into().unwrap();
+    let script = script.as_str().unwrap();
+    assert!(file.ends_with(".sh"), "{file}: a shell script, sourced by the entrypoint with the passwords in its environment");
+    let services: Vec<String> = blog_local::postgres::database_services().map(|s| s.name().to_owned()).collect();
+    assert!(script.starts_with(&format!("for service in {}; do\n", services.join(" "))), "{script}");
+    assert!(script.contains("variable=\"${service^^}_PASSWORD\""), "the variables the pod sets: {script}");
+    for statement in [
+        "CREATE ROLE :\"service\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION PASSWORD :'secret';",
+        "CREATE DATABASE :\"service\" OWNER :\"service\";",
+        "REVOKE ALL ON DATABASE :\"service\" FROM PUBLIC;",
+        "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;",
+    ] {
+        assert!(script.contains(statement), "{statement}");
+    }
+    assert!(script.contains("-v ON_ERROR_STOP=1") && script.contains("exit 1"), "a failure fails the first start");
 
     // A headless Service for the StatefulSet, a ClusterIP one for DATABASE_URL.
     let headless = scale.named("Service", postgres.doc["spec"]["serviceName"].as_str().unwrap()).expect("the governing Service");
@@ -849,7 +929,10 @@ fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
     assert!(!overlay.contains("secretGenerator"), "a generated Secret would commit its value");
     for (_, doc) in scale.documents() {
         let text = doc.to_string();
-        assert!(!text.contains("postgres://blog:") || text.contains("postgres://blog:$(PGPASSWORD)@"), "{text}");
+        for url in text.split("postgres://").skip(1) {
+            let credentials = url.split('@').next().unwrap();
+            assert!(credentials.ends_with(":$(PGPASSWORD)"), "a password only from a Secret: postgres://{url}");
+        }
         assert!(!text.to_lowercase().contains("password=") && !text.contains("\"POSTGRES_PASSWORD\",\"value\""), "{text}");
     }
     for (_, doc) in scale.documents().filter(|(_, d)| d["spec"]["template"].is_object()) {
@@ -868,6 +951,10 @@ fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
     let postgres = serde_json::to_string(&hooks[1]).unwrap();
     assert!(postgres.contains("create secret generic blog-postgres") && postgres.contains("POSTGRES_PASSWORD="), "{postgres}");
     assert!(postgres.contains("/dev/urandom") && postgres.contains("od -An -tx1"), "random, and hex: nothing to escape in a URL");
+    // And one per data service's role.
+    let services: Vec<&str> = blog_local::postgres::database_services().map(|s| s.name()).collect();
+    assert!(postgres.contains(&format!("for service in {}; do", services.join(" "))), "{postgres}");
+    assert!(postgres.contains("create secret generic \\\"blog-postgres-$service\\\"") && postgres.contains("PASSWORD="), "{postgres}");
     assert!(postgres.contains("$SKAFFOLD_KUBE_CONTEXT") && postgres.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{postgres}");
 }
 
@@ -1181,4 +1268,211 @@ fn the_scale_overlays_requests_fit_a_two_cpu_minikube_beside_its_control_plane()
     }
     assert!(millis <= 1_150, "CPU requests add up to {millis}m");
     assert!(bytes <= 1 << 30, "memory requests add up to {} Mi", bytes >> 20);
+}
+
+// Switching between the modes: neither `kubectl apply` nor skaffold prunes,
+// so a deploy of one mode must remove what only the other mode has, and no
+// Service may select the pods of both.
+
+/// The mode label on every pod of a workload that exists in one mode only,
+/// and in the selectors of the Services in front of them.
+const MODE_LABEL: &str = "blog/mode";
+
+/// `(kind, name)` of every object of `manifests`.
+fn objects(manifests: &Manifests) -> std::collections::BTreeSet<(String, String)> {
+    manifests
+        .documents()
+        .map(|(_, doc)| (doc["kind"].as_str().unwrap().to_owned(), doc["metadata"]["name"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+/// The `kind/name` arguments of the one `kubectl delete` in a deploy hook.
+fn deleted_by(hook: &Value) -> std::collections::BTreeSet<(String, String)> {
+    let script = hook["host"]["command"][2].as_str().expect("a sh -c hook");
+    let (_, arguments) = script.split_once("delete --ignore-not-found").expect("a kubectl delete that tolerates absence");
+    arguments
+        .split_whitespace()
+        .map(|argument| {
+            let (kind, name) = argument.split_once('/').unwrap_or_else(|| panic!("{argument}: not kind/name"));
+            (kind.to_owned(), name.to_owned())
+        })
+        .collect()
+}
+
+/// What a deploy of `to` must remove, having followed `from`: every object
+/// of `from` that `to` lacks (kinds as kubectl names them, in lower case).
+fn left_behind(from: &Manifests, to: &Manifests) -> std::collections::BTreeSet<(String, String)> {
+    objects(from).difference(&objects(to)).map(|(kind, name)| (kind.to_lowercase(), name.clone())).collect()
+}
+
+/// The deploy hook of the default mode, or of `profile`, that deletes objects.
+fn removal_hook(profile: Option<&str>) -> Value {
+    let config = skaffold();
+    let deploy = match profile {
+        None => config["deploy"].clone(),
+        Some(name) => config["profiles"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["deploy"].clone(),
+    };
+    let hooks = deploy["kubectl"]["hooks"]["before"].as_array().unwrap().clone();
+    let removals: Vec<Value> =
+        hooks.into_iter().filter(|h| h["host"]["command"][2].as_str().is_some_and(|s| s.contains("delete --ignore-not-found"))).collect();
+    let [hook] = removals.try_into().expect("one hook that deletes");
+    hook
+}
+
+#[test]
+fn each_modes_deploy_removes_what_only_the_other_mode_has() {
+    let (base, scale) = (manifests(), scale());
+    let to_scale = left_behind(&base, &scale);
+    let to_default = left_behind(&scale, &base);
+    // The SQLite StatefulSets give way to the scale mode's Deployments, and
+    // back: the same names, another kind.
+    for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+        assert!(to_scale.contains(&("statefulset".to_owned(), service.name().to_owned())), "{service}");
+        assert!(to_default.contains(&("deployment".to_owned(), service.name().to_owned())), "{service}");
+    }
+    assert_eq!(deleted_by(&removal_hook(Some("scale"))), to_scale, "skaffold run -p scale must remove exactly the base's leftovers");
+    assert_eq!(deleted_by(&removal_hook(None)), to_default, "skaffold run must remove exactly the scale mode's leftovers");
+    // The hooks act where skaffold deploys, after the Secrets are made.
+    for hook in [removal_hook(None), removal_hook(Some("scale"))] {
+        let script = hook["host"]["command"][2].as_str().unwrap();
+        assert!(script.contains("$SKAFFOLD_KUBE_CONTEXT") && script.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{script}");
+        assert!(script.contains("kubectl \"$@\" delete"), "{script}");
+    }
+    // The README's commands for `kubectl apply -k` users say the same.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap().replace("\\\n", " ");
+    let commands: Vec<std::collections::BTreeSet<(String, String)>> = readme
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("kubectl delete --ignore-not-found"))
+        .map(|rest| {
+            rest.split('#')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .map(|a| {
+                    let (kind, name) = a.split_once('/').unwrap_or_else(|| panic!("README: {a}: not kind/name"));
+                    (kind.to_owned(), name.to_owned())
+                })
+                .collect()
+        })
+        .collect();
+    assert!(commands.contains(&to_scale), "README: the switch to the scale mode, by hand");
+    assert!(commands.contains(&to_default), "README: the switch back to the default mode, by hand");
+}
+
+#[test]
+fn services_select_only_the_pods_of_their_own_mode() {
+    for (manifests, mode) in [(manifests(), "embedded"), (scale(), "scale")] {
+        for service in Service::ALL {
+            let found = manifests.named("Service", service.k8s_service()).unwrap();
+            let workload = manifests.workload(service).unwrap();
+            let labels = &workload.doc["spec"]["template"]["metadata"]["labels"];
+            if service.keeps_data() {
+                // A StatefulSet by default, a Deployment in the scale mode:
+                // after a switch, the old pods may linger until deleted.
+                assert_eq!(labels[MODE_LABEL], mode, "{service}: its pods say their mode");
+                let selector = serde_json::json!({ "app": service.name(), MODE_LABEL: mode });
+                assert_eq!(found["spec"]["selector"], selector, "{service}: only {mode} pods");
+            } else {
+                // The client is one Deployment in both modes: nothing to mix.
+                assert!(labels.get(MODE_LABEL).is_none(), "{service}");
+                assert_eq!(found["spec"]["selector"], serde_json::json!({ "app": service.name() }), "{service}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_statefulset_is_governed_by_a_headless_service_of_its_own_pods() {
+    // A StatefulSet's serviceName gives each pod its DNS name; it must be a
+    // headless Service. The ClusterIP Services the peers use stay as they are.
+    for manifests in [manifests(), scale()] {
+        let statefulsets: Vec<&Value> = manifests.of_kind("StatefulSet").collect();
+        assert!(!statefulsets.is_empty());
+        for statefulset in statefulsets {
+            let name = statefulset["metadata"]["name"].as_str().unwrap();
+            let governing = statefulset["spec"]["serviceName"].as_str().unwrap();
+            let service = manifests.named("Service", governing).unwrap_or_else(|| panic!("{name}: no Service {governing}"));
+            assert_eq!(service["spec"]["clusterIP"], "None", "{name}: {governing} must be headless");
+            let pods = &statefulset["spec"]["template"]["metadata"]["labels"];
+            for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+                assert_eq!(&pods[key], value, "{name}: {governing} selects its pods");
+            }
+        }
+        // The names the migration hook of skaffold.yaml expects.
+        for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+            if let Some(statefulset) = manifests.named("StatefulSet", service.name()) {
+                assert_eq!(statefulset["spec"]["serviceName"], format!("{}-headless", service.name()));
+            }
+        }
+        // `cargo xtask e2e-containers` names each container after the first
+        // Service that selects its app: that must be the ClusterIP one.
+        for service in Service::ALL {
+            let first = manifests.of_kind("Service").find(|s| s["spec"]["selector"]["app"] == service.name()).unwrap();
+            assert_eq!(first["metadata"]["name"], service.k8s_service(), "{service}: list the headless Service after it");
+        }
+        // No suite Service is headless but the governing ones.
+        for service in Service::ALL {
+            assert_eq!(manifests.named("Service", service.k8s_service()).unwrap()["spec"]["type"], "ClusterIP", "{service}");
+        }
+    }
+}
+
+#[test]
+fn the_default_deploy_remakes_a_statefulset_governed_by_an_older_service() {
+    // serviceName cannot change in place: skaffold's hook deletes a StatefulSet
+    // whose governing Service is not <name>-headless (its volume stays).
+    let hooks = serde_json::to_string(&skaffold()["deploy"]["kubectl"]["hooks"]["before"]).unwrap();
+    let names: Vec<&str> = Service::ALL.into_iter().filter(|s| s.keeps_data()).map(|s| s.name()).collect();
+    assert!(hooks.contains(&format!("for name in {}; do", names.join(" "))), "{hooks}");
+    assert!(hooks.contains("jsonpath='{.spec.serviceName}'") && hooks.contains("= \\\"$name-headless\\\" ]"), "{hooks}");
+    assert!(hooks.contains("delete statefulset \\\"$name\\\""), "{hooks}");
+}
+
+#[test]
+fn every_sqlite_database_is_capped_at_nine_tenths_of_its_volume_and_no_other_store() {
+    // README (Sizing): DB_MAX_BYTES at about 90 % of the volume, so the
+    // database answers 503 and turns unready before the filesystem fills.
+    let manifests = manifests();
+    for service in Service::ALL.into_iter().filter(|s| s.keeps_data()) {
+        let workload = manifests.workload(service).unwrap();
+        let claim = &workload.doc["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"];
+        let volume = k8s::parse_quantity(claim.as_str().unwrap()).unwrap();
+        let env = workload.env().unwrap();
+        let cap = env.iter().find(|(k, _)| k == "DB_MAX_BYTES").map(|(_, v)| v.parse::<u64>().unwrap());
+        assert_eq!(cap, Some(volume * 9 / 10), "{service}: 90 % of its {volume}-byte volume");
+    }
+    // The services refuse the cap where their data is not in SQLite
+    // (blog_domain::config::sqlite_cap): none in the scale mode.
+    let scale = scale();
+    for service in Service::ALL {
+        let env = scale.workload(service).unwrap().env().unwrap();
+        assert!(env.iter().all(|(k, _)| k != "DB_MAX_BYTES"), "{service}: DB_MAX_BYTES with PostgreSQL or JetStream is refused");
+    }
+}
+
+#[test]
+fn every_third_party_image_is_pinned_to_a_release() {
+    // postgres, nats, prometheus, grafana: a version tag (major.minor at
+    // least), never `latest` or a bare major that moves under a deploy.
+    let mut pending = vec![root().join("infrastructure")];
+    let mut images = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                images.extend(text.lines().filter_map(|l| l.trim().strip_prefix("image: ")).map(str::to_owned));
+            }
+        }
+    }
+    let third_party: Vec<&String> = images.iter().filter(|image| !image.starts_with("blog/")).collect();
+    assert!(third_party.len() >= 4, "{images:?}");
+    for image in third_party {
+        let (_, tag) = image.rsplit_once(':').unwrap_or_else(|| panic!("{image}: no tag"));
+        let version = tag.trim_start_matches('v').split('-').next().unwrap();
+        let parts: Vec<&str> = version.split('.').collect();
+        assert!(parts.len() >= 2 && parts.iter().all(|p| p.parse::<u32>().is_ok()), "{image}: pinned to a release");
+    }
 }

@@ -245,8 +245,8 @@ fn gateway_yaml(table: &RouteTable) -> String {
          # - /posts/{{id}}/comments needs a RegularExpression match, whose support,\n\
          #   syntax and precedence are implementation-specific (Envoy Gateway: RE2\n\
          #   over the whole path, tried before any PathPrefix).\n\
-         # - The live stream's rule lifts the request timeout (\"0s\": none); Envoy\n\
-         #   cuts every request at 15 s otherwise.\n\
+         # - The live streams' rules (server-sent events) lift the request timeout\n\
+         #   (\"0s\": none); Envoy cuts every request at 15 s otherwise.\n\
          # - Internal paths (/events, /status, /flow, /metrics, /healthz, /readyz)\n\
          #   have no rule of their own; through the catch-all they reach the client,\n\
          #   which answers its own internal routes only to unproxied requests.\n\

@@ -24,12 +24,16 @@ pub struct Route {
     pub streaming: bool,
 }
 
-/// The original app's four routes, plus the read side's live update stream
-/// (server-sent events), which the `/posts` prefix would reach anyway but is
-/// named here so the Ingress documents it.
+/// The original app's four routes, plus the two server-sent event streams
+/// the browser opens: the read side's live updates (`/posts/stream`, which
+/// the `/posts` prefix would reach anyway) and the client's own window on
+/// the bus (`/api/flow`, which the catch-all would reach). Each is named here
+/// so that every proxy generated from this table keeps it open: unbuffered
+/// and without a request timeout.
 pub const ROUTES: &[Route] = &[
     Route { path: "/posts/create", service: Service::Posts, streaming: false },
     Route { path: "/posts/stream", service: Service::Query, streaming: true },
+    Route { path: "/api/flow", service: Service::Client, streaming: true },
     Route { path: "/posts/?(.*)/comments", service: Service::Comments, streaming: false },
     Route { path: "/posts", service: Service::Query, streaming: false },
     Route { path: "/?(.*)", service: Service::Client, streaming: false },
@@ -92,12 +96,14 @@ mod tests {
         assert_eq!(target("/"), Service::Client);
         assert_eq!(target("/app.js"), Service::Client);
         assert_eq!(target("/events"), Service::Client);
+        assert_eq!(target("/api/flow"), Service::Client);
+        assert_eq!(target("/api/status"), Service::Client);
     }
 
     #[test]
     fn evaluation_order_is_longest_first() {
         let order: Vec<_> = RouteTable::standard().ordered().map(|r| r.path).collect();
-        assert_eq!(order, ["/posts/?(.*)/comments", "/posts/stream", "/posts/create", "/posts", "/?(.*)"]);
+        assert_eq!(order, ["/posts/?(.*)/comments", "/posts/stream", "/posts/create", "/api/flow", "/posts", "/?(.*)"]);
     }
 
     #[test]
