@@ -406,10 +406,10 @@ impl TestSuite {
         if signal == Signal::KILL && !self.suite().supervisor.wait_restarted(name, old, DEADLINE).await {
             panic!("{name} was not restarted\n{}", self.logs());
         }
-        if signal == Signal::KILL {
-            if let Some(url) = self.process_url(name) {
-                self.wait_ready_at(name, &url).await;
-            }
+        if signal == Signal::KILL
+            && let Some(url) = self.process_url(name)
+        {
+            self.wait_ready_at(name, &url).await;
         }
     }
 

@@ -77,10 +77,10 @@ pub fn init(service: &str) {
 /// Sends what is still batched to the collector (called once the service
 /// stopped, outside its runtime).
 pub fn shutdown() {
-    if let Some(provider) = EXPORT.get() {
-        if let Err(e) = provider.shutdown() {
-            eprintln!("flushing spans to the collector failed: {e}");
-        }
+    if let Some(provider) = EXPORT.get()
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("flushing spans to the collector failed: {e}");
     }
 }
 
