@@ -1,5 +1,5 @@
 //! A throwaway PostgreSQL server for tests (feature `testing`): Debian's
-//! binaries (`/usr/lib/postgresql/<version>/bin`, or `PG_BIN`), `initdb` in a
+//! binaries (`/usr/lib/postgresql/<version>/bin`, or `BLOG_POSTGRES_BIN`), `initdb` in a
 //! temporary directory, listening on 127.0.0.1 on a free port, run as the
 //! `postgres` account when the tests run as root (PostgreSQL refuses root).
 //!
@@ -41,7 +41,7 @@ pub fn shared() -> Option<Arc<TestServer>> {
     }
     let Some(bin) = binaries() else {
         assert!(std::env::var_os("CI").is_none(), "PostgreSQL's binaries are missing; CI must run the PostgreSQL tests");
-        eprintln!("skipped: no PostgreSQL binaries (set PG_BIN or install postgresql)");
+        eprintln!("skipped: no PostgreSQL binaries (set BLOG_POSTGRES_BIN or install postgresql)");
         return None;
     };
     let server = Arc::new(TestServer::start(&bin).unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}")));
@@ -51,7 +51,7 @@ pub fn shared() -> Option<Arc<TestServer>> {
 
 /// The directory of `initdb` and `postgres`.
 fn binaries() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("PG_BIN") {
+    if let Some(bin) = std::env::var_os("BLOG_POSTGRES_BIN") {
         return Some(PathBuf::from(bin));
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -112,7 +112,7 @@ impl TestServer {
     pub fn own() -> Option<Self> {
         let Some(bin) = binaries() else {
             assert!(std::env::var_os("CI").is_none(), "PostgreSQL's binaries are missing; CI must run the PostgreSQL tests");
-            eprintln!("skipped: no PostgreSQL binaries (set PG_BIN or install postgresql)");
+            eprintln!("skipped: no PostgreSQL binaries (set BLOG_POSTGRES_BIN or install postgresql)");
             return None;
         };
         Some(Self::start(&bin).unwrap_or_else(|e| panic!("cannot start PostgreSQL: {e}")))
