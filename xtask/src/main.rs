@@ -157,6 +157,13 @@ fn main() -> ExitCode {
 
 pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
+/// Fails on any argument the command did not take (a typo such as
+/// `--chek` must not run the command as if it were absent).
+pub fn no_more_arguments(args: pico_args::Arguments) -> Result {
+    let rest = args.finish();
+    if rest.is_empty() { Ok(()) } else { Err(format!("unexpected arguments: {rest:?}").into()) }
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
@@ -216,10 +223,7 @@ fn test(args: pico_args::Arguments) -> Result {
 fn bench(mut args: pico_args::Arguments) -> Result {
     let lag_only = args.contains("--lag");
     let replicas: usize = args.opt_value_from_str("--scale")?.unwrap_or(1);
-    let rest = args.finish();
-    if !rest.is_empty() {
-        return Err(format!("unexpected arguments: {rest:?}").into());
-    }
+    crate::no_more_arguments(args)?;
     if replicas > 1 {
         blog_local::postgres::ensure_installed()?;
         blog_local::nats::ensure_installed()?;
@@ -280,5 +284,14 @@ mod tests {
         }
         assert!(help(Some("images")).contains("--profile NAME"));
         assert!(help(Some("e2e-containers")).contains("--stop-engine"));
+    }
+
+    #[test]
+    fn an_argument_a_command_did_not_take_is_an_error() {
+        let mut taken = pico_args::Arguments::from_vec(args(&["--check", "--chek"]));
+        assert!(taken.contains("--check"));
+        let refused = no_more_arguments(taken).unwrap_err().to_string();
+        assert!(refused.contains("--chek"), "{refused}");
+        no_more_arguments(pico_args::Arguments::from_vec(args(&[]))).unwrap();
     }
 }

@@ -24,10 +24,7 @@ pub fn run(mut args: pico_args::Arguments) -> crate::Result {
     let replicas: usize = args.opt_value_from_str("--scale")?.unwrap_or(1);
     let postgres_port: u16 = args.opt_value_from_str("--postgres-port")?.unwrap_or(POSTGRES_PORT);
     let release = args.contains("--release");
-    let rest = args.finish();
-    if !rest.is_empty() {
-        return Err(format!("unexpected arguments: {rest:?}").into());
-    }
+    crate::no_more_arguments(args)?;
     if !(1..=MAX_REPLICAS).contains(&replicas) {
         return Err(format!("--scale takes 1 to {MAX_REPLICAS} replicas").into());
     }
