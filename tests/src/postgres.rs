@@ -128,6 +128,12 @@ mod tests {
                 let database_url = env.iter().find_map(|v| v.strip_prefix("DATABASE_URL="));
                 let event_store = env.iter().find_map(|v| v.strip_prefix("EVENT_STORE="));
                 assert_eq!(event_store, (service == Service::EventBus).then(|| nats.url()).as_deref(), "{name}");
+                // Only the bus is a user of the NATS nodes, with this run's password.
+                let nats_user = env.iter().find_map(|v| v.strip_prefix("NATS_USER="));
+                let nats_password = env.iter().find_map(|v| v.strip_prefix("NATS_PASSWORD="));
+                let bus = service == Service::EventBus;
+                assert_eq!(nats_user, bus.then_some(blog_local::nats::BUS_USER), "{name}");
+                assert_eq!(nats_password, bus.then_some(nats.password()), "{name}");
                 if database_services().any(|s| s == service) {
                     assert_eq!(database_url, Some(postgres.url(service.name()).as_str()), "{name}");
                 } else {
@@ -179,7 +185,20 @@ mod tests {
             assert_eq!(answer.status(), 200);
         }
 
+        // The suite's NATS nodes let in no anonymous client, and the
+        // password is in no service's log (the bus's included).
+        for node in nats.nodes() {
+            let answer = blog_local::nats::answer_to_connect(node.client, None, "PUB blog.events 2\r\n{}\r\n").unwrap();
+            assert_eq!(answer, "-ERR 'Authorization Violation'", "node on {}", node.client);
+        }
         suite.stop().await;
+        let mut logs = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "log")) {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(!text.contains(nats.password()), "the NATS password is in {}", entry.path().display());
+            logs += 1;
+        }
+        assert!(logs > Service::ALL.len(), "every process's log was read ({logs})");
         let left: Vec<_> = std::fs::read_dir(&data)
             .unwrap()
             .flatten()

@@ -760,6 +760,13 @@ fn in_the_scale_overlay_the_bus_is_two_replicas_on_every_nats_server_with_nothin
     assert_eq!(store, k8s::nats_event_store(), "every NATS server, by the headless Service's names");
     // The bus makes its stream with one replica per server named.
     assert_eq!(store.trim_start_matches("nats://").split(',').count(), blog_local::nats::NODES);
+    // It is a user of the servers, its password from the Secret, not in the address.
+    assert!(env.contains(&("NATS_USER".to_owned(), blog_local::nats::BUS_USER.to_owned())));
+    assert!(!store.contains('@'), "{store}: no credentials in the address");
+    assert_eq!(
+        bus.secret_env().into_iter().filter(|s| s.secret == k8s::NATS_SECRET).collect::<Vec<_>>(),
+        [k8s::SecretEnv { variable: "NATS_PASSWORD".into(), secret: k8s::NATS_SECRET.into(), key: "NATS_PASSWORD".into() }]
+    );
     let nats = scale.workload_named(k8s::NATS).unwrap();
     assert_eq!(nats.doc["spec"]["replicas"], blog_local::nats::NODES, "a server for each name");
     // It reaches JetStream before it serves: a startup probe holds liveness off.
@@ -815,10 +822,9 @@ fn the_scale_overlays_deployments_keep_the_base_pod_templates_but_for_the_databa
         let spec = actual["spec"].as_object_mut().unwrap();
         spec.remove("topologySpreadConstraints");
         let container = &mut spec.get_mut("containers").unwrap()[0];
-        container["env"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|e| !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE"].contains(&e["name"].as_str().unwrap()));
+        container["env"].as_array_mut().unwrap().retain(|e| {
+            !["PGPASSWORD", "DATABASE_URL", "EVENT_STORE", "NATS_USER", "NATS_PASSWORD"].contains(&e["name"].as_str().unwrap())
+        });
         // The scale mode waits for PostgreSQL or JetStream at start.
         container.as_object_mut().unwrap().remove("startupProbe");
         assert_eq!(actual, expected, "{service}: the scale overlay's pod template drifted from the base's");
@@ -956,6 +962,11 @@ fn the_scale_mode_commits_no_password_and_its_profile_makes_one() {
     assert!(postgres.contains(&format!("for service in {}; do", services.join(" "))), "{postgres}");
     assert!(postgres.contains("create secret generic \\\"blog-postgres-$service\\\"") && postgres.contains("PASSWORD="), "{postgres}");
     assert!(postgres.contains("$SKAFFOLD_KUBE_CONTEXT") && postgres.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{postgres}");
+    // The same hook makes the NATS password.
+    let nats = postgres;
+    assert!(nats.contains(&format!("create secret generic {}", k8s::NATS_SECRET)), "{nats}");
+    assert!(nats.contains("NATS_PASSWORD=\\\"n$(head -c 32 /dev/urandom | od -An -tx1"), "a letter first, NATS reads a string: {nats}");
+    assert!(nats.contains("$SKAFFOLD_KUBE_CONTEXT") && nats.contains("${SKAFFOLD_NAMESPACES%%,*}"), "{nats}");
 }
 
 #[test]
@@ -1054,9 +1065,27 @@ fn the_scale_overlays_nats_config_agrees_with_its_pods_services_and_the_bus() {
     assert_eq!(one("listen"), format!("0.0.0.0:{}", k8s::NATS_CLIENT_PORT));
     assert_eq!(one("cluster.listen"), format!("0.0.0.0:{}", k8s::NATS_CLUSTER_PORT));
     assert_eq!(one("http"), format!("0.0.0.0:{}", k8s::NATS_MONITOR_PORT));
-    let routes: Vec<String> =
-        (0..blog_local::nats::NODES).map(|i| format!("nats://{}:{}", k8s::nats_pod_host(i), k8s::NATS_CLUSTER_PORT)).collect();
-    assert_eq!(settings["cluster.routes"], routes, "a route to every server by its stable name");
+    // No anonymous client: the bus's user, and the routes' own, with the
+    // password from the Secret; each route names the routes' user in its URL.
+    assert_eq!((one("authorization.user"), one("authorization.password")), (blog_local::nats::BUS_USER, "$NATS_PASSWORD"));
+    assert_eq!(
+        (one("cluster.authorization.user"), one("cluster.authorization.password")),
+        (blog_local::nats::ROUTE_USER, "$NATS_PASSWORD")
+    );
+    assert_eq!(
+        nats.secret_env(),
+        [k8s::SecretEnv { variable: "NATS_PASSWORD".into(), secret: k8s::NATS_SECRET.into(), key: "NATS_PASSWORD".into() }]
+    );
+    let (password_at, _) = env_entry(nats.container, "NATS_PASSWORD").unwrap();
+    let variables: Vec<String> = (0..blog_local::nats::NODES).map(|i| format!("$NATS_ROUTE_{i}")).collect();
+    assert_eq!(settings["cluster.routes"], variables, "a route to every server");
+    for i in 0..blog_local::nats::NODES {
+        let (at, route) = env_entry(nats.container, &format!("NATS_ROUTE_{i}")).expect("the route's URL");
+        let expected =
+            format!("nats://{}:$(NATS_PASSWORD)@{}:{}", blog_local::nats::ROUTE_USER, k8s::nats_pod_host(i), k8s::NATS_CLUSTER_PORT);
+        assert_eq!(route["value"], Value::from(expected), "route {i}: by its stable name");
+        assert!(password_at < at, "the kubelet expands $(NATS_PASSWORD) only from variables listed before");
+    }
     assert_eq!(nats.doc["spec"]["replicas"], blog_local::nats::NODES);
     assert_eq!(nats.doc["spec"]["serviceName"], k8s::NATS_HEADLESS_SERVICE, "the names the routes use");
 
@@ -1194,7 +1223,17 @@ fn the_scale_overlays_nats_config_is_one_nats_server_accepts() {
     let check = |text: &str| {
         let file = dir.path().join("nats.conf");
         std::fs::write(&file, text).unwrap();
-        let output = std::process::Command::new(&server).arg("-c").arg(&file).arg("-t").env("POD_NAME", "nats-0").output().unwrap();
+        let mut command = std::process::Command::new(&server);
+        command.arg("-c").arg(&file).arg("-t").env("POD_NAME", "nats-0");
+        // As the kubelet gives them: a password as skaffold's hook makes one
+        // ("n" and hex, so NATS reads it as a string), routes naming it.
+        let password = format!("n{}", "0123456789abcdef".repeat(4));
+        command.env("NATS_PASSWORD", &password);
+        for i in 0..blog_local::nats::NODES {
+            let route = format!("nats://{}:{password}@{}:{}", blog_local::nats::ROUTE_USER, k8s::nats_pod_host(i), k8s::NATS_CLUSTER_PORT);
+            command.env(format!("NATS_ROUTE_{i}"), route);
+        }
+        let output = command.output().unwrap();
         (output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr)))
     };
     let (valid, said) = check(&conf);
@@ -1202,6 +1241,9 @@ fn the_scale_overlays_nats_config_is_one_nats_server_accepts() {
     // The check can fail: a misspelt setting is refused.
     let (valid, said) = check(&conf.replace("sync_interval", "sync_intervall"));
     assert!(!valid && said.contains("sync_intervall"), "{said}");
+    // Variables are resolved: a password nobody provides is refused.
+    let (valid, said) = check(&conf.replace("$NATS_PASSWORD", "$NATS_PASSWORD_UNSET"));
+    assert!(!valid && said.contains("NATS_PASSWORD_UNSET"), "{said}");
 }
 
 #[test]

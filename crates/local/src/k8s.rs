@@ -482,6 +482,10 @@ pub const NATS_HEADLESS_SERVICE: &str = "nats-headless";
 /// The ClusterIP Service on NATS's client port, for tools.
 pub const NATS_SERVICE: &str = "nats-srv";
 
+/// The Secret holding the NATS servers' password (key `NATS_PASSWORD`),
+/// which the bus (user [`crate::nats::BUS_USER`]) and the routes give.
+pub const NATS_SECRET: &str = "blog-nats";
+
 /// The stable DNS name of NATS server `i` (from 0, as StatefulSets count).
 pub fn nats_pod_host(i: usize) -> String {
     format!("{NATS}-{i}.{NATS_HEADLESS_SERVICE}")

@@ -60,6 +60,9 @@ pub struct Options {
     /// The ports of the suite's own NATS nodes, when it runs them (scaled out):
     /// the bus's replicas share the log in their JetStream.
     pub nats: Vec<nats::NodePorts>,
+    /// The NATS nodes' password of this run, given to the bus's replicas
+    /// (`NATS_PASSWORD`, user [`nats::BUS_USER`]) when there are nodes.
+    pub nats_password: String,
 }
 
 /// The supervisor's name for replica `i` (from 1) of `service`; its pid file is `<name>.pid`.
@@ -81,6 +84,7 @@ impl Options {
             replicas: BTreeMap::new(),
             postgres_port: None,
             nats: Vec::new(),
+            nats_password: fresh_secret(),
         }
     }
 
@@ -142,6 +146,8 @@ impl Options {
             && let Some(url) = self.event_store()
         {
             env.push(("EVENT_STORE".to_owned(), url));
+            env.push(("NATS_USER".to_owned(), nats::BUS_USER.to_owned()));
+            env.push(("NATS_PASSWORD".to_owned(), self.nats_password.clone()));
         }
         env.extend(self.env.iter().filter(|(s, _, _)| *s == service).map(|(_, k, v)| (k.clone(), v.clone())));
         env
@@ -172,8 +178,9 @@ pub fn async_workers(service: Service, inherited: Option<String>) -> Option<Stri
     inherited.or_else(|| (service != Service::Query).then(|| "1".to_owned()))
 }
 
-/// A secret for one run, from the OS's random source (v4 UUIDs): 244 random bits.
-fn fresh_secret() -> String {
+/// A secret for one run, from the OS's random source (v4 UUIDs): 244 random
+/// bits in hex (nothing to escape in a URL or a configuration file).
+pub(crate) fn fresh_secret() -> String {
     format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
@@ -231,7 +238,7 @@ impl Suite {
         // JetStream): the services' ports, chosen before, are taken soonest.
         let nats = match options.nats.as_slice() {
             [] => None,
-            nodes => match nats::Nats::prepare(&options.data_dir, nodes.to_vec()) {
+            nodes => match nats::Nats::prepare(&options.data_dir, nodes.to_vec(), &options.nats_password) {
                 Ok(nats) => {
                     for spec in nats.processes() {
                         supervisor.add(spec);

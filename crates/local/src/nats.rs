@@ -18,6 +18,14 @@
 //! relying on the replicas for durability. Ours sets `sync_interval: always`,
 //! so an acknowledged event is on the disk of a quorum, the promise the
 //! embedded log makes on one node.
+//!
+//! Access: a node takes no anonymous client. The bus connects as [`BUS_USER`]
+//! and the nodes' routes as [`ROUTE_USER`], both with the cluster's password:
+//! a fresh random one per launch, written into each node's configuration
+//! (readable by its owner only) and given to the bus's replicas as
+//! `NATS_PASSWORD`. Anyone else who reaches a port on 127.0.0.1 gets
+//! `-ERR 'Authorization Violation'`, so cannot publish into the bus's stream
+//! or rewrite its key-value buckets.
 
 use std::{
     io,
@@ -37,6 +45,10 @@ pub const NODES: usize = 3;
 pub const BIN_ENV: &str = "BLOG_NATS_SERVER";
 /// The oldest server we run: key-value and consumer features the bus uses.
 const MIN_VERSION: (u32, u32) = (2, 10);
+/// The user the bus connects as (`NATS_USER`), its password being the cluster's.
+pub const BUS_USER: &str = "blog-bus";
+/// The user the nodes' routes connect to each other as, with the same password.
+pub const ROUTE_USER: &str = "blog-route";
 /// How long a starting cluster may take to elect its JetStream meta leader.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -65,25 +77,43 @@ impl NodePorts {
     }
 }
 
-/// A prepared cluster: the binary, the data directory and each node's ports.
-#[derive(Debug, Clone)]
+/// A prepared cluster: the binary, the data directory, each node's ports and
+/// the password of its users.
+#[derive(Clone)]
 pub struct Nats {
     bin: PathBuf,
     data_dir: PathBuf,
     nodes: Vec<NodePorts>,
+    password: String,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats").field("bin", &self.bin).field("data_dir", &self.data_dir).field("nodes", &self.nodes).finish_non_exhaustive()
+    }
 }
 
 impl Nats {
-    /// Finds (or installs) the server and writes each node's configuration;
-    /// starts nothing (see [`Nats::processes`]).
-    pub fn prepare(data_dir: &Path, nodes: Vec<NodePorts>) -> io::Result<Self> {
+    /// Finds (or installs) the server and writes each node's configuration,
+    /// requiring `password` of [`BUS_USER`] and [`ROUTE_USER`] (letters and
+    /// digits: it goes into the routes' URLs as it is); starts nothing (see
+    /// [`Nats::processes`]).
+    pub fn prepare(data_dir: &Path, nodes: Vec<NodePorts>, password: &str) -> io::Result<Self> {
+        if password.is_empty() || !password.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "the NATS password must be letters and digits"));
+        }
         let bin = ensure_installed()?;
         std::fs::create_dir_all(data_dir)?;
-        let nats = Self { bin, data_dir: data_dir.to_owned(), nodes };
+        let nats = Self { bin, data_dir: data_dir.to_owned(), nodes, password: password.to_owned() };
         for i in 1..=nats.nodes.len() {
-            std::fs::write(nats.config_path(i), nats.config(i))?;
+            crate::postgres::write_private(&nats.config_path(i), &nats.config(i))?;
         }
         Ok(nats)
+    }
+
+    /// The password of [`BUS_USER`] (and of the routes).
+    pub fn password(&self) -> &str {
+        &self.password
     }
 
     fn config_path(&self, i: usize) -> PathBuf {
@@ -91,8 +121,9 @@ impl Nats {
     }
 
     /// Node `i`'s configuration. Strings are written as JSON strings, which
-    /// NATS's configuration format reads as they are.
-    fn config(&self, i: usize) -> String {
+    /// NATS's configuration format reads as they are. The password is in it:
+    /// the file is its owner's only.
+    pub fn config(&self, i: usize) -> String {
         let ports = self.nodes[i - 1];
         let quote = |s: &str| serde_json::Value::from(s).to_string();
         let routes: Vec<String> = self
@@ -100,13 +131,16 @@ impl Nats {
             .iter()
             .enumerate()
             .filter(|(j, _)| j + 1 != i)
-            .map(|(_, other)| quote(&format!("nats-route://127.0.0.1:{}", other.cluster)))
+            .map(|(_, other)| quote(&format!("nats-route://{ROUTE_USER}:{}@127.0.0.1:{}", self.password, other.cluster)))
             .collect();
         let store_dir = self.data_dir.join(process_name(i));
         let mut config = format!(
             "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\nhttp: \"127.0.0.1:{monitor}\"\n\
+             authorization {{\n  user: {user}\n  password: {password}\n}}\n\
              jetstream {{\n  store_dir: {store}\n  sync_interval: always\n}}\n",
             name = quote(&process_name(i)),
+            user = quote(BUS_USER),
+            password = quote(&self.password),
             client = ports.client,
             monitor = ports.monitor,
             store = quote(&store_dir.display().to_string()),
@@ -114,8 +148,10 @@ impl Nats {
         // One node is a standalone server: a cluster of one never elects a JetStream leader.
         if self.nodes.len() > 1 {
             config.push_str(&format!(
-                "cluster {{\n  name: \"blog\"\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                "cluster {{\n  name: \"blog\"\n  listen: \"127.0.0.1:{}\"\n  authorization {{\n    user: {}\n    password: {}\n  }}\n  routes: [{}]\n}}\n",
                 ports.cluster,
+                quote(ROUTE_USER),
+                quote(&self.password),
                 routes.join(", ")
             ));
         }
@@ -172,15 +208,41 @@ pub fn url_of(nodes: &[NodePorts]) -> String {
     format!("nats://{}", addresses.join(","))
 }
 
+/// What the node listening on `port` answers a client that says CONNECT, as
+/// `credentials` (user, password) or anonymously with `None`, then sends
+/// `then` (raw protocol, e.g. a `PUB`) and a PING: `PONG` once let in, else
+/// the server's `-ERR …` line. It speaks the protocol itself, so no client
+/// library's retries hide the answer; for tests and checks.
+pub fn answer_to_connect(port: u16, credentials: Option<(&str, &str)>, then: &str) -> io::Result<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut info = String::new();
+    reader.read_line(&mut info)?;
+    if !info.starts_with("INFO ") {
+        return Err(io::Error::other(format!("expected INFO, got {info:?}")));
+    }
+    let mut connect = serde_json::json!({ "verbose": false, "pedantic": false, "name": "answer_to_connect" });
+    if let Some((user, password)) = credentials {
+        connect["user"] = user.into();
+        connect["pass"] = password.into();
+    }
+    (&stream).write_all(format!("CONNECT {connect}\r\n{then}PING\r\n").as_bytes())?;
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
+}
+
 /// `count` nodes on free ports of 127.0.0.1, for tests and benchmarks.
 pub fn free_nodes(count: usize) -> Vec<NodePorts> {
     (0..count).map(|_| NodePorts { client: free_port(), cluster: free_port(), monitor: free_port() }).collect()
 }
 
-/// Prepares the cluster under `data_dir`, runs its nodes under `supervisor`
-/// and waits until JetStream is ready on every node.
-pub async fn start(supervisor: &mut Supervisor, data_dir: &Path, nodes: Vec<NodePorts>) -> io::Result<Nats> {
-    let nats = Nats::prepare(data_dir, nodes)?;
+/// Prepares the cluster under `data_dir` with `password`, runs its nodes
+/// under `supervisor` and waits until JetStream is ready on every node.
+pub async fn start(supervisor: &mut Supervisor, data_dir: &Path, nodes: Vec<NodePorts>, password: &str) -> io::Result<Nats> {
+    let nats = Nats::prepare(data_dir, nodes, password)?;
     for spec in nats.processes() {
         supervisor.add(spec);
     }
@@ -201,10 +263,11 @@ impl Cluster {
         Self::start_nodes(data_dir, NODES, log).await
     }
 
-    /// Starts `count` nodes (1 for a single-node JetStream).
+    /// Starts `count` nodes (1 for a single-node JetStream), with a fresh password.
     pub async fn start_nodes(data_dir: &Path, count: usize, log: LogSink) -> io::Result<Self> {
         let nodes = free_nodes(count);
-        let (nats, supervisor) = Supervisor::owning(data_dir.to_owned(), log, async |s| start(s, data_dir, nodes).await).await?;
+        let password = crate::fresh_secret();
+        let (nats, supervisor) = Supervisor::owning(data_dir.to_owned(), log, async |s| start(s, data_dir, nodes, &password).await).await?;
         Ok(Self { nats, supervisor })
     }
 
@@ -320,6 +383,22 @@ mod tests {
             pids.push(pid);
         }
         assert_eq!(cluster.nats.url().matches("127.0.0.1:").count(), NODES);
+        // No anonymous client, wrong password or anonymous route is let in;
+        // the bus's user is. The password is only in files their owner reads.
+        let password = cluster.nats.password();
+        assert_eq!(password.len(), 64, "a fresh 244-bit secret");
+        for (i, node) in cluster.nats.nodes().iter().enumerate() {
+            use std::os::unix::fs::PermissionsExt;
+            let config = dir.path().join(format!("nats-{}.conf", i + 1));
+            assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600, "{}", config.display());
+            assert!(std::fs::read_to_string(&config).unwrap().contains(password));
+            let refused = "-ERR 'Authorization Violation'";
+            assert_eq!(answer_to_connect(node.client, None, "").unwrap(), refused, "anonymous, node {i}");
+            assert_eq!(answer_to_connect(node.client, Some((BUS_USER, "wrong")), "").unwrap(), refused, "a wrong password");
+            assert_eq!(answer_to_connect(node.client, Some((ROUTE_USER, password)), "").unwrap(), refused, "the routes' user");
+            assert_eq!(answer_to_connect(node.client, Some((BUS_USER, password)), "").unwrap(), "PONG", "the bus");
+            assert_eq!(answer_to_connect(node.cluster, None, "").unwrap(), refused, "an anonymous route");
+        }
         // Every node syncs each write to disk (its `/varz` says so), not every two minutes.
         let http = blog_kit::http::client::http_client(Duration::from_secs(5));
         for node in cluster.nats.nodes() {

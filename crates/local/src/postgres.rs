@@ -398,7 +398,7 @@ fn init_cluster(bin: &Path, cluster: &Path, data_dir: &Path, password: &str, run
 }
 
 /// Writes `contents` to a new file only its owner may read.
-fn write_private(path: &Path, contents: &str) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let _ = std::fs::remove_file(path);
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;

@@ -67,6 +67,9 @@ pub struct Config {
     pub db_max_bytes: Option<u64>,
     /// `EVENT_STORE`: `nats://host:port[,…]` keeps the log in JetStream; unset, in `DATA_DIR`.
     pub event_store: Option<String>,
+    /// `NATS_USER` and `NATS_PASSWORD`: who the bus is to the JetStream
+    /// servers (both or neither; the suite's servers refuse anonymous clients).
+    pub nats_credentials: Option<log::jetstream::Credentials>,
     /// This replica's name in the delivery leases: `<HOSTNAME or 127.0.0.1>:<PORT>`.
     pub replica: String,
 }
@@ -91,7 +94,32 @@ impl Config {
             internal_secret: InternalSecret::from_env()?,
             db_max_bytes: config::sqlite_cap(config::db_max_bytes()?, event_store.as_ref().map(|_| "EVENT_STORE"))?,
             event_store,
+            nats_credentials: nats_credentials(std::env::var(NATS_USER_ENV).ok(), std::env::var(NATS_PASSWORD_ENV).ok())?,
         })
+    }
+}
+
+/// Who the bus is to NATS, and its password.
+pub const NATS_USER_ENV: &str = "NATS_USER";
+pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
+
+/// `NATS_USER` and `NATS_PASSWORD`: both set, or neither. The password is
+/// never repeated in an error.
+fn nats_credentials(user: Option<String>, password: Option<String>) -> Result<Option<log::jetstream::Credentials>, ConfigError> {
+    let set = |v: Option<String>| v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    match (set(user), set(password)) {
+        (None, None) => Ok(None),
+        (Some(user), Some(password)) => Ok(Some(log::jetstream::Credentials::new(user, password))),
+        (Some(user), None) => Err(ConfigError {
+            name: NATS_PASSWORD_ENV.into(),
+            value: String::new(),
+            reason: format!("{NATS_USER_ENV} ({user}) is set: the password of that user is needed too"),
+        }),
+        (None, Some(_)) => Err(ConfigError {
+            name: NATS_USER_ENV.into(),
+            value: String::new(),
+            reason: format!("{NATS_PASSWORD_ENV} is set: the user it belongs to is needed too"),
+        }),
     }
 }
 
@@ -101,7 +129,10 @@ fn event_store(value: Option<String>) -> Result<Option<String>, ConfigError> {
         None => Ok(None),
         Some(url) => match log::jetstream::parse_servers(url.trim()) {
             Ok(_) => Ok(Some(url.trim().to_owned())),
-            Err(reason) => Err(ConfigError { name: "EVENT_STORE".into(), value: url, reason }),
+            // An address with a user or password in it is not repeated.
+            Err(reason) => {
+                Err(ConfigError { name: "EVENT_STORE".into(), value: if url.contains('@') { "<hidden>".into() } else { url }, reason })
+            }
         },
     }
 }
@@ -161,7 +192,7 @@ const SHUTDOWN_SAVE_WAIT: Duration = Duration::from_secs(2);
 
 pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), BoxError> {
     let (store, log) = match &config.event_store {
-        Some(url) => (None, EventLog::open_jetstream(url, &config.replica, shutdown.clone()).await?),
+        Some(url) => (None, EventLog::open_jetstream(url, config.nats_credentials.as_ref(), &config.replica, shutdown.clone()).await?),
         None => {
             let store = Store::open_capped(&config.data_dir, Service::EventBus.name(), log::MIGRATIONS, config.db_max_bytes)?;
             (Some(store.clone()), EventLog::open(store).await?)
@@ -575,5 +606,20 @@ mod tests {
         for bad in [0, MAX_BATCH as u32 + 1] {
             assert_eq!(delivery_batch(bad).unwrap_err().name, "DELIVERY_BATCH");
         }
+    }
+
+    #[test]
+    fn nats_credentials_come_in_pairs_and_errors_never_repeat_a_password() {
+        let some = |v: &str| Some(v.to_owned());
+        assert!(nats_credentials(None, None).unwrap().is_none());
+        assert!(nats_credentials(some(" "), some("")).unwrap().is_none(), "empty is unset");
+        assert_eq!(nats_credentials(some("blog-bus"), some("hunter2")).unwrap().unwrap().user(), "blog-bus");
+        assert_eq!(nats_credentials(some("blog-bus"), None).unwrap_err().name, NATS_PASSWORD_ENV);
+        let error = nats_credentials(None, some("hunter2")).unwrap_err();
+        assert_eq!(error.name, NATS_USER_ENV);
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = event_store(some("nats://u:hunter2@127.0.0.1:4222")).unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        assert_eq!(event_store(some("nats://127.0.0.1:4222")).unwrap().as_deref(), Some("nats://127.0.0.1:4222"));
     }
 }

@@ -105,9 +105,15 @@ impl EventLog {
 
     /// The log in JetStream at `url` (`nats://host:port[,host:port…]`), and a
     /// task following its tail until `shutdown`.
+    /// `credentials`, when the servers require them (ours do).
     /// `replica` names this replica in the delivery leases it takes.
-    pub async fn open_jetstream(url: &str, replica: &str, shutdown: blog_kit::Shutdown) -> Result<Self, StoreError> {
-        let stream = Arc::new(jetstream::JetStreamLog::connect(url, replica).await?);
+    pub async fn open_jetstream(
+        url: &str,
+        credentials: Option<&jetstream::Credentials>,
+        replica: &str,
+        shutdown: blog_kit::Shutdown,
+    ) -> Result<Self, StoreError> {
+        let stream = Arc::new(jetstream::JetStreamLog::connect(url, credentials, replica).await?);
         let head = stream.head().await?;
         let log = Self::new(Backend::JetStream(stream.clone()), head);
         tokio::spawn(log.clone().follow(stream.clone(), head, shutdown.clone()));

@@ -40,6 +40,11 @@ fn seqs(stored: &[Stored]) -> Vec<u64> {
     stored.iter().map(|s| s.seq).collect()
 }
 
+/// What the bus gives `cluster`'s nodes, which refuse anonymous clients.
+fn credentials(cluster: &Cluster) -> log::jetstream::Credentials {
+    log::jetstream::Credentials::new(nats::BUS_USER, cluster.nats.password())
+}
+
 fn never() -> Shutdown {
     Shutdown::new(std::future::pending())
 }
@@ -96,11 +101,11 @@ async fn the_embedded_log_keeps_its_promises() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jetstream_log_keeps_its_promises_and_survives_a_restart_of_the_bus() {
     let Some((_dir, cluster)) = nats_cluster(1).await else { return };
-    let url = cluster.nats.url();
-    the_log_keeps_its_promises(&EventLog::open_jetstream(&url, "test", never()).await.unwrap()).await;
+    let (url, credentials) = (cluster.nats.url(), credentials(&cluster));
+    the_log_keeps_its_promises(&EventLog::open_jetstream(&url, Some(&credentials), "test", never()).await.unwrap()).await;
 
     // Another bus process (or replica) on the same stream sees the same log and cursors.
-    let other = EventLog::open_jetstream(&url, "test", never()).await.unwrap();
+    let other = EventLog::open_jetstream(&url, Some(&credentials), "test", never()).await.unwrap();
     assert_eq!(other.head_now(), 3);
     assert_eq!(seqs(&other.append(vec![event("c"), event("d")]).await.unwrap()), [3, 4]);
     assert!(other.cursors().await.unwrap().contains(&("query".to_owned(), 2)));
@@ -110,7 +115,7 @@ async fn the_jetstream_log_keeps_its_promises_and_survives_a_restart_of_the_bus(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends() {
     let Some((_dir, cluster)) = nats_cluster(nats::NODES).await else { return };
-    let log = EventLog::open_jetstream(&cluster.nats.url(), "test", never()).await.unwrap();
+    let log = EventLog::open_jetstream(&cluster.nats.url(), Some(&credentials(&cluster)), "test", never()).await.unwrap();
 
     // Publishers append batches, retrying a failed batch with the same ids
     // (as the services' relays do) until it is acknowledged.
@@ -174,10 +179,15 @@ async fn a_three_node_cluster_loses_nothing_when_a_node_is_killed_during_appends
     cluster.stop().await;
 }
 
+/// A client of `cluster` as the bus is one.
+async fn bus_client(cluster: &Cluster, servers: Vec<async_nats::ServerAddr>) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::with_user_and_password(nats::BUS_USER.into(), cluster.nats.password().into()).connect(servers).await
+}
+
 /// The node leading the log's stream (its writes go through it).
 async fn stream_leader(cluster: &Cluster) -> String {
     let servers = log::jetstream::parse_servers(&cluster.nats.url()).unwrap();
-    let client = async_nats::connect(servers).await.unwrap();
+    let client = bus_client(cluster, servers).await.unwrap();
     let mut stream = async_nats::jetstream::new(client).get_stream(log::jetstream::STREAM).await.unwrap();
     let info = stream.info().await.unwrap();
     let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("the stream has a leader");
@@ -228,6 +238,7 @@ impl Bus {
             internal_secret: InternalSecret::parse(SECRET).unwrap(),
             db_max_bytes: None,
             event_store: Some(cluster.nats.url()),
+            nats_credentials: Some(credentials(cluster)),
         };
         let base = format!("http://{address}");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -418,7 +429,19 @@ async fn the_bus_serves_its_http_api_on_jetstream_and_delivers_in_order() {
 
 /// A bus process (the real binary) on JetStream, pushing to `subscriber`.
 fn spawn_bus(cluster: &Cluster, subscriber: &str, data_dir: &std::path::Path) -> (String, tokio::process::Child) {
+    spawn_bus_with_password(cluster, subscriber, data_dir, cluster.nats.password())
+}
+
+/// The same with `password` for NATS; its output, async-nats's debug lines
+/// included, in `<data_dir>.log`.
+fn spawn_bus_with_password(
+    cluster: &Cluster,
+    subscriber: &str,
+    data_dir: &std::path::Path,
+    password: &str,
+) -> (String, tokio::process::Child) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_event-bus"))
         .env("PORT", port.to_string())
         .env("BIND_ADDR", "127.0.0.1")
@@ -426,6 +449,11 @@ fn spawn_bus(cluster: &Cluster, subscriber: &str, data_dir: &std::path::Path) ->
         .env("INTERNAL_SECRET", SECRET)
         .env("SUBSCRIBERS", format!("query={subscriber}"))
         .env("EVENT_STORE", cluster.nats.url())
+        .env("NATS_USER", nats::BUS_USER)
+        .env("NATS_PASSWORD", password)
+        .env("RUST_LOG", "info,async_nats=debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -500,5 +528,88 @@ async fn when_the_delivering_bus_process_is_killed_another_takes_over_in_order()
         bus.start_kill().unwrap();
         bus.wait().await.unwrap();
     }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_lets_in_no_anonymous_client_or_wrong_password_so_no_event_can_be_forged() {
+    let Some((_dir, cluster)) = nats_cluster(1).await else { return };
+    let log = EventLog::open_jetstream(&cluster.nats.url(), Some(&credentials(&cluster)), "test", never()).await.unwrap();
+    assert_eq!(seqs(&log.append(vec![event("real")]).await.unwrap()), [1]);
+    log.cursor_moved("query", 1);
+    log.save_cursors_now().await.unwrap();
+
+    // A client library is refused before it may send anything.
+    let servers = log::jetstream::parse_servers(&cluster.nats.url()).unwrap();
+    let anonymous = async_nats::ConnectOptions::new().connect(servers.clone()).await.map(|_| ()).unwrap_err();
+    assert_eq!(anonymous.kind(), async_nats::ConnectErrorKind::AuthorizationViolation, "{anonymous}");
+    let wrong = async_nats::ConnectOptions::with_user_and_password(nats::BUS_USER.into(), "not-the-password".into())
+        .connect(servers.clone())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(wrong.kind(), async_nats::ConnectErrorKind::AuthorizationViolation, "{wrong}");
+
+    // The raw protocol: a forged event into the stream and a cursor rewritten
+    // in its bucket, each sent right after a CONNECT the server refuses.
+    let forged = json!({"id": "forged", "type": "PostCreated", "data": {"id": "forged", "title": "t"}}).to_string();
+    let cursor = format!("$KV.{}.{}", log::jetstream::CURSORS, log::jetstream::encode_key("query"));
+    let port = cluster.nats.nodes()[0].client;
+    for (subject, body) in [(log::jetstream::SUBJECT.to_owned(), forged.as_str()), (cursor, "0")] {
+        let publish = format!("PUB {subject} {}\r\n{body}\r\n", body.len());
+        for credentials in [None, Some((nats::BUS_USER, "not-the-password"))] {
+            let answer = nats::answer_to_connect(port, credentials, &publish).unwrap();
+            assert_eq!(answer, "-ERR 'Authorization Violation'", "{subject} as {credentials:?}");
+        }
+    }
+    // The check can fail: the bus's own credentials are let in.
+    assert_eq!(nats::answer_to_connect(port, Some((nats::BUS_USER, cluster.nats.password())), "").unwrap(), "PONG");
+
+    let client = bus_client(&cluster, servers).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(log::jetstream::STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1, "only the real event is in the stream");
+    assert_eq!(log.cursors().await.unwrap(), [("query".to_owned(), 1)], "the cursor is as the bus saved it");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_password_is_never_in_the_bus_logs_or_status() {
+    let Some((dir, cluster)) = nats_cluster(1).await else { return };
+    let (url, received) = subscriber().await;
+    let (base, mut bus) = spawn_bus(&cluster, &url, &dir.path().join("bus"));
+    let http = blog_kit::http::client::http_client(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status()).ok() != Some(reqwest::StatusCode::OK) {
+        assert!(Instant::now() < deadline, "the bus with the right password is not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"id": "e1", "type": "PostLiked", "data": {"id": "p"}});
+    assert_eq!(http.post(format!("{base}/events")).bearer_auth(SECRET).json(&body).send().await.unwrap().status(), 200);
+    wait_received(&received, 1).await;
+    let mut shown = String::new();
+    for path in ["/status", "/metrics", "/events"] {
+        shown.push_str(&http.get(format!("{base}{path}")).send().await.unwrap().text().await.unwrap());
+    }
+    assert!(shown.contains("\"jetstream\"") && shown.contains("e1"), "{shown}");
+
+    // A replica with a wrong password says why it cannot start, and not the password.
+    let wrong = "w".repeat(40);
+    let (_, mut refused) = spawn_bus_with_password(&cluster, &url, &dir.path().join("refused"), &wrong);
+    let refused_log = dir.path().join("refused.log");
+    while !std::fs::read_to_string(&refused_log).unwrap().contains("authorization violation") {
+        assert!(Instant::now() < deadline, "no authorization violation logged: {}", std::fs::read_to_string(&refused_log).unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for child in [&mut bus, &mut refused] {
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+    let logs = std::fs::read_to_string(dir.path().join("bus.log")).unwrap();
+    assert!(logs.contains("connected successfully"), "async-nats's debug lines are in the log: {logs}");
+    for (what, text) in [("/status, /metrics and /events", &shown), ("the bus's log", &logs)] {
+        assert!(!text.contains(cluster.nats.password()), "the password is in {what}");
+    }
+    let refused_text = std::fs::read_to_string(&refused_log).unwrap();
+    assert!(!refused_text.contains(&wrong), "the wrong password is in the refused replica's log");
     cluster.stop().await;
 }

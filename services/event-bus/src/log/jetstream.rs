@@ -19,6 +19,11 @@
 //! [`DELIVERED_SUBJECT`] (no stream: a live view, lost when nobody listens)
 //! and every replica's `/flow` shows what arrives there, its own included:
 //! each delivery once, whichever replica made it.
+//!
+//! The servers require a user and password ([`Credentials`]: `NATS_USER`,
+//! `NATS_PASSWORD`), kept apart from the address: `EVENT_STORE` holds no
+//! secret, so it may be printed, and an address with credentials in it is
+//! refused (async-nats would ignore them, and print them in its debug logs).
 
 use std::time::Duration;
 
@@ -64,7 +69,33 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("JetStream: {e}"))
 }
 
+/// The user and password the bus gives the NATS servers. Cheap to clone;
+/// the password is never printed.
+#[derive(Clone)]
+pub struct Credentials {
+    user: String,
+    password: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"..").finish()
+    }
+}
+
+impl Credentials {
+    pub fn new(user: impl Into<String>, password: impl AsRef<str>) -> Self {
+        Self { user: user.into(), password: password.as_ref().into() }
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
 /// `nats://h:p,h:p` (or `nats://h:p,nats://h:p`) into the servers' addresses.
+/// Credentials have variables of their own ([`Credentials`]); one inside the
+/// address is refused without repeating it.
 pub fn parse_servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
     let rest = url.strip_prefix("nats://").ok_or_else(|| "expected nats://host:port[,host:port…]".to_owned())?;
     let servers: Vec<_> = rest
@@ -73,6 +104,9 @@ pub fn parse_servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
         .filter(|s| !s.is_empty())
         .map(|s| {
             let s = if s.contains("://") { s.to_owned() } else { format!("nats://{s}") };
+            if s.contains('@') {
+                return Err("a user or password in the address: set NATS_USER and NATS_PASSWORD instead".to_owned());
+            }
             s.parse::<async_nats::ServerAddr>().map_err(|e| format!("`{s}`: {e}"))
         })
         .collect::<Result<_, _>>()?;
@@ -87,10 +121,14 @@ impl JetStreamLog {
     /// the cursors' bucket if they are not there yet; any number of replicas
     /// may do this at once.
     /// `replica` names this replica in the delivery leases it takes.
-    pub async fn connect(url: &str, replica: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, credentials: Option<&Credentials>, replica: &str) -> Result<Self, StoreError> {
         let servers = parse_servers(url).map_err(unavailable)?;
         let replicas = servers.len().min(3);
-        let client = async_nats::ConnectOptions::new()
+        let options = match credentials {
+            Some(c) => async_nats::ConnectOptions::with_user_and_password(c.user.clone(), c.password.to_string()),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let client = options
             .name("event-bus")
             .retry_on_initial_connect()
             .request_timeout(Some(TIMEOUT))
@@ -368,7 +406,7 @@ fn parse_cursor(value: &[u8]) -> u64 {
 }
 
 /// Subscriber names may hold any character; keys may not: hex of the UTF-8 bytes.
-pub(crate) fn encode_key(name: &str) -> String {
+pub fn encode_key(name: &str) -> String {
     name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -387,6 +425,14 @@ mod tests {
         assert_eq!(parse_servers("nats://127.0.0.1:4222,127.0.0.1:4223, nats://h:1").unwrap().len(), 3);
         assert!(parse_servers("http://h:1").is_err());
         assert!(parse_servers("nats://").is_err());
+        let refused = parse_servers("nats://127.0.0.1:1,bus:hunter2@127.0.0.1:2").unwrap_err();
+        assert!(refused.contains("NATS_PASSWORD") && !refused.contains("hunter2"), "{refused}");
+    }
+
+    #[test]
+    fn credentials_never_print_their_password() {
+        let shown = format!("{:?}", Credentials::new("blog-bus", "hunter2"));
+        assert!(shown.contains("blog-bus") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
