@@ -414,7 +414,7 @@ impl TestSuite {
     }
 
     /// The base URL of the service process called `name`.
-    fn process_url(&self, name: &str) -> Option<String> {
+    pub fn process_url(&self, name: &str) -> Option<String> {
         Service::ALL
             .into_iter()
             .flat_map(|s| self.suite().options.processes(s))

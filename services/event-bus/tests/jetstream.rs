@@ -613,3 +613,53 @@ async fn the_nats_password_is_never_in_the_bus_logs_or_status() {
     assert!(!refused_text.contains(&wrong), "the wrong password is in the refused replica's log");
     cluster.stop().await;
 }
+
+/// A message in the stream that is not an event (the bus writes only events;
+/// anyone else holding the credentials could write anything), or a number
+/// whose message is gone (deleted by hand from a stream made before deletes
+/// were refused), is passed over by every read, a whole page of them too,
+/// instead of failing every read at it and holding each subscriber there
+/// forever. A stream the bus makes refuses deletes and purges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_is_not_an_event_or_is_gone_is_passed_over() {
+    use async_nats::jetstream::stream;
+    use futures_util::StreamExt;
+    let Some((_dir, cluster)) = nats_cluster(1).await else { return };
+    let servers = log::jetstream::parse_servers(&cluster.nats.url()).unwrap();
+    let js = async_nats::jetstream::new(bus_client(&cluster, servers).await.unwrap());
+    // The stream as an older bus made it, before it refused deletes.
+    let older = js
+        .create_stream(stream::Config {
+            name: log::jetstream::STREAM.into(),
+            subjects: vec![log::jetstream::SUBJECT.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let log = log::jetstream::JetStreamLog::connect(&cluster.nats.url(), Some(&credentials(&cluster)), "test").await.unwrap();
+    log.append(vec![event("a")], "t").await.unwrap();
+    let garbage = js.publish(log::jetstream::SUBJECT, "not an event".into()).await.unwrap().await.unwrap();
+    log.append(vec![event("b"), event("c"), event("d")], "t").await.unwrap();
+    older.delete_message(3).await.unwrap();
+    older.delete_message(4).await.unwrap();
+    log.append(vec![event("e")], "t").await.unwrap();
+    assert_eq!(garbage.sequence, 2);
+
+    let ids = |events: Vec<Event>| events.into_iter().map(|e| (e.seq.unwrap(), e.id)).collect::<Vec<_>>();
+    assert_eq!(ids(log.after(0, 100).await.unwrap()), [(1, "a".into()), (5, "d".into()), (6, "e".into())]);
+    assert_eq!(ids(log.after(1, 1).await.unwrap()), [(5, "d".into())], "three pages with nothing readable, then d");
+    assert_eq!(ids(log.after(5, 100).await.unwrap()), [(6, "e".into())]);
+    assert!(log.after(6, 100).await.unwrap().is_empty());
+    let tail = log.tail(0).await.unwrap();
+    let followed: Vec<Event> = tail.take(3).map(Result::unwrap).collect().await;
+    assert_eq!(ids(followed), [(1, "a".into()), (5, "d".into()), (6, "e".into())], "the tail passes over them too");
+
+    // A stream the bus makes itself refuses deletes and purges.
+    js.delete_stream(log::jetstream::STREAM).await.unwrap();
+    let fresh = log::jetstream::JetStreamLog::connect(&cluster.nats.url(), Some(&credentials(&cluster)), "test").await.unwrap();
+    fresh.append(vec![event("a")], "t").await.unwrap();
+    let made = js.get_stream(log::jetstream::STREAM).await.unwrap();
+    assert!(made.delete_message(1).await.is_err(), "a message deleted from the bus's own stream");
+    assert!(made.purge().await.is_err(), "the bus's own stream purged");
+    assert_eq!(fresh.after(0, 10).await.unwrap().len(), 1);
+}

@@ -156,6 +156,43 @@ async fn killing_a_nats_node_under_load_and_restarting_it_loses_nothing() {
     suite.shutdown().await;
 }
 
+/// A NATS node that hangs (stopped, not dead: its sockets stay open and
+/// nothing answers) is left: the bus replica connected to it moves to another
+/// node within seconds, and the log goes on through the other two while it
+/// stays stopped (async-nats's default keepalive kept the bus on it for
+/// minutes, every publish answered 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_nats_node_is_left_for_the_others() {
+    let Some((suite, _recorder)) = launch().await else { return };
+    // One bus replica, so that only leaving the node can carry the log on.
+    suite.stop_process("event-bus-2").await;
+    let bus = suite.process_url("event-bus-1").expect("event-bus-1");
+    let connected = || async {
+        let status: Value = suite.http.get(format!("{bus}/status")).send().await.ok()?.json().await.ok()?;
+        status["jetstream"]["server"].as_str().map(str::to_owned)
+    };
+    let hung = suite.eventually("the node event-bus-1 is connected to", connected).await;
+    assert!(suite.nats_nodes().contains(&hung), "{hung} is one of ours");
+    let before = suite.create_post("before the hang").await;
+    suite.wait_for_post_in_query(&before.id).await;
+    assert!(suite.suite().supervisor.signal(&hung, Signal::STOP), "{hung} runs");
+    let stopped = Instant::now();
+    let during = suite.create_post("while a NATS node hangs").await;
+    suite.wait_for_post_in_query(&during.id).await;
+    let moved = suite.eventually("event-bus-1 on another node", || async { connected().await.filter(|server| *server != hung) }).await;
+    println!("{hung} stopped: a post made meanwhile reached query through {moved} {:.1} s after the stop", stopped.elapsed().as_secs_f64());
+    assert!(suite.suite().supervisor.signal(&hung, Signal::CONT), "{hung} runs");
+    let after = suite.create_post("after the hang").await;
+    suite.wait_for_post_in_query(&after.id).await;
+    let log = suite.bus_events().await;
+    let ids: std::collections::HashSet<&str> = log.iter().filter_map(|e| e["id"].as_str()).collect();
+    assert_eq!(ids.len(), log.len(), "an event stored twice");
+    for post in [&before, &during, &after] {
+        assert_eq!(log.iter().filter(|e| e["data"]["id"] == post.id.as_str()).count(), 1, "{}", post.title);
+    }
+    suite.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_every_bus_replica_at_once_under_load_loses_nothing() {
     let Some((suite, recorder)) = launch().await else { return };

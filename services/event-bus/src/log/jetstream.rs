@@ -53,6 +53,12 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// a publish goes unanswered, and the publisher's relay retries it sooner
 /// (idempotent by `Nats-Msg-Id`) than a long wait would end.
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the client asks its server whether it is there. Two unanswered
+/// pings end the connection and the client moves to another server: a server
+/// that hangs (stopped, not dead: its sockets stay open) is left within a few
+/// seconds, where async-nats's default (60 s) held the bus on it until it came
+/// back.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Reads of one page in flight at once.
 const READ_AHEAD: usize = 64;
 
@@ -131,6 +137,7 @@ impl JetStreamLog {
         let client = options
             .name("event-bus")
             .retry_on_initial_connect()
+            .ping_interval(PING_INTERVAL)
             .request_timeout(Some(TIMEOUT))
             .connect(servers)
             .await
@@ -143,6 +150,9 @@ impl JetStreamLog {
             num_replicas: replicas,
             duplicate_window: DUPLICATE_WINDOW,
             allow_direct: true,
+            // The log is append-only: no message is deleted and the stream is never purged.
+            deny_delete: true,
+            deny_purge: true,
             ..Default::default()
         };
         let stream = retry_while_electing(|| js.get_or_create_stream(config.clone())).await?;
@@ -176,6 +186,7 @@ impl JetStreamLog {
             messages: info.state.messages,
             leader: cluster.leader,
             replicas,
+            server: self.client.server_info().server_name,
         })
     }
 
@@ -208,17 +219,41 @@ impl JetStreamLog {
     }
 
     /// Up to `limit` events after `after`, in order, as the stream's leader
-    /// has them (reads are pipelined, [`READ_AHEAD`] at a time).
-    pub async fn after(&self, after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
-        let last = self.head().await?.min(after.saturating_add(u64::from(limit)));
-        futures_util::stream::iter(after + 1..=last)
-            .map(|seq| async move {
-                let message = self.stream.get_raw_message(seq).await.map_err(unavailable)?;
-                decode(message.sequence, &message.payload)
-            })
-            .buffered(READ_AHEAD)
-            .try_collect()
-            .await
+    /// has them (reads are pipelined, [`READ_AHEAD`] at a time). A sequence
+    /// number with no readable event is passed over (see [`Self::read`]), and
+    /// so is a whole page of them: the next page is read, up to the head.
+    pub async fn after(&self, mut after: u64, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let head = self.head().await?;
+        while after < head {
+            let last = head.min(after.saturating_add(u64::from(limit)));
+            let events: Vec<Event> = futures_util::stream::iter(after + 1..=last)
+                .map(|seq| self.read(seq))
+                .buffered(READ_AHEAD)
+                .try_filter_map(|event| std::future::ready(Ok(event)))
+                .try_collect()
+                .await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            after = last;
+        }
+        Ok(Vec::new())
+    }
+
+    /// The event numbered `seq`, or `None` when the stream holds none there:
+    /// a message deleted by hand, or one that is not an event (the bus
+    /// writes only events; anything else came from elsewhere). Either is
+    /// logged and passed over, so that one bad message cannot hold every
+    /// subscriber at it forever.
+    async fn read(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        match self.stream.get_raw_message(seq).await {
+            Ok(message) => Ok(readable(message.sequence, &message.payload)),
+            Err(e) if matches!(e.kind(), stream::RawMessageErrorKind::NoMessageFound) => {
+                tracing::warn!(seq, "no message at this number in the stream (deleted); passed over");
+                Ok(None)
+            }
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     /// Every stored event from `after + 1` on, as it is stored, across
@@ -233,9 +268,12 @@ impl JetStreamLog {
             .await
             .map_err(unavailable)?;
         let messages = consumer.messages().await.map_err(unavailable)?;
-        Ok(messages.map(|message| {
-            let message = message.map_err(unavailable)?;
-            decode(message.info().map_err(unavailable)?.stream_sequence, &message.payload)
+        Ok(messages.filter_map(|message| {
+            let event = message.map_err(unavailable).and_then(|message| {
+                let seq = message.info().map_err(unavailable)?.stream_sequence;
+                Ok(readable(seq, &message.payload))
+            });
+            std::future::ready(event.transpose())
         }))
     }
 
@@ -365,6 +403,8 @@ pub struct StreamState {
     pub leader: Option<String>,
     /// Every server holding a replica of the stream, leader first, and whether it is current with the leader.
     pub replicas: Vec<Peer>,
+    /// The NATS server this replica is connected to now.
+    pub server: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -389,6 +429,11 @@ async fn retry_while_electing<T, E: std::fmt::Display, F: std::future::Future<Ou
             }
         }
     }
+}
+
+/// The event in a stream message, or `None` (logged) when it is not one.
+fn readable(seq: u64, payload: &[u8]) -> Option<Event> {
+    decode(seq, payload).map_err(|e| tracing::error!(seq, error = %e, "a message in the stream is not an event; passed over")).ok()
 }
 
 fn decode(seq: u64, payload: &[u8]) -> Result<Event, StoreError> {
