@@ -37,8 +37,8 @@ use blog_kit::Shutdown;
 use supervisor::{LogSink, ProcessSpec, Supervisor};
 use tokio::net::TcpListener;
 
-/// How to launch the suite.
-#[derive(Debug, Clone)]
+/// How to launch the suite. Its `Debug` leaves the secrets out.
+#[derive(Clone)]
 pub struct Options {
     /// Where the service binaries are.
     pub bin_dir: PathBuf,
@@ -63,6 +63,27 @@ pub struct Options {
     /// The NATS nodes' password of this run, given to the bus's replicas
     /// (`NATS_PASSWORD`, user [`nats::BUS_USER`]) when there are nodes.
     pub nats_password: String,
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HIDDEN: &str = "<hidden>";
+        // Extra variables are shown by name: a value may be a secret too.
+        let env: Vec<(Service, &str)> = self.env.iter().map(|(service, name, _)| (*service, name.as_str())).collect();
+        f.debug_struct("Options")
+            .field("bin_dir", &self.bin_dir)
+            .field("data_dir", &self.data_dir)
+            .field("ports", &self.ports)
+            .field("gateway_addr", &self.gateway_addr)
+            .field("log", &self.log)
+            .field("env", &env)
+            .field("internal_secret", &HIDDEN)
+            .field("replicas", &self.replicas)
+            .field("postgres_port", &self.postgres_port)
+            .field("nats", &self.nats)
+            .field("nats_password", &HIDDEN)
+            .finish()
+    }
 }
 
 /// The supervisor's name for replica `i` (from 1) of `service`; its pid file is `<name>.pid`.
@@ -340,6 +361,18 @@ pub fn cargo_command() -> std::process::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_options_debug_shows_no_secret() {
+        let mut options = Options::standard(PathBuf::from("bin"), PathBuf::from("data"), 0, LogSink::Stdout);
+        options.nats_password = "nats-password-of-this-run".into();
+        options.env.push((Service::Posts, "DATABASE_URL".into(), "postgres://posts:db-password@h/posts".into()));
+        let shown = format!("{options:?}");
+        for secret in [options.internal_secret.as_str(), "nats-password-of-this-run", "db-password"] {
+            assert!(!secret.is_empty() && !shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("DATABASE_URL") && shown.contains("<hidden>"), "{shown}");
+    }
 
     #[test]
     fn every_service_but_query_runs_one_async_worker_unless_the_caller_chooses() {
