@@ -243,8 +243,8 @@ fn bench(mut args: pico_args::Arguments) -> Result {
 /// fresh Debian machine, as root, install them; elsewhere say how.
 fn ensure_browser() -> Result {
     let found = |name: &str| Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
-    if (found("chromium") || std::env::var_os("CHROMIUM").is_some())
-        && (found("chromedriver") || std::env::var_os("CHROMEDRIVER").is_some())
+    if (found("chromium") || std::env::var_os("CHROMIUM").is_some_and(|v| !v.is_empty()))
+        && (found("chromedriver") || std::env::var_os("CHROMEDRIVER").is_some_and(|v| !v.is_empty()))
     {
         return Ok(());
     }
