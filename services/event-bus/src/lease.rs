@@ -21,10 +21,11 @@
 //! process id), so every replica's `/status` can say which one delivers each
 //! subscriber, and an operator (or a test) knows which process to look at.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use blog_kit::{Shutdown, StoreError};
+use tokio::sync::watch;
 
 use crate::delivery::Deliverer;
 
@@ -54,24 +55,31 @@ pub struct Lease {
     pub cursor: u64,
 }
 
+/// The bucket's configuration, with `replicas` replicas.
+pub(crate) fn bucket_config(replicas: usize) -> kv::Config {
+    kv::Config { bucket: BUCKET.into(), history: 1, max_age: TTL, num_replicas: replicas, ..Default::default() }
+}
+
 /// The leases' bucket.
 #[derive(Debug, Clone)]
 pub struct Leases {
-    kv: kv::Store,
+    /// The log's connection, which holds the bucket (made there, see
+    /// [`bucket_config`]); replaced when it is stuck.
+    link: watch::Receiver<Arc<crate::log::jetstream::Link>>,
     /// This replica, as written in the leases it holds.
     holder: Holder,
 }
 
 impl Leases {
-    /// Opens (or makes) the bucket; `replica` names this replica in the leases it takes.
-    pub(crate) async fn open(js: &jetstream::Context, replicas: usize, replica: &str) -> Result<Self, StoreError> {
-        let config = kv::Config { bucket: BUCKET.into(), history: 1, max_age: TTL, num_replicas: replicas, ..Default::default() };
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js.create_key_value(config).await.map_err(|e| StoreError::Unavailable(format!("JetStream: {e}")))?,
-        };
+    /// The bucket on `link`; `replica` names this replica in the leases it takes.
+    pub(crate) fn new(link: watch::Receiver<Arc<crate::log::jetstream::Link>>, replica: &str) -> Self {
         let holder = Holder { replica: replica.to_owned(), pid: std::process::id(), started: crate::log::now_millis() };
-        Ok(Self { kv, holder })
+        Self { link, holder }
+    }
+
+    /// The bucket on the current link.
+    fn kv(&self) -> kv::Store {
+        self.link.borrow().leases().clone()
     }
 
     /// This replica.
@@ -87,12 +95,12 @@ impl Leases {
     pub async fn held(&self) -> Result<BTreeMap<String, Lease>, StoreError> {
         use futures_util::StreamExt;
         let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("JetStream: {e}"));
-        let mut keys = self.kv.keys().await.map_err(|e| unavailable(&e))?;
+        let kv = self.kv();
+        let mut keys = kv.keys().await.map_err(|e| unavailable(&e))?;
         let mut holders = BTreeMap::new();
         while let Some(key) = keys.next().await {
             let key = key.map_err(|e| unavailable(&e))?;
-            let (Some(name), Some(value)) =
-                (crate::log::jetstream::decode_key(&key), self.kv.get(&key).await.map_err(|e| unavailable(&e))?)
+            let (Some(name), Some(value)) = (crate::log::jetstream::decode_key(&key), kv.get(&key).await.map_err(|e| unavailable(&e))?)
             else {
                 continue;
             };
@@ -110,7 +118,7 @@ impl Leases {
         let poll = TTL / 5;
         loop {
             let value = self.value(deliverer.status.lock().unwrap_or_else(|p| p.into_inner()).cursor);
-            let revision = match self.kv.create(&key, value).await {
+            let revision = match self.kv().create(&key, value).await {
                 Ok(revision) => revision,
                 Err(_) => {
                     // Another replica delivers: show its progress here too.
@@ -154,7 +162,7 @@ impl Leases {
                 tracing::warn!(subscriber = %name, error = %e, "cannot save the cursor on handing over; the next holder sends its last events again");
             }
             if let Some(revision) = held {
-                let _ = self.kv.delete_expect_revision(&key, Some(revision)).await;
+                let _ = self.kv().delete_expect_revision(&key, Some(revision)).await;
                 return;
             }
             tracing::warn!(subscriber = %name, "lost the delivery lease");
@@ -169,7 +177,7 @@ impl Leases {
                 return Some(revision);
             }
             let cursor = status.lock().unwrap_or_else(|p| p.into_inner()).cursor;
-            match tokio::time::timeout(TTL / 3, self.kv.update(key, self.value(cursor), revision)).await {
+            match tokio::time::timeout(TTL / 3, self.kv().update(key, self.value(cursor), revision)).await {
                 Ok(Ok(next)) => revision = next,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot renew the delivery lease");
