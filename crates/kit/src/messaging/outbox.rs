@@ -862,6 +862,36 @@ mod replicas {
         BusClient::new(http_client(Duration::from_secs(5)), url, secret)
     }
 
+    /// A bus nothing listens at: a relay's publishes fail at once, its
+    /// events stay, and it backs off and tries again.
+    fn unreachable_bus() -> BusClient {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        bus_client(&url)
+    }
+
+    /// Waits (polling, with a deadline) until `outbox`'s queue holds `ids`
+    /// (committed before its relay started, so its first sweep reads them).
+    async fn queued(outbox: &Outbox, ids: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while staged_ids(outbox) != ids {
+            assert!(Instant::now() < deadline, "the relay's queue holds {:?}, not {ids:?}", staged_ids(outbox));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rows leased to `holder` whose lease still runs.
+    async fn leased_to(store: &Store, holder: &str) -> i64 {
+        let holder = holder.to_owned();
+        store
+            .read(move |tx| {
+                tx.query_row("SELECT count(*) FROM outbox WHERE claimed_by = $1 AND claimed_until > now()", &[&holder], |r| r.get(0))
+            })
+            .await
+            .unwrap()
+    }
+
     /// One replica's outbox on the shared database at `url`.
     async fn replica(url: &crate::store::DatabaseUrl) -> Outbox {
         let store = Store::connect(url, "p", &[] as &[Migration]).await.unwrap();
@@ -996,6 +1026,70 @@ mod replicas {
         }
         let left = drained(&survivor.store).await;
         assert_eq!(left, 0, "every published row deleted");
+        let _ = stop.send(());
+    }
+
+    /// A live replica whose relay cannot reach the bus keeps its events for
+    /// as long as it is away, however often another replica sweeps: its
+    /// heartbeat renews the leases while the relay fails and backs off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_replica_keeps_its_leased_rows_while_the_bus_is_away() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let holding = replica(&url).await;
+        let committed = commit_posts(&holding, "held", 5).await;
+        let relay = tokio::spawn(holding.clone().relay(unreachable_bus(), Shutdown::new(std::future::pending())));
+        queued(&holding, &committed).await;
+
+        let other = replica(&url).await;
+        let started = Instant::now();
+        let mut sweeps = 0;
+        // Well past the lease the commits took, and the one after.
+        while started.elapsed() < LEASE * 3 {
+            other.sweep(true).await.unwrap();
+            sweeps += 1;
+            assert!(staged_ids(&other).is_empty(), "taken over from a live replica after {:?}, sweep {sweeps}", started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(other.taken_over.get(), 0, "nothing taken over in {sweeps} sweeps");
+        assert_eq!(leased_to(&holding.store, &holding.holder).await, 5, "every row still leased to the live replica");
+        assert_eq!(staged_ids(&holding), committed, "whose relay still has them");
+        relay.abort();
+    }
+
+    /// A replica that stops renewing while its sessions stay open (a frozen
+    /// process; here its relay, and with it the heartbeat, is stopped while
+    /// its store stays connected) loses its rows once their lease runs out:
+    /// another replica takes them over and publishes each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_replicas_events_are_published_by_another_once_its_lease_runs_out() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let (stop, shutdown) = stoppable();
+        let (bus_url, seen) = recording_bus(shutdown.clone()).await;
+        let frozen = replica(&url).await;
+        let staged = commit_posts(&frozen, "frozen", 5).await;
+        let relay = tokio::spawn(frozen.clone().relay(unreachable_bus(), shutdown.clone()));
+        queued(&frozen, &staged).await;
+        relay.abort();
+        assert!(relay.await.unwrap_err().is_cancelled());
+
+        let survivor = replica(&url).await;
+        tokio::spawn(survivor.clone().relay(bus_client(&bus_url), shutdown.clone()));
+        let left = drained(&survivor.store).await;
+        assert_eq!(left, 0, "every row published and deleted; the bus got {:?}", seen.lock().unwrap());
+        let mut published = seen.lock().unwrap().clone();
+        published.sort();
+        assert_eq!(published, staged, "each event once: the frozen replica never reached a bus");
+        assert_eq!(survivor.taken_over.get(), 5, "taken over from the frozen replica");
+        let holder = frozen.holder.to_string();
+        let sessions: i64 = survivor
+            .store
+            .read(move |tx| tx.query_row("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&holder], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert!(sessions > 0, "the frozen replica looked alive throughout: its lease, not its death, let them go");
+        drop(frozen);
         let _ = stop.send(());
     }
 }
