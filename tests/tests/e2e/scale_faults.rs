@@ -40,7 +40,7 @@ async fn killing_one_replica_of_every_service_in_turn_loses_nothing_and_barely_i
 
 /// A post accepted by a replica that is killed before it could relay it (the
 /// bus is stopped meanwhile): the other replicas take its event over as soon
-/// as it is dead, not when its lease on the outbox row runs out (10 s), so a
+/// as it is dead, not when its lease on the outbox row runs out (3 s), so a
 /// comment on the post is accepted within comments' wait for it, never a 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_whose_replica_died_before_relaying_it_takes_comments_at_once() {

@@ -20,27 +20,41 @@
 //! which shows it is back, ends the backoff); the bus stores each event id
 //! once, so a batch re-sent after a lost acknowledgement is harmless.
 //!
-//! On PostgreSQL several replicas share the table, and a replica may die
-//! with events it committed but never relayed. Each row carries a lease
-//! (`claimed_until`) and its holder (`claimed_by`, the replica's name, which
-//! every connection it opens carries as its `application_name`): a commit
-//! leases its own rows for [`LEASE`] (its relay has them in memory), and a
-//! sweep claims, with `FOR UPDATE SKIP LOCKED`, the rows nobody holds, those
-//! whose lease ran out, and those whose holder has no session left in
+//! On PostgreSQL several replicas share the table, and a replica may die,
+//! or freeze, with events it committed but never relayed. Each row carries a
+//! lease (`claimed_until`) and its holder (`claimed_by`, the replica's name,
+//! which every connection it opens carries as its `application_name`): a
+//! commit leases its own rows for [`LEASE`] (its relay has them in memory),
+//! and a sweep claims, with `FOR UPDATE SKIP LOCKED`, the rows nobody holds,
+//! those whose lease ran out, and those whose holder has no session left in
 //! `pg_stat_activity` (PostgreSQL ends a killed process's sessions as soon as
 //! their sockets close), for another [`LEASE`]; its own too while its queue
-//! is empty (those it committed while not taking hand-offs). So a live
-//! replica relays its own events alone; one that stops cleanly gives its
-//! leases up ([`Outbox::release`]); and a dead one's are taken over by
-//! another replica's next sweep, within [`SWEEP_EVERY`] of its death, busy or
-//! idle, rather than when its leases run out. The lease still ends a holder
-//! that is alive but stuck, or whose node vanished without closing its
-//! sockets (the server keeps such sessions until TCP keepalive ends them),
-//! and is all there is behind a pooler that hides the replicas' names. Two
-//! relays publishing the same row (a holder taken for dead while it was only
-//! cut off from the database, a lease that ran out while the bus was away)
-//! only send a duplicate, which the bus ignores. An idle replica costs one
-//! small query per [`SWEEP_EVERY`]; its own commits wake it in memory.
+//! is empty (those it committed while not taking hand-offs).
+//!
+//! The lease is short (3 s) and kept alive by a heartbeat: while a replica
+//! holds rows (its queue is not empty, or it is behind the table), a task
+//! beside its relay renews all of its leases every [`RENEW_EVERY`], one small
+//! `UPDATE`, whatever the relay is doing: a publish to a slow bus and the
+//! backoff after it may take longer than a lease. So a live replica relays
+//! its own events alone, however long the bus is away; one that stops
+//! cleanly gives its leases up ([`Outbox::release`]); a dead one's are taken
+//! over by another replica's next sweep, within [`SWEEP_EVERY`] of its death,
+//! busy or idle; and one that stops renewing while its sessions stay open
+//! (frozen by SIGSTOP or a stalled node, or its node gone without closing
+//! its sockets, which the server keeps until TCP keepalive ends them) loses
+//! its rows to another's first sweep after [`LEASE`]: seconds, where a lease
+//! nothing renewed had to outlast any publish (10 s) and held a frozen
+//! replica's new post from comments for that long. The lease is also all
+//! there is behind a pooler that hides the replicas' names.
+//!
+//! Two relays may publish the same row: a holder taken for dead while it was
+//! only cut off from the database, a renewal that came too late (the database
+//! slower to answer than a lease), a frozen replica that wakes up mid-publish.
+//! That is only a duplicate: the bus stores each event id once and ignores
+//! the repeat, and the row is deleted by whichever relay gets the
+//! acknowledgement. An idle replica costs one small query per
+//! [`SWEEP_EVERY`] and no renewals (with SQLite, one process and no leases,
+//! there is no heartbeat at all); its own commits wake it in memory.
 
 use std::{
     collections::BTreeMap,
@@ -80,11 +94,16 @@ pub(crate) const SCHEMA: Migration = Migration::per_engine(
 );
 
 /// How long a replica's claim on outbox rows keeps other replicas off them
-/// (PostgreSQL). Longer than a publish takes; short enough that a dead
-/// replica's events are soon taken over.
-pub const LEASE: Duration = Duration::from_secs(10);
-/// `LEASE` in SQL.
-const LEASE_SQL: &str = "interval '10 seconds'";
+/// (PostgreSQL) unless renewed: short, so that the events of a replica that
+/// stops renewing (frozen, or its node gone while its sessions linger) are
+/// another's within a few seconds; a live one renews every [`RENEW_EVERY`]
+/// while it holds rows, however long a publish or its backoff takes.
+pub const LEASE: Duration = Duration::from_secs(3);
+/// `LEASE` in SQL (a test checks they agree).
+const LEASE_SQL: &str = "interval '3 seconds'";
+/// How often a replica holding outbox rows renews its leases: a third of
+/// [`LEASE`], so one late or failed renewal costs nothing.
+pub const RENEW_EVERY: Duration = Duration::from_millis(LEASE.as_millis() as u64 / 3);
 
 /// Whether an outbox row's holder is dead: another replica's name that no
 /// session on the server carries. Only when the sweeping replica (`$2`)
@@ -217,7 +236,55 @@ impl Outbox {
             Ok(n) => tracing::info!(events = n, "re-driving events the bus refused before"),
             Err(e) => tracing::error!(error = %e, "cannot re-drive refused events"),
         }
+        // Dropped with the relay (at shutdown, or if its task is aborted).
+        let _heartbeat = Heartbeat::start(&self);
         retry::run(Relay { outbox: self, bus, sweep: true, swept: Instant::now(), store_failed: false }, shutdown).await;
+    }
+
+    /// Whether this replica may hold outbox rows: events waiting in its
+    /// queue, or rows of its own in the table that the queue has not read.
+    fn holds_rows(&self) -> bool {
+        let queue = self.queue();
+        queue.behind || !queue.events.is_empty()
+    }
+
+    /// Extends this replica's leases on the rows it holds (PostgreSQL);
+    /// returns how many.
+    async fn renew(&self) -> Result<usize, StoreError> {
+        let holder = self.holder.clone();
+        self.store
+            .write_relaxed(move |tx| {
+                tx.execute(
+                    &format!("UPDATE outbox SET claimed_until = now() + {LEASE_SQL} WHERE claimed_by = $1 AND claimed_until IS NOT NULL"),
+                    &[&&*holder],
+                )
+            })
+            .await
+    }
+
+    /// Renews this replica's leases every [`RENEW_EVERY`] while it holds rows.
+    async fn heartbeat(self) {
+        let mut period = tokio::time::interval(RENEW_EVERY);
+        period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            period.tick().await;
+            if !self.holds_rows() {
+                continue;
+            }
+            match self.renew().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("renewing the outbox leases again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot renew the outbox leases; other replicas may take over (and publish again) the events this one holds");
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Gives up this replica's leases (PostgreSQL), once it has stopped
@@ -389,6 +456,30 @@ impl Shared {
             }
         }
         self.wake.notify_one();
+    }
+}
+
+/// The task renewing a relay's leases (PostgreSQL), stopped when dropped.
+///
+/// A task of its own rather than a step of the relay's loop: a pass may wait
+/// on the bus for longer than a lease (a slow publish, then a backoff of up
+/// to [`retry::MAX_BACKOFF`]) and must keep its rows meanwhile. Tied to the
+/// relay, so a replica whose relay is gone, like a frozen or dead process,
+/// renews nothing.
+struct Heartbeat(Option<tokio::task::JoinHandle<()>>);
+
+impl Heartbeat {
+    fn start(outbox: &Outbox) -> Self {
+        // With SQLite one process holds the table, and nothing is leased.
+        Self((outbox.store.engine() == Engine::Postgres).then(|| tokio::spawn(outbox.clone().heartbeat())))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -694,6 +785,13 @@ mod tests {
         assert!(!sees_recovery(&mut relay).await, "a commit says nothing about the bus");
     }
 
+    #[test]
+    fn the_lease_in_sql_is_the_lease() {
+        assert_eq!(LEASE_SQL, format!("interval '{} seconds'", LEASE.as_secs()));
+        assert_eq!(LEASE.subsec_nanos(), 0, "a whole number of seconds, as LEASE_SQL says");
+        assert_eq!(RENEW_EVERY * 3, LEASE);
+    }
+
     #[tokio::test]
     async fn a_plain_write_that_publishes_fails_rather_than_lose_the_event() {
         let (_dir, store, _outbox) = outbox().await;
@@ -737,6 +835,63 @@ mod replicas {
         (url, seen)
     }
 
+    /// A shutdown, and what triggers it.
+    fn stoppable() -> (tokio::sync::oneshot::Sender<()>, Shutdown) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Shutdown::new(async move {
+            let _ = stopped.await;
+        });
+        (stop, shutdown)
+    }
+
+    /// Waits (polling, with a deadline) until the outbox is empty; returns
+    /// the rows left.
+    async fn drained(store: &Store) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left: i64 = store.read(|tx| tx.query_row("SELECT count(*) FROM outbox", &[], |r| r.get(0))).await.unwrap();
+            if left == 0 || Instant::now() > deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn bus_client(url: &url::Url) -> BusClient {
+        let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
+        BusClient::new(http_client(Duration::from_secs(5)), url, secret)
+    }
+
+    /// A bus nothing listens at: a relay's publishes fail at once, its
+    /// events stay, and it backs off and tries again.
+    fn unreachable_bus() -> BusClient {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        bus_client(&url)
+    }
+
+    /// Waits (polling, with a deadline) until `outbox`'s queue holds `ids`
+    /// (committed before its relay started, so its first sweep reads them).
+    async fn queued(outbox: &Outbox, ids: &[String]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while staged_ids(outbox) != ids {
+            assert!(Instant::now() < deadline, "the relay's queue holds {:?}, not {ids:?}", staged_ids(outbox));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rows leased to `holder` whose lease still runs.
+    async fn leased_to(store: &Store, holder: &str) -> i64 {
+        let holder = holder.to_owned();
+        store
+            .read(move |tx| {
+                tx.query_row("SELECT count(*) FROM outbox WHERE claimed_by = $1 AND claimed_until > now()", &[&holder], |r| r.get(0))
+            })
+            .await
+            .unwrap()
+    }
+
     /// One replica's outbox on the shared database at `url`.
     async fn replica(url: &crate::store::DatabaseUrl) -> Outbox {
         let store = Store::connect(url, "p", &[] as &[Migration]).await.unwrap();
@@ -777,6 +932,8 @@ mod replicas {
         assert_eq!(staged_ids(&stopping), committed, "its own sweep finds its own leased rows");
 
         let other = replica(&url).await;
+        // As its heartbeat would, so that the lease outlasts a slow connect.
+        assert_eq!(stopping.renew().await.unwrap(), 3);
         other.sweep(true).await.unwrap();
         assert!(staged_ids(&other).is_empty(), "another replica leaves leased rows alone");
         stopping.release().await;
@@ -820,10 +977,7 @@ mod replicas {
     async fn a_dead_replicas_staged_events_are_published_by_another() {
         let Some(server) = test_server::shared() else { return };
         let url = server.database().await;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shutdown = Shutdown::new(async move {
-            let _ = stopped.await;
-        });
+        let (stop, shutdown) = stoppable();
         let (bus_url, seen) = recording_bus(shutdown.clone()).await;
         let dying = replica(&url).await;
         let dead = dying.holder.to_string();
@@ -831,6 +985,8 @@ mod replicas {
         let survivor = replica(&url).await;
         survivor.sweep(true).await.unwrap();
         assert!(staged_ids(&survivor).is_empty(), "a live replica's rows are left alone");
+        // Its last renewal, so that the lease outlasts what follows.
+        assert_eq!(dying.renew().await.unwrap(), 5);
         // Its pool closes its connections, as a killed process's sockets close.
         drop(dying);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -855,8 +1011,7 @@ mod replicas {
         assert_eq!(staged_ids(&survivor), staged, "taken over by the next sweep, in commit order");
         assert_eq!(survivor.taken_over.get(), 5, "and counted as taken over");
 
-        let secret = InternalSecret::parse("test-secret-0123456789abcdef").unwrap();
-        tokio::spawn(survivor.clone().relay(BusClient::new(http_client(Duration::from_secs(5)), &bus_url, secret), shutdown.clone()));
+        tokio::spawn(survivor.clone().relay(bus_client(&bus_url), shutdown.clone()));
         let own = Event::from_value(json!({"id": "own", "type": "PostCreated", "data": {"id": "q", "title": "t"}})).unwrap();
         survivor.commit(true, move |tx| tx.publish(&own)).await.unwrap();
 
@@ -869,14 +1024,72 @@ mod replicas {
             assert!(Instant::now() < deadline, "published so far: {published:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let left = loop {
-            let left: i64 = survivor.store.read(|tx| tx.query_row("SELECT count(*) FROM outbox", &[], |r| r.get(0))).await.unwrap();
-            if left == 0 || Instant::now() > deadline {
-                break left;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let left = drained(&survivor.store).await;
         assert_eq!(left, 0, "every published row deleted");
+        let _ = stop.send(());
+    }
+
+    /// A live replica whose relay cannot reach the bus keeps its events for
+    /// as long as it is away, however often another replica sweeps: its
+    /// heartbeat renews the leases while the relay fails and backs off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_replica_keeps_its_leased_rows_while_the_bus_is_away() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let holding = replica(&url).await;
+        let committed = commit_posts(&holding, "held", 5).await;
+        let relay = tokio::spawn(holding.clone().relay(unreachable_bus(), Shutdown::new(std::future::pending())));
+        queued(&holding, &committed).await;
+
+        let other = replica(&url).await;
+        let started = Instant::now();
+        let mut sweeps = 0;
+        // Well past the lease the commits took, and the one after.
+        while started.elapsed() < LEASE * 3 {
+            other.sweep(true).await.unwrap();
+            sweeps += 1;
+            assert!(staged_ids(&other).is_empty(), "taken over from a live replica after {:?}, sweep {sweeps}", started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(other.taken_over.get(), 0, "nothing taken over in {sweeps} sweeps");
+        assert_eq!(leased_to(&holding.store, &holding.holder).await, 5, "every row still leased to the live replica");
+        assert_eq!(staged_ids(&holding), committed, "whose relay still has them");
+        relay.abort();
+    }
+
+    /// A replica that stops renewing while its sessions stay open (a frozen
+    /// process; here its relay, and with it the heartbeat, is stopped while
+    /// its store stays connected) loses its rows once their lease runs out:
+    /// another replica takes them over and publishes each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_replicas_events_are_published_by_another_once_its_lease_runs_out() {
+        let Some(server) = test_server::shared() else { return };
+        let url = server.database().await;
+        let (stop, shutdown) = stoppable();
+        let (bus_url, seen) = recording_bus(shutdown.clone()).await;
+        let frozen = replica(&url).await;
+        let staged = commit_posts(&frozen, "frozen", 5).await;
+        let relay = tokio::spawn(frozen.clone().relay(unreachable_bus(), shutdown.clone()));
+        queued(&frozen, &staged).await;
+        relay.abort();
+        assert!(relay.await.unwrap_err().is_cancelled());
+
+        let survivor = replica(&url).await;
+        tokio::spawn(survivor.clone().relay(bus_client(&bus_url), shutdown.clone()));
+        let left = drained(&survivor.store).await;
+        assert_eq!(left, 0, "every row published and deleted; the bus got {:?}", seen.lock().unwrap());
+        let mut published = seen.lock().unwrap().clone();
+        published.sort();
+        assert_eq!(published, staged, "each event once: the frozen replica never reached a bus");
+        assert_eq!(survivor.taken_over.get(), 5, "taken over from the frozen replica");
+        let holder = frozen.holder.to_string();
+        let sessions: i64 = survivor
+            .store
+            .read(move |tx| tx.query_row("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&holder], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert!(sessions > 0, "the frozen replica looked alive throughout: its lease, not its death, let them go");
+        drop(frozen);
         let _ = stop.send(());
     }
 }
