@@ -14,8 +14,9 @@
 //! bus acknowledged its event, sweeps the table on start (and every
 //! [`SWEEP_EVERY`] when idle) for anything a crash left, and reads it back
 //! whenever the in-memory queue overflowed while the bus was away. Until a
-//! sweep finds the table caught up, hand-offs are not taken, so events always
-//! reach the bus in commit order. The relay retries with the shared loop of
+//! sweep finds the table caught up, as far as every hand-off it did not
+//! take, hand-offs are not taken, so events always reach the bus in commit
+//! order. The relay retries with the shared loop of
 //! [`super::retry`] (when it was the database that failed, the next commit,
 //! which shows it is back, ends the backoff); the bus stores each event id
 //! once, so a batch re-sent after a lost acknowledgement is harmless.
@@ -129,8 +130,50 @@ struct Queue {
     /// Set while the table may hold events the queue lacks (at start, after
     /// an overflow): hand-offs are dropped until a sweep catches up.
     behind: bool,
+    /// The last position of the hand-offs dropped while behind.
+    dropped_to: Option<i64>,
+    /// The last position a sweep of this replica's own rows read.
+    swept_to: Option<i64>,
     /// Rows in the table at the last sweep.
     swept_depth: usize,
+}
+
+impl Queue {
+    /// Takes committed events, unless behind.
+    fn take(&mut self, staged: Vec<(i64, Event)>) {
+        if !self.behind && self.events.len() + staged.len() > QUEUE_CAP {
+            self.behind = true;
+        }
+        if self.behind {
+            self.dropped_to = self.dropped_to.max(staged.iter().map(|(pos, _)| *pos).max());
+        } else {
+            self.events.extend(staged);
+        }
+    }
+
+    /// Takes what a sweep read: `rows`, the oldest in the table (this
+    /// replica's own among them if `own`), all it had if `caught_up`, and
+    /// `depth` rows in all.
+    fn swept(&mut self, rows: Vec<(i64, Event)>, last: Option<i64>, own: bool, caught_up: bool, depth: usize) {
+        self.swept_depth = depth;
+        if own {
+            self.swept_to = self.swept_to.max(last);
+        }
+        self.events.extend(rows);
+        // Only a sweep that read this replica's own rows can tell the queue
+        // has caught up with the table, and only if it read as far as every
+        // hand-off dropped meanwhile: a commit that landed after the sweep's
+        // snapshot was neither read nor queued, and taking hand-offs again
+        // would send the events committed after it first. The next sweep
+        // reads it. (On SQLite positions follow commit order, so a dropped
+        // position at or before the last one read was read; on PostgreSQL
+        // concurrent transactions may commit out of their positions' order,
+        // and such a straggler is read by the sweep after catching up.)
+        if caught_up && own && self.dropped_to <= self.swept_to {
+            self.behind = false;
+            self.dropped_to = None;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -334,7 +377,6 @@ impl Outbox {
     /// the oldest nobody holds, whose lease ran out or whose holder is dead
     /// (and this replica's own if `own`), claimed.
     async fn sweep(&self, own: bool) -> Result<(), StoreError> {
-        let was_behind = self.queue().behind;
         let holder = self.holder.clone();
         let sweep = move |tx: &Tx<'_>| {
             // Each row with the replica that held it before, if another.
@@ -364,6 +406,7 @@ impl Outbox {
             Engine::Postgres => self.store.write_relaxed(move |tx| sweep(tx)).await?,
         };
         let caught_up = rows.len() < BATCH;
+        let last = rows.iter().map(|(pos, _, _)| *pos).max();
         let mut taken: BTreeMap<String, usize> = BTreeMap::new();
         for (_, _, previous) in &rows {
             if let Some(previous) = previous {
@@ -381,14 +424,7 @@ impl Outbox {
                 Err(e) => self.refuse(pos, json, &format!("unreadable outbox row: {e}")).await?,
             }
         }
-        let mut queue = self.queue();
-        queue.swept_depth = usize::try_from(depth).unwrap_or(0);
-        queue.events.extend(readable);
-        // Only a sweep that read this replica's own rows can tell the queue
-        // has caught up with the table.
-        if caught_up && was_behind && own {
-            queue.behind = false;
-        }
+        self.queue().swept(readable, last, own, caught_up, usize::try_from(depth).unwrap_or(0));
         Ok(())
     }
 
@@ -446,15 +482,7 @@ impl Shared {
             return;
         }
         telemetry::lag_mark("outbox.committed", staged.iter().map(|(_, e)| e.id.as_str()));
-        {
-            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            if !queue.behind && queue.events.len() + staged.len() > QUEUE_CAP {
-                queue.behind = true;
-            }
-            if !queue.behind {
-                queue.events.extend(staged);
-            }
-        }
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take(staged);
         self.wake.notify_one();
     }
 }
@@ -783,6 +811,32 @@ mod tests {
         relay.failed(&RelayError::Bus(DeliveryError::Unreachable("down".into())), 1);
         publish(&outbox, vec!["b".into()]).await;
         assert!(!sees_recovery(&mut relay).await, "a commit says nothing about the bus");
+    }
+
+    /// A commit that lands while a sweep is catching up, after the sweep's
+    /// snapshot, is neither read nor queued: the queue stays behind until a
+    /// sweep has read it, so what is committed after it cannot go first.
+    #[test]
+    fn a_queue_catches_up_only_once_a_sweep_read_every_hand_off_it_dropped() {
+        let ids = |queue: &Queue| queue.events.values().map(|e| e.id.clone()).collect::<Vec<_>>();
+        let mut queue = Queue { behind: true, ..Queue::default() };
+        // The sweep reads rows 1 and 2; 3 is committed meanwhile, after its snapshot.
+        queue.take(vec![(3, event("c"))]);
+        queue.swept(vec![(1, event("a")), (2, event("b"))], Some(2), true, true, 3);
+        assert!(queue.behind, "3 was neither read nor queued");
+        queue.take(vec![(4, event("d"))]);
+        assert_eq!(ids(&queue), ["a", "b"], "4 is not queued ahead of 3");
+        // A sweep of another replica's rows (PostgreSQL) says nothing of this one's.
+        queue.swept(vec![(9, event("x"))], Some(9), false, true, 5);
+        assert!(queue.behind);
+        queue.swept(vec![(3, event("c")), (4, event("d"))], Some(4), true, true, 5);
+        assert!(!queue.behind, "read as far as every dropped hand-off");
+        queue.take(vec![(10, event("e"))]);
+        assert_eq!(ids(&queue), ["a", "b", "c", "d", "x", "e"]);
+        // A table read to its end with nothing dropped meanwhile catches up at once.
+        let mut fresh = Queue { behind: true, ..Queue::default() };
+        fresh.swept(Vec::new(), None, true, true, 0);
+        assert!(!fresh.behind);
     }
 
     #[test]
