@@ -6,7 +6,34 @@ use std::{future::Future, time::Duration};
 
 use tokio::sync::watch;
 
-/// Resolves on SIGTERM or Ctrl-C.
+/// Set by a supervisor (the local suite's launcher) to its own pid: a
+/// service started with it stops, as on SIGTERM, once its parent is another
+/// process, that is once the supervisor died without stopping it (`kill -9`,
+/// a closed terminal). Otherwise it would run on unsupervised, holding its
+/// port and its database, and answer for the next launch's processes.
+pub const SUPERVISOR_ENV: &str = "BLOG_SUPERVISOR_PID";
+/// How often a supervised service looks at its parent.
+const SUPERVISOR_CHECK: Duration = Duration::from_secs(1);
+
+/// Resolves once the supervisor named in [`SUPERVISOR_ENV`] is no longer
+/// this process's parent; never without one.
+async fn supervisor_gone() {
+    #[cfg(unix)]
+    if let Some(supervisor) = std::env::var(SUPERVISOR_ENV).ok().and_then(|pid| pid.parse::<u32>().ok()) {
+        loop {
+            let parent = std::os::unix::process::parent_id();
+            if parent != supervisor {
+                tracing::warn!(supervisor, parent, "the supervisor that started this process is gone; stopping");
+                return;
+            }
+            tokio::time::sleep(SUPERVISOR_CHECK).await;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// Resolves on SIGTERM or Ctrl-C, or once this process's supervisor is gone
+/// (see [`SUPERVISOR_ENV`]).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -25,6 +52,7 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+        () = supervisor_gone() => {},
     }
     tracing::info!("shutdown requested; draining");
 }

@@ -153,6 +153,8 @@ impl Options {
             ("MALLOC_ARENA_MAX".to_owned(), "2".to_owned()),
             ("PORT".to_owned(), port.to_string()),
             ("DATA_DIR".to_owned(), self.data_dir.join(name).display().to_string()),
+            // It stops by itself if this process dies without stopping it.
+            (blog_kit::shutdown::SUPERVISOR_ENV.to_owned(), std::process::id().to_string()),
         ];
         if let Some(workers) = async_workers(service, std::env::var("TOKIO_WORKER_THREADS").ok()) {
             env.push(("TOKIO_WORKER_THREADS".to_owned(), workers));
@@ -230,6 +232,20 @@ impl Suite {
                     io::ErrorKind::NotFound,
                     format!("{} is missing; build the workspace first", program.display()),
                 ));
+            }
+        }
+        // A port a service process is to listen on and that something holds
+        // already (another suite, or what a killed launcher left running)
+        // fails the launch: else that process would fail to start, again
+        // and again, while the suite reported ready through the other one.
+        for service in Service::ALL {
+            for (name, port) in options.processes(service) {
+                if let Err(e) = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))) {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("port {port}, where {name} is to listen, is taken ({e}): is another suite running on it?"),
+                    ));
+                }
             }
         }
         // Bind every address first, so a taken port fails the launch before

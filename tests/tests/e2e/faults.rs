@@ -476,3 +476,73 @@ async fn events_set_aside_are_re_driven_when_the_publisher_starts() {
     println!("1 parked event re-driven on start and published");
     suite.shutdown().await;
 }
+
+/// Whether process `pid` has ended (gone, or a zombie its new parent has not
+/// reaped: a container's first process may never reap).
+fn ended(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+/// A service the local launcher started stops by itself, within seconds,
+/// once the launcher died without stopping it (`kill -9`, a closed
+/// terminal), rather than run on unsupervised, holding its port and its
+/// database and answering for the next launch's processes.
+#[test]
+fn a_service_whose_supervisor_died_stops_by_itself() {
+    let data = tempfile::tempdir().unwrap();
+    let log = data.path().join("service.log");
+    let program = blog_tests::binaries().join(Service::Moderation.name());
+    // A stand-in supervisor: a shell that starts the service, says its pid and waits.
+    let script = format!("{}=$$ \"$0\" > \"$1\" 2>&1 & echo $!; wait", blog_kit::shutdown::SUPERVISOR_ENV);
+    let mut supervisor = std::process::Command::new("sh")
+        .args(["-c", &script, program.to_str().unwrap(), log.to_str().unwrap()])
+        .env("PORT", "0")
+        .env("DATA_DIR", data.path())
+        .env("INTERNAL_SECRET", "0123456789abcdef0123")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh runs");
+    let mut pid = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(supervisor.stdout.take().unwrap()), &mut pid).unwrap();
+    let pid = pid.trim().to_owned();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !read_log().contains("starting") {
+        assert!(std::time::Instant::now() < deadline && !ended(&pid), "the service did not start: {}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    supervisor.kill().expect("kill -9 the supervisor");
+    supervisor.wait().expect("reaped");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !ended(&pid) {
+        if std::time::Instant::now() > deadline {
+            let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
+            panic!("the service ran on without its supervisor: {}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = read_log();
+    assert!(text.contains("the supervisor that started this process is gone"), "{text}");
+    assert!(text.contains("stopped"), "it stopped as on SIGTERM, draining: {text}");
+}
+
+/// A launch onto a port something holds already (another suite, or what a
+/// killed launcher left running) fails at once and names the port, rather
+/// than report the suite up while one of its processes cannot start and the
+/// other answers for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_onto_a_taken_port_fails_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = blog_local::supervisor::LogSink::Dir(dir.path().to_owned());
+    let mut options = blog_local::Options::standard(blog_tests::binaries(), dir.path().join("data"), 0, log);
+    options.ports = Service::ALL.iter().map(|s| (*s, blog_tests::free_port())).collect();
+    let taken = blog_kit::ports::free_listener();
+    let port = taken.local_addr().unwrap().port();
+    options.ports.insert(Service::Query, port);
+    let Err(error) = blog_local::Suite::launch(options).await else { panic!("launched with query's port {port} taken") };
+    let message = error.to_string();
+    assert!(message.contains(&format!("port {port}")) && message.contains("query"), "{message}");
+    assert!(!dir.path().join("data").join("posts").exists(), "nothing ran: {message}");
+}
