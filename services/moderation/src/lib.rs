@@ -68,9 +68,25 @@ impl Rule {
         if self.blocked.is_empty() {
             return CommentStatus::Approved;
         }
-        let text = fold(content);
-        if self.blocked.iter().any(|word| text.contains(word.as_str())) { CommentStatus::Rejected } else { CommentStatus::Approved }
+        let shown = [Some(fold(content)), displayed(content).map(|text| fold(&text))];
+        let blocked = shown.iter().flatten().any(|text| self.blocked.iter().any(|word| text.contains(word.as_str())));
+        if blocked { CommentStatus::Rejected } else { CommentStatus::Approved }
     }
+}
+
+/// The text in the order a screen shows it, when bidirectional formatting
+/// characters may make that differ from the order it is stored in: under a
+/// right-to-left override (U+202E) letters are shown last to first, so
+/// `"\u{202E}egnaro"` reads "orange" (the Unicode Bidirectional Algorithm,
+/// UAX #9, paragraph by paragraph). Without such a character Latin letters
+/// are always shown in their stored order, so plain text is not reordered.
+fn displayed(text: &str) -> Option<String> {
+    let formatting = |c: char| matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(formatting) {
+        return None;
+    }
+    let bidi = unicode_bidi::BidiInfo::new(text, None);
+    Some(bidi.paragraphs.iter().map(|paragraph| bidi.reorder_line(paragraph, paragraph.range.clone())).collect())
 }
 
 /// Text as it reads, not as it is encoded, so that what looks like a blocked
@@ -297,6 +313,9 @@ mod tests {
         ("zero-width joiner and word joiner", "o\u{200D}ran\u{2060}ge"),
         ("byte order mark", "\u{FEFF}orange"),
         ("bidi override", "o\u{202E}range"),
+        ("written backwards under a right-to-left override", "\u{202E}egnaro"),
+        ("backwards inside a sentence, the override popped", "I ate an \u{202E}egnaro\u{202C} today"),
+        ("backwards in an isolate", "see \u{2067}\u{202E}egnaro\u{202C}\u{2069}!"),
         ("variation selector", "ora\u{FE0F}nge"),
         ("NUL", "o\u{0}range"),
         ("BEL and ESC", "or\u{7}an\u{1B}ge"),
@@ -328,6 +347,9 @@ mod tests {
         ("another animal", "Orangutan"),
         ("shared letters", "an orchard"),
         ("a missing letter", "ornge"),
+        ("backwards, shown backwards", "egnaro"),
+        ("backwards under a left-to-right override", "\u{202D}egnaro\u{202C}"),
+        ("right to left around Latin, which stays in order", "\u{202B}egnaro\u{202C} \u{2067}egnaro\u{2069}"),
         ("Russian for orange", "апельсин"),
         ("Greek", "πορτοκάλι"),
         ("Chinese", "橙子"),
