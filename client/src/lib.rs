@@ -88,6 +88,23 @@ pub fn app(peers: api::Peers) -> Router {
         .merge(api::router(peers))
         .layer(middleware::map_response(security_headers))
         .layer(CompressionLayer::new())
+        .layer(middleware::map_response(not_acceptable_as_json))
+}
+
+/// A 406 says what is wrong, in JSON like every other error. Only the
+/// compression layer answers 406: when `Accept-Encoding` rules out every
+/// coding it has, `identity` included (`identity;q=0`), it replaces the
+/// status of whatever the handler answered and keeps its body (a page, a
+/// 404's error, an event stream left open).
+async fn not_acceptable_as_json(response: Response) -> Response {
+    if response.status() != axum::http::StatusCode::NOT_ACCEPTABLE {
+        return response;
+    }
+    let refusal = blog_kit::http::error_response(
+        axum::http::StatusCode::NOT_ACCEPTABLE,
+        "Accept-Encoding rules out every coding this server has: gzip, br, zstd, deflate and none (identity)",
+    );
+    security_headers(refusal).await
 }
 
 async fn security_headers(mut response: Response) -> Response {

@@ -135,6 +135,21 @@ async fn answers_are_gzipped_when_the_browser_accepts_it() {
     assert_eq!(header(&identity, "content-encoding"), "");
 }
 
+/// `identity;q=0` with no coding the server has: a 406 with a JSON error,
+/// whatever the handler would have answered (the page, a 404, the stream).
+#[tokio::test]
+async fn an_accept_encoding_that_rules_out_every_coding_gets_a_json_406() {
+    for (path, accept) in [("/", "identity;q=0"), ("/nope.js", "identity;q=0"), ("/", "*;q=0"), ("/api/flow", "compress, identity;q=0")] {
+        let response = get_with(path, &[("accept-encoding", accept)]).await;
+        assert_eq!(response.status(), StatusCode::NOT_ACCEPTABLE, "{path} {accept}");
+        assert_eq!(header(&response, "content-type"), "application/json", "{path} {accept}");
+        assert_eq!(header(&response, "x-content-type-options"), "nosniff");
+        let body: Value = serde_json::from_str(&text(response).await).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("Accept-Encoding"), "{body}");
+    }
+    assert_eq!(get_with("/", &[("accept-encoding", "identity;q=0, gzip")]).await.status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn deep_links_serve_the_app() {
     for path in ["/post/abc", "/some/deep/link", "/index.html", "/p?x=1"] {
