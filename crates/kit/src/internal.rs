@@ -102,7 +102,12 @@ impl InternalSecret {
 
     /// Whether `headers` carry this secret: 401 without credentials, 403 with wrong ones.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
-        let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        // The scheme is case-insensitive (RFC 9110, section 11.1): `bearer` is `Bearer`.
+        let token = headers.get(header::AUTHORIZATION).and_then(|value| {
+            let (scheme, token) = value.as_bytes().split_at(value.as_bytes().iter().position(|b| *b == b' ')?);
+            scheme.eq_ignore_ascii_case(b"Bearer").then(|| token.trim_ascii_start())
+        });
+        let Some(token) = token else {
             return Err((StatusCode::UNAUTHORIZED, "internal route: `Authorization: Bearer <INTERNAL_SECRET>` required"));
         };
         if ct_eq(token, self.0.as_bytes()) { Ok(()) } else { Err((StatusCode::FORBIDDEN, "internal route: wrong secret")) }
@@ -188,6 +193,14 @@ mod tests {
         assert_eq!(secret.check(&headers).unwrap_err().0, StatusCode::FORBIDDEN);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&secret.bearer()).unwrap());
         assert!(secret.check(&headers).is_ok());
+        for spelling in ["bearer 0123456789abcdef", "BEARER  0123456789abcdef"] {
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(spelling));
+            assert!(secret.check(&headers).is_ok(), "{spelling}: the scheme is case-insensitive");
+        }
+        for other in ["Basic 0123456789abcdef", "Bearer0123456789abcdef", "0123456789abcdef", "Bearer"] {
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_static(other));
+            assert_eq!(secret.check(&headers).unwrap_err().0, StatusCode::UNAUTHORIZED, "{other}");
+        }
         assert!(!format!("{secret:?}").contains("0123"));
     }
 }

@@ -25,7 +25,8 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(128).collect());
+        let id =
+            parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(super::layers::MAX_REQUEST_ID).collect());
         Ok(RequestId(id))
     }
 }

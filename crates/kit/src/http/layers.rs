@@ -97,6 +97,23 @@ pub fn standard(app: Router, store: Option<Store>, metrics: Registry) -> Router 
         .layer(axum::middleware::from_fn(traced))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+        .layer(axum::middleware::from_fn(plausible_request_id))
+}
+
+/// The longest `x-request-id` taken from a caller (a UUID is 36 bytes).
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Drops a caller's `x-request-id` that is longer than [`MAX_REQUEST_ID`] or
+/// holds anything but visible ASCII, so that a fresh one is made instead:
+/// the id is echoed in the answer, written in every log line of the request
+/// and carried in the events it publishes, and a caller could otherwise put
+/// kilobytes of its own text in all three.
+async fn plausible_request_id(mut request: Request, next: axum::middleware::Next) -> Response {
+    let plausible = |id: &[u8]| !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.iter().all(u8::is_ascii_graphic);
+    if request.headers().get(&REQUEST_ID).is_some_and(|id| !plausible(id.as_bytes())) {
+        request.headers_mut().remove(&REQUEST_ID);
+    }
+    next.run(request).await
 }
 
 /// Runs a request in its `request` span and trace context: the caller's
@@ -187,6 +204,26 @@ mod tests {
         let (parts, body) = response.into_parts();
         let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
         (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A caller's request id is kept when it is a plausible id, and replaced
+    /// by a fresh one when it is too long or holds spaces or controls.
+    #[tokio::test]
+    async fn only_a_plausible_request_id_is_taken_from_the_caller() {
+        let app = standard(Router::new().route("/", get(|| async { "ok" })), None, Registry::default());
+        let echoed = |id: &str| {
+            let request = Request::get("/").header(&REQUEST_ID, id).body(Body::empty()).unwrap();
+            let app = app.clone();
+            async move { app.oneshot(request).await.unwrap().headers()[&REQUEST_ID].to_str().unwrap().to_owned() }
+        };
+        for kept in ["3f2c1a9e-7b4d-4e8f-9a61-0c5d2e7f8b13", "req_42.a-B", &"x".repeat(MAX_REQUEST_ID)] {
+            assert_eq!(echoed(kept).await, kept);
+        }
+        for replaced in ["x".repeat(MAX_REQUEST_ID + 1), "x".repeat(7_000), "two words".to_owned(), "tab\there".to_owned()] {
+            let fresh = echoed(&replaced).await;
+            assert_ne!(fresh, replaced);
+            assert_eq!(fresh.len(), 36, "a fresh UUID: {fresh}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
