@@ -43,6 +43,10 @@ use tokio::{net::TcpListener, time::Instant};
 
 /// Longest comment accepted, in characters.
 pub const MAX_CONTENT: usize = 2_000;
+/// The most comments a post takes: every answer that lists a post's
+/// comments (the list after a comment, `GET /posts/{id}/comments`, a post in
+/// query's view or pages) stays bounded.
+pub const MAX_COMMENTS_PER_POST: i64 = 1_000;
 const MAX_ID: usize = 128;
 /// Longest `POST_WAIT_MS` may ask for: a second short of the request
 /// timeout, which would otherwise end a longer wait with its 503 first.
@@ -215,14 +219,23 @@ async fn create(
     state
         .kit
         .commit(move |tx| {
+            // Comments on one post are counted one writer at a time: the
+            // post's row is locked until the commit (on PostgreSQL, against
+            // the other replicas; SQLite has one writer anyway).
+            tx.execute("UPDATE post SET id = id WHERE id = $1", &[&comment.post_id])?;
+            let count: i64 = tx.query_row("SELECT count(*) FROM comment WHERE post_id = $1", &[&comment.post_id], |row| row.get(0))?;
+            if count >= MAX_COMMENTS_PER_POST {
+                let message = format!("post {} has {count} comments, the most a post takes", comment.post_id);
+                return Err(ApiError::Rejected { status: StatusCode::CONFLICT, message });
+            }
             tx.execute(
                 "INSERT INTO comment (id, post_id, content, status) VALUES ($1, $2, $3, $4)",
                 &[&comment.id, &comment.post_id, &comment.content, &comment.status.as_str()],
             )?;
-            tx.publish(&event)
+            Ok(tx.publish(&event)?)
         })
         .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+        .map_err(IntoResponse::into_response)?;
     let comments = state.kit.read(move |tx| comments_of(tx, &post_id)).await.map_err(|e| ApiError::from(e).into_response())?;
     Ok((StatusCode::CREATED, Json(comments)))
 }
@@ -431,6 +444,31 @@ mod tests {
         assert_eq!(body.as_array().map(Vec::len), Some(2), "the list is read after the commit: {body}");
         let (_, _, listed) = call(&state, "GET", "/posts/p1/comments").await;
         assert_eq!(listed, body);
+    }
+
+    #[tokio::test]
+    async fn a_post_takes_a_bounded_number_of_comments() {
+        let (test, state) = state(&["p1", "p2"], 8).await;
+        test.kit
+            .commit(|tx| {
+                for i in 1..MAX_COMMENTS_PER_POST {
+                    let id = format!("c{i}");
+                    tx.execute("INSERT INTO comment (id, post_id, content, status) VALUES ($1, 'p1', 'x', 'approved')", &[&id])?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap();
+        let (status, _, body) = call(&state, "POST", "/posts/p1/comments").await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(body.as_array().map(Vec::len), Some(MAX_COMMENTS_PER_POST as usize));
+        let (status, headers, body) = call(&state, "POST", "/posts/p1/comments").await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(headers["content-type"].to_str().unwrap().starts_with("application/json"));
+        assert!(body["error"].as_str().unwrap().contains("the most a post takes"), "{body}");
+        let (_, _, listed) = call(&state, "GET", "/posts/p1/comments").await;
+        assert_eq!(listed.as_array().map(Vec::len), Some(MAX_COMMENTS_PER_POST as usize), "nothing was added");
+        assert_eq!(call(&state, "POST", "/posts/p2/comments").await.0, StatusCode::CREATED, "other posts take theirs");
     }
 
     /// The wait asks the (fake) bus over HTTP, so the clock runs.
