@@ -22,7 +22,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -73,6 +73,8 @@ pub struct Peers {
     pub streaming: reqwest::Client,
     pub shutdown: Shutdown,
     hub: Arc<FlowHub>,
+    /// The last `/api/status` answer and when it was made (see [`STATUS_SHARED_FOR`]).
+    status: Arc<tokio::sync::Mutex<Option<(Instant, StatusCode, Value)>>>,
 }
 
 impl Peers {
@@ -85,7 +87,7 @@ impl Peers {
             connections: watch::channel(0).0,
             running: AtomicBool::new(false),
         };
-        Self { urls, http, streaming, shutdown, hub: Arc::new(hub) }
+        Self { urls, http, streaming, shutdown, hub: Arc::new(hub), status: Arc::default() }
     }
 
     /// Starts the upstream task unless it runs.
@@ -106,7 +108,30 @@ pub fn router(peers: Peers) -> Router {
 
 /// `{"services":[{"name","healthy"}],"bus":{"head","subscribers":[...]}}`;
 /// 503 with the services' health and an `error` when the bus cannot answer.
+/// How long one `/api/status` answer is shared. Each takes a request to
+/// every service and the bus's status (on JetStream, a question to the
+/// stream's leader): an anonymous caller asking in a loop would otherwise
+/// make six internal requests of each of its own, and the page asks every
+/// few seconds anyway.
+pub const STATUS_SHARED_FOR: Duration = Duration::from_secs(1);
+
+/// The suite's health: asked of the services at most once per
+/// [`STATUS_SHARED_FOR`], by one caller while the others wait for its answer.
 async fn status(State(peers): State<Peers>) -> Response {
+    let mut shared = peers.status.lock().await;
+    let answer = match shared.take() {
+        Some(answer) if answer.0.elapsed() < STATUS_SHARED_FOR => answer,
+        _ => {
+            let (code, body) = probe_status(&peers).await;
+            (Instant::now(), code, body)
+        }
+    };
+    let response = (answer.1, Json(answer.2.clone())).into_response();
+    *shared = Some(answer);
+    response
+}
+
+async fn probe_status(peers: &Peers) -> (StatusCode, Value) {
     let probes = peers.urls.iter().map(|(service, base)| {
         let http = peers.http.clone();
         let url = format!("{base}/healthz");
@@ -126,11 +151,11 @@ async fn status(State(peers): State<Peers>) -> Response {
     // The client answers this request, so it is up.
     services.push(json!({ "name": Service::Client.name(), "healthy": true }));
     match bus {
-        Ok(bus) => Json(json!({ "services": services, "bus": public_bus_status(&bus) })).into_response(),
+        Ok(bus) => (StatusCode::OK, json!({ "services": services, "bus": public_bus_status(&bus) })),
         Err(code) => {
             let message =
                 if code == StatusCode::SERVICE_UNAVAILABLE { "the event bus is unavailable" } else { "the event bus answered badly" };
-            (code, Json(json!({ "error": message, "services": services }))).into_response()
+            (code, json!({ "error": message, "services": services }))
         }
     }
 }

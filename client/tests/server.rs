@@ -3,7 +3,14 @@
 //! against a fake bus (a real socket on 127.0.0.1, since the API proxies over
 //! HTTP).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -264,6 +271,37 @@ async fn status_shows_health_and_progress_but_no_addresses_or_error_texts() {
     assert_eq!((subscribers[1]["lag"].as_u64(), subscribers[1]["retries"].as_u64()), (Some(2), Some(3)));
     assert_eq!(subscribers[1]["failing"], true);
     assert!(body["services"].as_array().unwrap().iter().all(|s| s["healthy"] == true), "{body}");
+}
+
+/// `/api/status` asks the services once per period, however many ask it.
+#[tokio::test]
+async fn status_answers_are_shared_so_callers_cannot_multiply_internal_requests() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counted = asked.clone();
+    let app = Router::new()
+        .route(
+            "/status",
+            routing::get(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { axum::Json(json!({"head": 1, "subscribers": []})) }
+            }),
+        )
+        .route("/healthz", routing::get(|| async { axum::Json(json!({"status": "ok"})) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bus = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = client::app(peers(&bus));
+    let started = std::time::Instant::now();
+    let calls = (0..25).map(|_| client.clone().oneshot(Request::get("/api/status").body(Body::empty()).unwrap()));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.unwrap().status(), StatusCode::OK);
+    }
+    let periods = started.elapsed().as_secs_f64() / client::api::STATUS_SHARED_FOR.as_secs_f64();
+    let asks = asked.load(Ordering::SeqCst);
+    assert!(asks >= 1 && (asks as f64) <= periods.floor() + 1.0, "{asks} asks of the bus in {periods:.1} periods for 25 calls");
+    tokio::time::sleep(client::api::STATUS_SHARED_FOR).await;
+    assert_eq!(client.oneshot(Request::get("/api/status").body(Body::empty()).unwrap()).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(asked.load(Ordering::SeqCst), asks + 1, "asked again once the answer is older than the period");
 }
 
 #[tokio::test]
